@@ -1,0 +1,264 @@
+//! The wasmtime engine, its instance allocator, the epoch clock that bounds
+//! CPU time, and the compile cache.
+//!
+//! One [`Runtime`] per host. It compiles role bytes into components (or loads
+//! them from the cache), checks what they import, and hands out
+//! [`LoadedRole`]s. It does not know about files, manifests or the API.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::bindings::{InstanceState, Role, RolePre};
+use crate::error::LoadError;
+use crate::host::RoleHost;
+use crate::limits::RoleLimits;
+use crate::role::LoadedRole;
+
+/// How often the epoch advances. A looping role is noticed within one tick
+/// and yields the thread to other tasks at least this often.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Instance slots the pooling allocator reserves. Each slot reserves address
+/// space (not memory) for its linear memory; 256 slots cover dozens of roles
+/// with several workers each.
+pub const DEFAULT_POOL_INSTANCES: u32 = 256;
+
+/// Largest linear memory any role may be granted, the pool's slot size.
+pub const DEFAULT_POOL_MAX_MEMORY_BYTES: u64 = 1 << 30;
+
+/// Settings of the runtime, from the `[runtime]` table of the host config.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached, by content hash.
+    pub cache_dir: PathBuf,
+    /// Instance slots of the pooling allocator; 0 selects on-demand allocation.
+    pub pool_instances: u32,
+    /// Largest memory one instance may have (caps every manifest's limit).
+    pub pool_max_memory_bytes: u64,
+}
+
+impl RuntimeConfig {
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        RuntimeConfig {
+            cache_dir: cache_dir.into(),
+            pool_instances: DEFAULT_POOL_INSTANCES,
+            pool_max_memory_bytes: DEFAULT_POOL_MAX_MEMORY_BYTES,
+        }
+    }
+}
+
+/// Which instance allocator the engine ended up with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocator {
+    Pooling { instances: u32 },
+    /// The pool could not be reserved (address space limited?) or was not
+    /// asked for; instances are allocated one by one.
+    OnDemand,
+}
+
+/// A compiled role, ready to be instantiated.
+#[derive(Clone)]
+pub struct CompiledRole {
+    pub(crate) component: Component,
+    /// Hex SHA-256 of the role's bytes.
+    pub digest: String,
+    /// Whether the compiled code came from the cache.
+    pub cache_hit: bool,
+}
+
+/// The engine and everything shared by all roles.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<InstanceState>,
+    cache_dir: PathBuf,
+    allocator: Allocator,
+    max_memory_bytes: u64,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    /// Builds the engine (pooling allocator if it can be reserved), starts the
+    /// epoch clock and creates the cache directory.
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Runtime> {
+        let (engine, allocator) = build_engine(&config)?;
+        let mut linker = Linker::<InstanceState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        Role::add_to_linker::<InstanceState, HasSelf<InstanceState>>(&mut linker, |state| state)?;
+
+        std::fs::create_dir_all(&config.cache_dir)
+            .map_err(|error| anyhow::anyhow!("create compile cache {}: {error}", config.cache_dir.display()))?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.weak();
+        let stop = ticker_stop.clone();
+        thread::Builder::new().name("hivemind-epoch".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(EPOCH_TICK);
+                match ticker_engine.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })?;
+
+        Ok(Runtime {
+            engine,
+            linker,
+            cache_dir: config.cache_dir,
+            allocator,
+            max_memory_bytes: config.pool_max_memory_bytes,
+            ticker_stop,
+        })
+    }
+
+    pub fn allocator(&self) -> Allocator {
+        self.allocator
+    }
+
+    /// Largest memory limit a manifest may ask for.
+    pub fn max_memory_bytes(&self) -> u64 {
+        self.max_memory_bytes
+    }
+
+    /// Compiles `bytes`, or loads the compiled code from the cache when these
+    /// exact bytes were compiled before by this engine. Blocking and CPU-heavy
+    /// on a miss: call it off the async threads.
+    pub fn compile(&self, bytes: &[u8]) -> Result<CompiledRole, LoadError> {
+        check_header(bytes)?;
+        let digest = hex::encode(Sha256::digest(bytes));
+        let cached = self.cache_path(&digest);
+        if cached.exists() {
+            // SAFETY: the file was written by `Component::serialize` of an
+            // engine with the same compatibility hash (it is in the name),
+            // inside the host's own data directory.
+            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
+                Ok(component) => return Ok(CompiledRole { component, digest, cache_hit: true }),
+                Err(error) => {
+                    tracing::warn!(path = %cached.display(), %error, "discarding unreadable compile cache entry");
+                    let _ = std::fs::remove_file(&cached);
+                }
+            }
+        }
+        let component =
+            Component::new(&self.engine, bytes).map_err(|error| LoadError::InvalidComponent(format!("{error:#}")))?;
+        self.store_in_cache(&component, &cached)?;
+        Ok(CompiledRole { component, digest, cache_hit: false })
+    }
+
+    fn cache_path(&self, digest: &str) -> PathBuf {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.cache_dir.join(format!("{digest}-{:016x}.cwasm", hasher.finish()))
+    }
+
+    fn store_in_cache(&self, component: &Component, path: &Path) -> Result<(), LoadError> {
+        let bytes = component.serialize().map_err(|error| LoadError::Cache(format!("{error:#}")))?;
+        let temp = path.with_extension("cwasm.tmp");
+        std::fs::write(&temp, bytes)
+            .and_then(|()| std::fs::rename(&temp, path))
+            .map_err(|error| LoadError::Cache(format!("{}: {error}", path.display())))
+    }
+
+    /// Checks imports, instantiates one worker, asks it to `describe` itself
+    /// and runs `init`. Only a role that passed all of this is returned.
+    pub async fn load(
+        &self,
+        file_name: &str,
+        compiled: CompiledRole,
+        limits: RoleLimits,
+        host: Arc<dyn RoleHost>,
+    ) -> Result<LoadedRole, LoadError> {
+        self.check_imports(&compiled.component)?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&compiled.component)
+            .map_err(|error| LoadError::Link(format!("{error:#}")))?;
+        let pre = RolePre::new(instance_pre).map_err(|error| LoadError::Link(format!("{error:#}")))?;
+        LoadedRole::start(file_name, &self.engine, pre, compiled.digest, limits, host).await
+    }
+
+    /// Refuses imports that would give a role ambient authority, with a hint
+    /// at the capability it should use instead.
+    fn check_imports(&self, component: &Component) -> Result<(), LoadError> {
+        let ty = component.component_type();
+        for (name, _) in ty.imports(&self.engine) {
+            let hint = if name.starts_with("wasi:sockets/") {
+                "roles get no sockets; declare a host-owned listener in the manifest or use `call`"
+            } else if name.starts_with("wasi:http/") {
+                "roles get no outgoing HTTP; serve requests through `on-request` and reach other roles with `call`"
+            } else {
+                continue;
+            };
+            return Err(LoadError::UnsupportedImport { import: name.to_string(), hint: hint.to_string() });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn base_config() -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true).epoch_interruption(true);
+    config
+}
+
+fn build_engine(settings: &RuntimeConfig) -> anyhow::Result<(Engine, Allocator)> {
+    if settings.pool_instances > 0 {
+        let mut pool = PoolingAllocationConfig::new();
+        let instances = settings.pool_instances;
+        pool.total_component_instances(instances)
+            // Components from componentize-py carry a dozen core modules and
+            // several memories; Rust guests need three or four instances.
+            .max_core_instances_per_component(32)
+            .max_memories_per_component(8)
+            .max_tables_per_component(16)
+            .total_core_instances(instances * 8)
+            .total_memories(instances * 2)
+            .total_tables(instances * 4)
+            .total_stacks(instances)
+            .max_memory_size(settings.pool_max_memory_bytes as usize)
+            .max_component_instance_size(8 << 20)
+            .max_core_instance_size(8 << 20)
+            .table_elements(100_000);
+        let mut config = base_config();
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        match Engine::new(&config) {
+            Ok(engine) => return Ok((engine, Allocator::Pooling { instances })),
+            Err(error) => tracing::warn!(
+                %error,
+                "cannot reserve the instance pool (is address space limited, e.g. `ulimit -v`?); \
+                 falling back to on-demand allocation"
+            ),
+        }
+    }
+    Ok((Engine::new(&base_config())?, Allocator::OnDemand))
+}
+
+/// Tells random bytes and core modules apart from components before handing
+/// them to the compiler, whose messages for these cases are cryptic.
+fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+    const MAGIC: &[u8] = b"\0asm";
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        return Err(LoadError::NotWasm);
+    }
+    // Bytes 4..8: version (u16) and layer (u16); layer 0 is a core module,
+    // layer 1 a component.
+    let layer = u16::from_le_bytes([bytes[6], bytes[7]]);
+    if layer == 0 {
+        return Err(LoadError::CoreModule);
+    }
+    Ok(())
+}
