@@ -1,1 +1,65 @@
-fn main(){}
+//! `hivemind`: parse the command line, then run the daemon (`up`) or a client command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use hivemind::cli::{Cli, Command, UpArgs, run_client};
+use hivemind::{Daemon, HostConfig};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(args) => run_daemon(cli.data_dir, args),
+        command => run_client(cli.data_dir.as_deref(), command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("hivemind: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_daemon(data_dir: Option<std::path::PathBuf>, args: UpArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tower_http=info")))
+        .init();
+    let mut config = HostConfig::load(args.config.as_deref())?;
+    if let Some(dir) = data_dir {
+        if args.roles_dir.is_none() && config.roles_dir == config.data_dir.join("roles") {
+            config.roles_dir = dir.join("roles");
+        }
+        config.data_dir = dir;
+    }
+    if let Some(dir) = args.roles_dir {
+        config.roles_dir = dir;
+    }
+    if let Some(api) = args.api {
+        config.api = api.parse().map_err(|error| anyhow::anyhow!("--api {api:?}: {error}; expected an address like 127.0.0.1:7480"))?;
+    }
+    if let Some(name) = args.node_name {
+        config.node_name = name;
+    }
+    if args.no_bundled_roles {
+        config.install_bundled_roles = false;
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let daemon = Daemon::start(config).await?;
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        daemon.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -171,7 +171,7 @@ impl Runtime {
     /// and runs `init`. Only a role that passed all of this is returned.
     pub async fn load(
         &self,
-        file_name: &str,
+        name: &str,
         compiled: CompiledRole,
         limits: RoleLimits,
         host: Arc<dyn RoleHost>,
@@ -182,7 +182,7 @@ impl Runtime {
             .instantiate_pre(&compiled.component)
             .map_err(|error| LoadError::Link(format!("{error:#}")))?;
         let pre = RolePre::new(instance_pre).map_err(|error| LoadError::Link(format!("{error:#}")))?;
-        LoadedRole::start(file_name, &self.engine, pre, compiled.digest, limits, host).await
+        LoadedRole::start(name, &self.engine, pre, compiled.digest, limits, host).await
     }
 
     /// Refuses imports that would give a role ambient authority, with a hint

@@ -18,8 +18,6 @@ pub enum LoadError {
     Link(String),
     #[error("`describe` failed: {0}")]
     Describe(String),
-    #[error("`describe` says the role is named `{described}` but its file is `{file}.wasm`; rename the file or fix `describe`")]
-    NameMismatch { described: String, file: String },
     #[error("`init` returned an error: {0}")]
     InitFailed(String),
     #[error("`init` trapped: {0}")]
@@ -31,13 +29,13 @@ pub enum LoadError {
 /// Why a call into a role did not produce the role's answer.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CallError {
-    #[error("role `{role}` is overloaded: {workers} workers busy and {queued} calls queued (limits.workers, limits.queue); retry later")]
+    #[error("role `{role}` is overloaded: {workers} workers busy and {queued} calls queued (limits.workers, limits.queue in the manifest); retry later")]
     Overloaded { role: String, workers: u32, queued: u32 },
     #[error("role `{role}` trapped: {reason}")]
     Trapped { role: String, reason: String },
     #[error("role `{role}` has failed after {traps} traps in a row (last: {last}); fix it and reload it (`hivemind roles reload {role}`)")]
     Failed { role: String, traps: u32, last: String },
-    #[error("role `{role}` returned a {size}-byte response; the limit is {limit} bytes (limits.response-bytes)")]
+    #[error("role `{role}` returned a {size}-byte response; the limit is {limit} bytes (limits.max_response_kb in the manifest)")]
     ResponseTooLarge { role: String, size: u64, limit: u64 },
     #[error("cannot start an instance of role `{role}`: {reason}")]
     Instantiate { role: String, reason: String },
@@ -46,14 +44,14 @@ pub enum CallError {
 /// How a trapped call ended, in words for operators.
 pub(crate) fn cpu_exceeded(limit: Duration) -> String {
     format!(
-        "exceeded its CPU time limit of {} ms per call (limits.cpu-ms)",
+        "exceeded its CPU time limit of {} ms per call (limits.cpu_ms in the manifest)",
         limit.as_millis()
     )
 }
 
 pub(crate) fn memory_exceeded(limit: u64, wanted: u64) -> String {
     format!(
-        "exceeded its memory limit of {} MiB (wanted {} MiB; limits.memory-mb)",
+        "exceeded its memory limit of {} MiB (wanted {} MiB; limits.memory_mb in the manifest)",
         limit >> 20,
         wanted.div_ceil(1 << 20)
     )

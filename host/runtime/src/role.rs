@@ -95,7 +95,7 @@ enum Output {
 
 impl LoadedRole {
     pub(crate) async fn start(
-        file_name: &str,
+        name: &str,
         engine: &Engine,
         pre: RolePre<InstanceState>,
         digest: String,
@@ -113,9 +113,6 @@ impl LoadedRole {
             .call_describe(&mut worker.store)
             .await
             .map_err(|error| LoadError::Describe(explain_trap(&worker.store, &error)))?;
-        if description.name != file_name {
-            return Err(LoadError::NameMismatch { described: description.name, file: file_name.to_string() });
-        }
         match worker.role.call_init(&mut worker.store).await {
             Ok(Ok(())) => {}
             Ok(Err(message)) => return Err(LoadError::InitFailed(message)),
@@ -124,7 +121,7 @@ impl LoadedRole {
 
         let workers = limits.workers.max(1);
         Ok(LoadedRole {
-            name: file_name.to_string(),
+            name: name.to_string(),
             engine: engine.clone(),
             pre,
             description,

@@ -1,0 +1,281 @@
+//! The HTTP API (`/v1/...`): status, role management, role installs, the
+//! event log, and every role's own routes under `/v1/roles/NAME/...`.
+//!
+//! Every route needs `Authorization: Bearer TOKEN` (the token is generated on
+//! first start into `DATA_DIR/token`). Errors are JSON `{"error": "..."}` that
+//! say what failed and what to do.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tower_http::trace::TraceLayer;
+
+use crate::cluster::Cluster;
+use crate::log::{EventLog, LogError, NewEvent};
+use crate::notify::Notifier;
+use crate::roles::manager::{RoleError, RoleManager, RoleState, valid_role_name};
+
+/// Largest role file accepted by an install: Python and JavaScript
+/// components are 12-20 MB; this leaves room without inviting abuse.
+const MAX_ROLE_FILE_BYTES: usize = 256 << 20;
+/// Largest request body passed to a role.
+const MAX_ROLE_REQUEST_BYTES: usize = 8 << 20;
+
+/// Management verbs under `/v1/roles/NAME/VERB`; a role cannot use these
+/// names for its own POST routes.
+pub const ROLE_ACTIONS: [&str; 5] = ["enable", "disable", "pause", "resume", "reload"];
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub manager: Arc<RoleManager>,
+    pub log: Arc<dyn EventLog>,
+    pub cluster: Arc<Cluster>,
+    pub notifier: Arc<Notifier>,
+    pub token: Arc<str>,
+    pub started: Instant,
+}
+
+pub fn router(state: ApiState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/roles", get(list_roles))
+        .route("/v1/roles/{name}", get(role_info))
+        .route(
+            "/v1/roles/{name}/{*rest}",
+            any(role_route).layer(DefaultBodyLimit::max(MAX_ROLE_REQUEST_BYTES)),
+        )
+        .route(
+            "/v1/role-files/{file}",
+            put(put_role_file).delete(delete_role_file).layer(DefaultBodyLimit::max(MAX_ROLE_FILE_BYTES)),
+        )
+        .route("/v1/events", post(emit_event).get(list_events))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(TraceLayer::new_for_http());
+    v1.with_state(state)
+}
+
+/// A JSON error response.
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<RoleError> for ApiError {
+    fn from(error: RoleError) -> Self {
+        ApiError::new(error.http_status(), error.to_string())
+    }
+}
+
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match presented {
+        None => ApiError::new(
+            401,
+            "missing bearer token: pass --token or set HIVEMIND_TOKEN (the token is in the host's DATA_DIR/token)",
+        )
+        .into_response(),
+        Some(token) if !constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
+            ApiError::new(401, "wrong token: use the one in the host's DATA_DIR/token").into_response()
+        }
+        Some(_) => next.run(request).await,
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(404, format!("no such API route: {method} {}", uri.path()))
+}
+
+async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
+    let roles = state.manager.list();
+    let count = |wanted: RoleState| roles.iter().filter(|role| role.state == wanted).count();
+    let node = state.cluster.self_node();
+    Json(json!({
+        "node": { "id": node.id, "name": node.name, "address": node.address },
+        "cluster": { "mode": "single-node", "health": "healthy", "members": 1 },
+        "version": env!("CARGO_PKG_VERSION"),
+        "contract": hivemind_runtime::CONTRACT,
+        "uptime_ms": state.started.elapsed().as_millis() as u64,
+        "allocator": format!("{:?}", state.manager.runtime().allocator()),
+        "roles": {
+            "total": roles.len(),
+            "running": count(RoleState::Running),
+            "loading": count(RoleState::Loading),
+            "paused": count(RoleState::Paused),
+            "disabled": count(RoleState::Disabled),
+            "failed": count(RoleState::Failed),
+        },
+        "last_seq": *state.log.watch_last().borrow(),
+        "recent_failures": state.notifier.recent(),
+    }))
+}
+
+async fn list_roles(State(state): State<ApiState>) -> Json<serde_json::Value> {
+    Json(json!(state.manager.list()))
+}
+
+async fn role_info(State(state): State<ApiState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    state
+        .manager
+        .info(&name)
+        .map(|info| Json(json!(info)))
+        .ok_or_else(|| RoleError::NoSuchRole(name).into())
+}
+
+async fn role_route(
+    State(state): State<ApiState>,
+    Path((name, rest)): Path<(String, String)>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if method == Method::POST && ROLE_ACTIONS.contains(&rest.as_str()) {
+        let manager = &state.manager;
+        match rest.as_str() {
+            "enable" => manager.enable(&name).await?,
+            "disable" => manager.disable(&name).await?,
+            "pause" => manager.pause(&name).await?,
+            "resume" => manager.resume(&name).await?,
+            _ => manager.reload(&name).await?,
+        }
+        let info = manager.info(&name).ok_or_else(|| RoleError::NoSuchRole(name.clone()))?;
+        return Ok(Json(json!(info)).into_response());
+    }
+    let request = hivemind_runtime::Request {
+        method: method.to_string(),
+        path: format!("/{rest}"),
+        query: uri.query().unwrap_or("").to_string(),
+        headers: headers
+            .iter()
+            .filter(|(name, _)| *name != header::AUTHORIZATION)
+            .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+            .collect(),
+        body: body.to_vec(),
+    };
+    let response = state.manager.request(&name, request).await?;
+    let status = StatusCode::from_u16(response.status)
+        .map_err(|_| ApiError::new(502, format!("role `{name}` answered with invalid HTTP status {}", response.status)))?;
+    let mut reply = Response::builder().status(status);
+    for (key, value) in &response.headers {
+        if let (Ok(key), Ok(value)) = (HeaderName::try_from(key.as_str()), HeaderValue::try_from(value.as_str())) {
+            reply = reply.header(key, value);
+        }
+    }
+    reply.body(Body::from(response.body)).map_err(|error| ApiError::new(502, error.to_string()))
+}
+
+/// `NAME.wasm` or `NAME.toml` written into the roles directory atomically
+/// (temp file + rename), then picked up like any dropped file.
+async fn put_role_file(State(state): State<ApiState>, Path(file): Path<String>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+    let (name, extension) = split_role_file(&file)?;
+    let dir = state.manager.roles_dir().to_path_buf();
+    let target = dir.join(&file);
+    let temp = dir.join(format!(".{file}.upload-{}.tmp", std::process::id()));
+    let written = async {
+        tokio::fs::write(&temp, &body).await?;
+        tokio::fs::rename(&temp, &target).await
+    }
+    .await;
+    if let Err(error) = written {
+        let _ = tokio::fs::remove_file(&temp).await;
+        return Err(ApiError::new(500, format!("cannot write {}: {error}", target.display())));
+    }
+    state.manager.sync().await;
+    Ok(Json(json!({ "role": name, "file": file, "kind": extension, "bytes": body.len() })))
+}
+
+/// Removes a role's files, which unloads it.
+async fn delete_role_file(State(state): State<ApiState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    if !valid_role_name(&name) {
+        return Err(ApiError::new(400, format!("{name:?} is not a role name")));
+    }
+    let dir = state.manager.roles_dir().to_path_buf();
+    let wasm = dir.join(format!("{name}.wasm"));
+    match tokio::fs::remove_file(&wasm).await {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Err(RoleError::NoSuchRole(name).into()),
+        Err(error) => return Err(ApiError::new(500, format!("cannot remove {}: {error}", wasm.display()))),
+    }
+    let _ = tokio::fs::remove_file(dir.join(format!("{name}.toml"))).await;
+    state.manager.sync().await;
+    Ok(Json(json!({ "removed": name })))
+}
+
+fn split_role_file(file: &str) -> Result<(&str, &str), ApiError> {
+    let (name, extension) = file
+        .rsplit_once('.')
+        .filter(|(_, extension)| *extension == "wasm" || *extension == "toml")
+        .ok_or_else(|| ApiError::new(400, format!("{file:?}: role files are NAME.wasm or NAME.toml")))?;
+    if !valid_role_name(name) {
+        return Err(ApiError::new(
+            400,
+            format!("{name:?} is not a role name: use lowercase letters, digits, '-' and '_'"),
+        ));
+    }
+    Ok((name, extension))
+}
+
+#[derive(Deserialize)]
+struct EmitBody {
+    kind: String,
+    key: String,
+    #[serde(default)]
+    payload: serde_json::Value,
+}
+
+async fn emit_event(State(state): State<ApiState>, body: Result<Json<EmitBody>, axum::extract::rejection::JsonRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(body) = body.map_err(|error| ApiError::new(400, format!("event body must be JSON {{\"kind\", \"key\", \"payload\"}}: {error}")))?;
+    let payload = if body.payload.is_null() { b"{}".to_vec() } else { serde_json::to_vec(&body.payload).unwrap_or_default() };
+    let event = NewEvent { kind: body.kind, key: body.key, source: state.cluster.self_id().to_string(), payload };
+    match state.log.append(event).await {
+        Ok(seq) => Ok(Json(json!({ "seq": seq }))),
+        Err(LogError::Invalid(message)) => Err(ApiError::new(400, message)),
+        Err(error) => Err(ApiError::new(500, error.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    since: u64,
+    #[serde(default)]
+    kind: String,
+    limit: Option<usize>,
+}
+
+async fn list_events(State(state): State<ApiState>, query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|error| ApiError::new(400, format!("query: {error} (use ?since=SEQ&kind=PREFIX&limit=N)")))?;
+    let limit = query.limit.unwrap_or(1000).clamp(1, 10_000);
+    let events = state.log.since(query.since, &query.kind, limit).await.map_err(|error| ApiError::new(500, error.to_string()))?;
+    Ok(Json(json!(events)))
+}

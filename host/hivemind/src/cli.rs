@@ -1,0 +1,529 @@
+//! The command line: `hivemind up` runs a host; every other command is a
+//! client of a host's HTTP API.
+//!
+//! Client commands find the API through `--api` / `HIVEMIND_API`, else the
+//! `api.addr` file a host writes into its data directory, else the default
+//! address; and the token through `--token` / `HIVEMIND_TOKEN`, else the data
+//! directory's `token` file. Output is a human table by default and JSON with
+//! `--json`; failures exit non-zero with a one-line reason.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::config::{DEFAULT_API, default_data_dir};
+use crate::daemon::{API_ADDR_FILE, TOKEN_FILE};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hivemind",
+    version,
+    about = "Hivemind: a cluster daemon whose work is done by hot-loaded WebAssembly roles",
+    long_about = "Hivemind runs one host per machine. What a host does for its users (DNS, nginx \
+                  upstreams, publishing services) is done by roles: WebAssembly components loaded \
+                  from a directory and reloaded when their file changes.\n\n\
+                  Start a one-node cluster with `hivemind up`; every other command talks to a \
+                  running host over its HTTP API."
+)]
+pub struct Cli {
+    /// The host's data directory: where `up` keeps its state, and where client
+    /// commands find the API address and token.
+    #[arg(long, global = true, env = "HIVEMIND_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ClientArgs {
+    /// API address of the host, e.g. 127.0.0.1:7480 [default: from DATA_DIR/api.addr]
+    #[arg(long, env = "HIVEMIND_API", value_name = "ADDR")]
+    pub api: Option<String>,
+    /// API token [default: from DATA_DIR/token]
+    #[arg(long, env = "HIVEMIND_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a host: a one-node cluster with the bundled roles unless configured otherwise.
+    Up(UpArgs),
+    /// Show the host's state and its roles at a glance.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Manage roles: list, install, enable, disable, pause, resume, reload, scaffold.
+    Roles {
+        #[command(subcommand)]
+        command: RolesCommand,
+    },
+    /// Run a role's own command: `hivemind role NAME CMD [ARGS...]` calls
+    /// POST /v1/roles/NAME/CMD with {"args": [ARGS...]} and prints the answer.
+    Role {
+        /// The role.
+        name: String,
+        /// The role's command (the first path segment of its route).
+        cmd: String,
+        /// Arguments passed to the role as {"args": [...]}.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Read and append events of the log.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// TOML config file; flags override its keys.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory watched for NAME.wasm (+ NAME.toml) [default: DATA_DIR/roles]
+    #[arg(long, value_name = "DIR")]
+    pub roles_dir: Option<PathBuf>,
+    /// Address the HTTP API listens on [default: 127.0.0.1:7480]
+    #[arg(long, value_name = "ADDR")]
+    pub api: Option<String>,
+    /// This node's name [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Do not write the bundled roles into the roles directory on first start.
+    #[arg(long)]
+    pub no_bundled_roles: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolesCommand {
+    /// List roles with state, version, digest and last error.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one role in detail.
+    Show {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Enable a disabled role (loads it again).
+    Enable(RoleAction),
+    /// Disable a role: stop it and free its instances and ports, across restarts.
+    Disable(RoleAction),
+    /// Pause a role: it stays loaded but takes no requests, events or packets.
+    Pause(RoleAction),
+    /// Resume a paused role; held events are delivered.
+    Resume(RoleAction),
+    /// Load a role's file again (fresh instances, init again); clears a failure.
+    Reload(RoleAction),
+    /// Install or replace a role and wait until it is live or rejected.
+    Install {
+        /// The component, NAME.wasm.
+        file: PathBuf,
+        /// Its manifest [default: NAME.toml beside the file, if present]
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
+        /// Role name [default: the file stem]
+        #[arg(long)]
+        name: Option<String>,
+        /// Give up waiting after this many seconds (the host keeps compiling).
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a role's files from the host, which unloads it.
+    Remove(RoleAction),
+    /// Create a new role project (Rust, on the SDK) in ./NAME.
+    New {
+        name: String,
+        /// Parent directory of the new project.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RoleAction {
+    pub name: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Append an event.
+    Emit {
+        kind: String,
+        key: String,
+        /// JSON payload.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print events after a seq.
+    Tail {
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Only kinds starting with this.
+        #[arg(long, default_value = "")]
+        kind: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// An API client for one host.
+pub struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn resolve(data_dir: Option<&Path>, args: &ClientArgs) -> anyhow::Result<Client> {
+        let data_dir = data_dir.map(Path::to_path_buf).unwrap_or_else(default_data_dir);
+        let api = match &args.api {
+            Some(api) => api.clone(),
+            None => std::fs::read_to_string(data_dir.join(API_ADDR_FILE))
+                .map(|text| text.trim().to_string())
+                .unwrap_or_else(|_| DEFAULT_API.to_string()),
+        };
+        let token = match &args.token {
+            Some(token) => token.clone(),
+            None => {
+                let path = data_dir.join(TOKEN_FILE);
+                std::fs::read_to_string(&path).map(|text| text.trim().to_string()).with_context(|| {
+                    format!("no API token: pass --token, set HIVEMIND_TOKEN, or make {} readable", path.display())
+                })?
+            }
+        };
+        let base = if api.starts_with("http://") || api.starts_with("https://") { api } else { format!("http://{api}") };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        Ok(Client { base, token, agent })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn handle(&self, response: Result<ureq::http::Response<ureq::Body>, ureq::Error>, what: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+        let mut response = response.map_err(|error| anyhow::anyhow!("cannot reach the host at {} ({what}): {error}; is `hivemind up` running?", self.base))?;
+        let status = response.status().as_u16();
+        let body = response.body_mut().with_config().limit(64 << 20).read_to_vec()?;
+        Ok((status, body))
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+        let response = self.agent.get(self.url(path)).header("authorization", format!("Bearer {}", self.token)).call();
+        self.handle(response, path)
+    }
+
+    pub fn send(&self, method: &str, path: &str, body: &[u8], content_type: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(self.url(path))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", content_type)
+            .body(body.to_vec())?;
+        let response = self.agent.run(request);
+        self.handle(response, path)
+    }
+
+    /// GET returning JSON, turning an error status into the API's message.
+    pub fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        let (status, body) = self.get(path)?;
+        json_or_error(status, &body)
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let (status, reply) = self.send("POST", path, &serde_json::to_vec(body)?, "application/json")?;
+        json_or_error(status, &reply)
+    }
+}
+
+fn json_or_error(status: u16, body: &[u8]) -> anyhow::Result<Value> {
+    let value: Value = serde_json::from_slice(body).unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(body) }));
+    if !(200..300).contains(&status) {
+        let message = value.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| value.to_string());
+        bail!("{message} (HTTP {status})");
+    }
+    Ok(value)
+}
+
+/// Runs a client command; `up` is handled by `main`.
+pub fn run_client(data_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Up(_) => unreachable!("`up` runs the daemon"),
+        Command::Status { client } => {
+            let api = Client::resolve(data_dir, &client)?;
+            let status = api.get_json("/v1/status")?;
+            let roles = api.get_json("/v1/roles")?;
+            if client.json {
+                print_json(&json!({ "status": status, "roles": roles }));
+            } else {
+                print_status(&status, &roles);
+            }
+        }
+        Command::Roles { command } => run_roles(data_dir, command)?,
+        Command::Role { name, cmd, args, client } => {
+            let api = Client::resolve(data_dir, &client)?;
+            let body = serde_json::to_vec(&json!({ "args": args }))?;
+            let (status, reply) = api.send("POST", &format!("/v1/roles/{name}/{cmd}"), &body, "application/json")?;
+            if !(200..300).contains(&status) {
+                let message = serde_json::from_slice::<Value>(&reply)
+                    .ok()
+                    .and_then(|value| value.get("error").and_then(Value::as_str).map(str::to_string))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&reply).trim().to_string());
+                bail!("{message} (HTTP {status})");
+            }
+            let mut stdout = std::io::stdout();
+            stdout.write_all(&reply)?;
+            if !reply.ends_with(b"\n") && !reply.is_empty() {
+                stdout.write_all(b"\n")?;
+            }
+        }
+        Command::Events { command } => match command {
+            EventsCommand::Emit { kind, key, payload, client } => {
+                let payload: Value = serde_json::from_str(&payload)
+                    .with_context(|| format!("--payload {payload:?} is not JSON (quote it: --payload '{{\"port\": 80}}')"))?;
+                let api = Client::resolve(data_dir, &client)?;
+                let reply = api.post_json("/v1/events", &json!({ "kind": kind, "key": key, "payload": payload }))?;
+                if client.json {
+                    print_json(&reply);
+                } else {
+                    println!("appended as seq {}", reply["seq"]);
+                }
+            }
+            EventsCommand::Tail { since, kind, client } => {
+                let api = Client::resolve(data_dir, &client)?;
+                let events = api.get_json(&format!("/v1/events?since={since}&kind={kind}"))?;
+                if client.json {
+                    print_json(&events);
+                } else {
+                    for event in events.as_array().into_iter().flatten() {
+                        println!(
+                            "{:>6}  {:<20} {:<24} {}",
+                            event["seq"],
+                            text(&event["kind"]),
+                            text(&event["key"]),
+                            event["payload"]
+                        );
+                    }
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+fn run_roles(data_dir: Option<&Path>, command: RolesCommand) -> anyhow::Result<()> {
+    match command {
+        RolesCommand::List { client } => {
+            let roles = Client::resolve(data_dir, &client)?.get_json("/v1/roles")?;
+            if client.json {
+                print_json(&roles);
+            } else {
+                print_roles(&roles);
+            }
+        }
+        RolesCommand::Show { name, client } => {
+            let role = Client::resolve(data_dir, &client)?.get_json(&format!("/v1/roles/{name}"))?;
+            print_json(&role);
+        }
+        RolesCommand::Enable(action) => role_action(data_dir, action, "enable")?,
+        RolesCommand::Disable(action) => role_action(data_dir, action, "disable")?,
+        RolesCommand::Pause(action) => role_action(data_dir, action, "pause")?,
+        RolesCommand::Resume(action) => role_action(data_dir, action, "resume")?,
+        RolesCommand::Reload(action) => role_action(data_dir, action, "reload")?,
+        RolesCommand::Remove(action) => {
+            let api = Client::resolve(data_dir, &action.client)?;
+            let (status, body) = api.send("DELETE", &format!("/v1/role-files/{}", action.name), &[], "application/json")?;
+            let reply = json_or_error(status, &body)?;
+            if action.client.json {
+                print_json(&reply);
+            } else {
+                println!("removed {}", action.name);
+            }
+        }
+        RolesCommand::Install { file, manifest, name, timeout, client } => {
+            install(data_dir, &file, manifest.as_deref(), name, Duration::from_secs(timeout), &client)?
+        }
+        RolesCommand::New { name, dir } => {
+            let path = crate::scaffold::new_role(&name, &dir)?;
+            println!("created {}", path.display());
+            println!("build it:   cd {} && cargo build --release --target wasm32-wasip2", path.display());
+            println!(
+                "install it: hivemind roles install {}/target/wasm32-wasip2/release/{}.wasm --name {name}",
+                path.display(),
+                name.replace('-', "_")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn role_action(data_dir: Option<&Path>, action: RoleAction, verb: &str) -> anyhow::Result<()> {
+    let api = Client::resolve(data_dir, &action.client)?;
+    let info = api.post_json(&format!("/v1/roles/{}/{verb}", action.name), &json!({}))?;
+    if action.client.json {
+        print_json(&info);
+    } else {
+        println!("{}: {}", action.name, text(&info["state"]));
+    }
+    Ok(())
+}
+
+/// Uploads the manifest (if any) then the component, and follows the role's
+/// status until a version with these bytes is live or was rejected.
+fn install(
+    data_dir: Option<&Path>,
+    file: &Path,
+    manifest: Option<&Path>,
+    name: Option<String>,
+    timeout: Duration,
+    client: &ClientArgs,
+) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let name = match name {
+        Some(name) => name,
+        None => file
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .map(str::to_string)
+            .with_context(|| format!("{}: cannot take a role name from this file name; pass --name", file.display()))?,
+    };
+    let manifest_path = manifest.map(Path::to_path_buf).or_else(|| {
+        let beside = file.with_extension("toml");
+        beside.exists().then_some(beside)
+    });
+    let api = Client::resolve(data_dir, client)?;
+    if let Some(path) = &manifest_path {
+        let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let (status, body) = api.send("PUT", &format!("/v1/role-files/{name}.toml"), &text, "application/toml")?;
+        json_or_error(status, &body)?;
+    }
+    let digest = hex::encode(Sha256::digest(&bytes));
+    let (status, body) = api.send("PUT", &format!("/v1/role-files/{name}.wasm"), &bytes, "application/wasm")?;
+    json_or_error(status, &body)?;
+
+    let started = Instant::now();
+    let interactive = std::io::stderr().is_terminal() && !client.json;
+    let mut last_line = String::new();
+    loop {
+        let (status, body) = api.get(&format!("/v1/roles/{name}"))?;
+        if status == 200 {
+            let info: Value = serde_json::from_slice(&body)?;
+            if info["digest"].as_str() == Some(digest.as_str()) && info["loading"].is_null() {
+                if client.json {
+                    print_json(&info);
+                } else {
+                    clear_progress(interactive);
+                    println!(
+                        "{name} {} is {} (digest {})",
+                        text(&info["version"]),
+                        text(&info["state"]),
+                        &digest[..12]
+                    );
+                }
+                return Ok(());
+            }
+            if info["last_error_digest"].as_str() == Some(digest.as_str()) && info["loading"].is_null() {
+                clear_progress(interactive);
+                bail!("{name} was rejected: {}", text(&info["last_error"]));
+            }
+            let line = match info["loading"]["elapsed_ms"].as_u64() {
+                Some(ms) => format!("{name}: compiling and initializing ({:.1} s)", ms as f64 / 1000.0),
+                None => format!("{name}: waiting for the host to pick up the file"),
+            };
+            if interactive {
+                eprint!("\r{line}\x1b[K");
+            } else if line != last_line && !client.json {
+                eprintln!("{line}");
+            }
+            last_line = line;
+        }
+        if started.elapsed() > timeout {
+            clear_progress(interactive);
+            bail!("{name} is not live after {} s; `hivemind roles show {name}` shows its progress", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(if interactive { 200 } else { 1000 }).min(Duration::from_millis(200)));
+    }
+}
+
+fn clear_progress(interactive: bool) {
+    if interactive {
+        eprint!("\r\x1b[K");
+    }
+}
+
+fn print_json(value: &Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn short_digest(value: &Value) -> String {
+    value.as_str().map(|digest| digest[..12.min(digest.len())].to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn print_roles(roles: &Value) {
+    println!("{:<20} {:<9} {:<10} {:<13} LAST ERROR", "NAME", "STATE", "VERSION", "DIGEST");
+    for role in roles.as_array().into_iter().flatten() {
+        let error = text(&role["last_error"]);
+        let error: String = error.chars().take(80).collect();
+        println!(
+            "{:<20} {:<9} {:<10} {:<13} {}",
+            text(&role["name"]),
+            text(&role["state"]),
+            text(&role["version"]),
+            short_digest(&role["digest"]),
+            error
+        );
+    }
+}
+
+fn print_status(status: &Value, roles: &Value) {
+    let node = &status["node"];
+    println!("node      {} ({}) at {}", text(&node["name"]), text(&node["id"]), text(&node["address"]));
+    println!("cluster   {} ({})", text(&status["cluster"]["mode"]), text(&status["cluster"]["health"]));
+    println!("uptime    {:.0} s", status["uptime_ms"].as_f64().unwrap_or(0.0) / 1000.0);
+    let counts = &status["roles"];
+    println!(
+        "roles     {} total: {} running, {} loading, {} paused, {} disabled, {} failed",
+        counts["total"], counts["running"], counts["loading"], counts["paused"], counts["disabled"], counts["failed"]
+    );
+    println!();
+    print_roles(roles);
+    if let Some(failures) = status["recent_failures"].as_array().filter(|list| !list.is_empty()) {
+        println!();
+        println!("recent failures:");
+        for failure in failures.iter().rev().take(5) {
+            println!("  {}: {}", text(&failure["role"]), text(&failure["message"]));
+        }
+    }
+}

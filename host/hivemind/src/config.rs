@@ -1,0 +1,158 @@
+//! The host's configuration: the TOML file given to `hivemind up --config`,
+//! overridden by command-line flags. Every key is optional; the defaults give
+//! a one-node cluster on loopback.
+//!
+//! ```toml
+//! # Where the store, compile cache, token and bundled roles live.
+//! data_dir = "/var/lib/hivemind"          # default: $XDG_DATA_HOME/hivemind or ~/.local/share/hivemind
+//! # Directory watched for NAME.wasm + NAME.toml.
+//! roles_dir = "/var/lib/hivemind/roles"   # default: DATA_DIR/roles
+//! # HTTP API address; keep it on loopback unless a proxy adds TLS.
+//! api = "127.0.0.1:7480"
+//! # This node's name in the cluster.
+//! node_name = "web-1"                     # default: the host name
+//! # Write the bundled roles into roles_dir on first start.
+//! install_bundled_roles = true
+//! # Seconds between full rescans of roles_dir (inotify can miss events).
+//! rescan_secs = 2
+//!
+//! [notify]
+//! # Role failures are always logged; also POST them as JSON here.
+//! webhook = "http://127.0.0.1:9000/hooks/hivemind"
+//!
+//! [runtime]
+//! # Instance slots of the pooling allocator; 0 = allocate on demand.
+//! pool_instances = 256
+//! # Largest memory any role may be granted, in MiB.
+//! max_role_memory_mb = 1024
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The API's default address: loopback, a port unlikely to be taken.
+pub const DEFAULT_API: &str = "127.0.0.1:7480";
+
+/// Periodic rescans catch what the file watcher missed (inotify drops events
+/// under load); two seconds bounds that delay without measurable cost.
+pub const DEFAULT_RESCAN: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub roles_dir: Option<PathBuf>,
+    pub api: Option<String>,
+    pub node_name: Option<String>,
+    pub install_bundled_roles: Option<bool>,
+    pub rescan_secs: Option<u64>,
+    #[serde(default)]
+    pub notify: NotifyConfig,
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    pub webhook: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    pub pool_instances: Option<u32>,
+    pub max_role_memory_mb: Option<u64>,
+}
+
+/// The resolved configuration a host runs with.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub data_dir: PathBuf,
+    pub roles_dir: PathBuf,
+    pub api: SocketAddr,
+    pub node_name: String,
+    pub install_bundled_roles: bool,
+    pub rescan: Duration,
+    pub webhook: Option<String>,
+    pub pool_instances: u32,
+    pub max_role_memory_bytes: u64,
+}
+
+impl HostConfig {
+    /// Defaults for a host whose data lives in `data_dir`: API on an
+    /// ephemeral loopback port and no bundled roles — what tests want.
+    pub fn for_tests(data_dir: &Path) -> HostConfig {
+        HostConfig {
+            data_dir: data_dir.to_path_buf(),
+            roles_dir: data_dir.join("roles"),
+            api: "127.0.0.1:0".parse().unwrap(),
+            node_name: "test-node".into(),
+            install_bundled_roles: false,
+            rescan: Duration::from_millis(500),
+            webhook: None,
+            pool_instances: 64,
+            max_role_memory_bytes: hivemind_runtime::RuntimeConfig::new("").pool_max_memory_bytes,
+        }
+    }
+
+    /// Reads `path` (if given) and resolves every default.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<HostConfig> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|error| anyhow::anyhow!("cannot read config {}: {error}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|error| anyhow::anyhow!("config {}: {error}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let data_dir = file.data_dir.unwrap_or_else(default_data_dir);
+        let api_text = file.api.unwrap_or_else(|| DEFAULT_API.to_string());
+        let api = api_text
+            .parse()
+            .map_err(|error| anyhow::anyhow!("config key `api`: {api_text:?} is not an address like 127.0.0.1:7480 ({error})"))?;
+        let runtime_defaults = hivemind_runtime::RuntimeConfig::new("");
+        Ok(HostConfig {
+            roles_dir: file.roles_dir.unwrap_or_else(|| data_dir.join("roles")),
+            data_dir,
+            api,
+            node_name: file.node_name.unwrap_or_else(default_node_name),
+            install_bundled_roles: file.install_bundled_roles.unwrap_or(true),
+            rescan: file.rescan_secs.map(Duration::from_secs).unwrap_or(DEFAULT_RESCAN),
+            webhook: file.notify.webhook,
+            pool_instances: file.runtime.pool_instances.unwrap_or(runtime_defaults.pool_instances),
+            max_role_memory_bytes: file
+                .runtime
+                .max_role_memory_mb
+                .map(|mb| mb << 20)
+                .unwrap_or(runtime_defaults.pool_max_memory_bytes),
+        })
+    }
+}
+
+/// `$HIVEMIND_DATA_DIR`, else `$XDG_DATA_HOME/hivemind`, else
+/// `~/.local/share/hivemind`, else `./hivemind-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HIVEMIND_DATA_DIR") {
+        return dir.into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(dir).join("hivemind");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/hivemind"),
+        None => PathBuf::from("hivemind-data"),
+    }
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "hivemind".into())
+}

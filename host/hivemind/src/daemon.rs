@@ -1,0 +1,202 @@
+//! Starting and stopping a host: data directory, token, store, runtime, role
+//! manager, watcher and API, in that order.
+//!
+//! Shutdown protocol: [`Daemon::shutdown`] cancels one token that every
+//! long-lived task watches; the API drains in-flight requests, the watcher and
+//! role tasks stop, then the tasks are awaited, so when it returns nothing of
+//! the host is still running. Tests start several daemons in one process on
+//! port 0 with [`HostConfig::for_tests`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hivemind_runtime::{Runtime, RuntimeConfig};
+use rand::RngCore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState};
+use crate::cluster::Cluster;
+use crate::config::HostConfig;
+use crate::log::LocalLog;
+use crate::notify::Notifier;
+use crate::roles::manager::RoleManager;
+use crate::roles::services::HostParts;
+use crate::roles::watcher;
+use crate::store::Store;
+
+/// File in the data directory holding the API token (mode 0600).
+pub const TOKEN_FILE: &str = "token";
+/// File in the data directory naming the API address, for local clients.
+pub const API_ADDR_FILE: &str = "api.addr";
+/// Marker: the bundled roles were installed once; never again, so a user
+/// who deletes one keeps it deleted.
+const BUNDLED_MARKER: &str = "bundled-roles-installed";
+
+pub struct Daemon {
+    pub api_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub token: String,
+    pub manager: Arc<RoleManager>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Daemon {
+    pub async fn start(config: HostConfig) -> anyhow::Result<Daemon> {
+        let started = Instant::now();
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+        std::fs::create_dir_all(&config.roles_dir)
+            .with_context(|| format!("cannot create the roles directory {}", config.roles_dir.display()))?;
+        let token = read_or_create_secret(&data_dir.join(TOKEN_FILE))?;
+        let node_id = read_or_create_node_id(&data_dir.join("node-id"))?;
+        if config.install_bundled_roles {
+            install_bundled_roles(&data_dir, &config.roles_dir)?;
+        }
+
+        let store_path = data_dir.join("hivemind.redb");
+        let store = Store::open(&store_path).map_err(|error| {
+            anyhow::anyhow!("{error}\n(is another hivemind running with the data directory {}?)", data_dir.display())
+        })?;
+        let mut runtime_config = RuntimeConfig::new(data_dir.join("cache"));
+        runtime_config.pool_instances = config.pool_instances;
+        runtime_config.pool_max_memory_bytes = config.max_role_memory_bytes;
+        let runtime = Arc::new(Runtime::new(runtime_config).context("cannot start the WebAssembly runtime")?);
+
+        let listener = tokio::net::TcpListener::bind(config.api)
+            .await
+            .with_context(|| format!("cannot listen on {} for the API (pass --api ADDR to pick another)", config.api))?;
+        let api_addr = listener.local_addr()?;
+        std::fs::write(data_dir.join(API_ADDR_FILE), api_addr.to_string())?;
+
+        let log = Arc::new(LocalLog::open(store.clone())?);
+        let cluster = Arc::new(Cluster::single(node_id.clone(), config.node_name.clone(), api_addr.to_string()));
+        let notifier = Arc::new(Notifier::new(node_id, config.webhook.clone()));
+        let parts = HostParts { log: log.clone(), store, cluster: cluster.clone(), notifier: notifier.clone() };
+        let shutdown = CancellationToken::new();
+        let manager = RoleManager::new(runtime, parts, config.roles_dir.clone(), shutdown.clone());
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(watcher::watch_roles_dir(manager.clone(), config.rescan, shutdown.clone())));
+        let app = api::router(ApiState {
+            manager: manager.clone(),
+            log,
+            cluster,
+            notifier,
+            token: token.clone().into(),
+            started,
+        });
+        let api_shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(api_shutdown.cancelled_owned()).await;
+            if let Err(error) = served {
+                tracing::error!(%error, "API server stopped");
+            }
+        }));
+        tracing::info!(api = %api_addr, data_dir = %data_dir.display(), roles_dir = %config.roles_dir.display(), "hivemind is up");
+        Ok(Daemon { api_addr, data_dir, token, manager, shutdown, tasks })
+    }
+
+    /// Waits until every role file present at start has been loaded or
+    /// rejected (no role is `loading`), up to `timeout`.
+    pub async fn wait_roles_settled(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let files = std::fs::read_dir(self.manager.roles_dir())
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter(|entry| {
+                            let name = entry.file_name();
+                            let name = name.to_string_lossy();
+                            name.ends_with(".wasm") && !name.starts_with('.')
+                        })
+                        .count()
+                })
+                .unwrap_or(0);
+            let roles = self.manager.list();
+            let settled = roles.len() >= files
+                && roles.iter().all(|role| role.loading.is_none() && (role.digest.is_some() || role.last_error.is_some() || role.mode != crate::roles::manager::Mode::Active));
+            if settled {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// Stops the host and waits for all its tasks.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.manager.stop();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        tracing::info!("hivemind stopped");
+    }
+}
+
+fn read_or_create_secret(path: &Path) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let token = text.trim().to_string();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    write_private(path, &token).with_context(|| format!("cannot write the API token to {}", path.display()))?;
+    Ok(token)
+}
+
+fn read_or_create_node_id(path: &Path) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let id = text.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let mut bytes = [0u8; 8];
+    rand::rng().fill_bytes(&mut bytes);
+    let id = hex::encode(bytes);
+    std::fs::write(path, &id).with_context(|| format!("cannot write the node id to {}", path.display()))?;
+    Ok(id)
+}
+
+/// Writes `text` to a file only its owner can read.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let temp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)
+}
+
+/// On the first start only, writes the roles bundled in the binary (and their
+/// manifests) into the roles directory.
+fn install_bundled_roles(data_dir: &Path, roles_dir: &Path) -> anyhow::Result<()> {
+    let marker = data_dir.join(BUNDLED_MARKER);
+    if marker.exists() {
+        return Ok(());
+    }
+    for (name, wasm, manifest) in hivemind_role_artifacts::BUNDLED {
+        if let Some(manifest) = manifest {
+            std::fs::write(roles_dir.join(format!("{name}.toml")), manifest)?;
+        }
+        let target = roles_dir.join(format!("{name}.wasm"));
+        let temp = roles_dir.join(format!(".{name}.wasm.tmp"));
+        std::fs::write(&temp, wasm)?;
+        std::fs::rename(&temp, &target)?;
+        tracing::info!(role = name, "installed bundled role");
+    }
+    std::fs::write(&marker, "")?;
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! The role manifest, `NAME.toml` beside `NAME.wasm`: limits, grants,
+//! host-owned listeners and the role's free-form config.
+//!
+//! ```toml
+//! [limits]
+//! memory_mb = 64          # linear memory, MiB (default 64)
+//! cpu_ms = 100            # guest time per call, ms (default 100)
+//! init_cpu_ms = 5000      # guest time for init, ms (default 5000)
+//! workers = 4             # instances at once (default 4)
+//! queue = 64              # calls waiting for a worker (default 64)
+//! max_response_kb = 4096  # largest on-request body, KiB (default 4096)
+//!
+//! [grants]
+//! emit = ["service."]                  # event kind prefixes it may emit (default: none)
+//! write_dir = "/etc/nginx/hivemind"    # where write-file may write (default: nowhere)
+//! exec = ["nginx -t", "nginx -s reload"]  # command prefixes it may run (default: none)
+//!
+//! [[listeners]]
+//! name = "dns"                 # passed to on-packet
+//! protocol = "udp"             # only udp so far
+//! address = "127.0.0.1:8600"
+//!
+//! [config]                     # anything; the role reads it as JSON
+//! zone = "hive."
+//! ```
+//!
+//! Unknown keys and wrong types are errors naming the file, line and key, so a
+//! typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hivemind_runtime::RoleLimits;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub grants: Grants,
+    #[serde(default)]
+    pub listeners: Vec<ListenerSpec>,
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub memory_mb: Option<u64>,
+    pub cpu_ms: Option<u64>,
+    pub init_cpu_ms: Option<u64>,
+    pub workers: Option<u32>,
+    pub queue: Option<u32>,
+    pub max_response_kb: Option<u64>,
+    pub max_consecutive_traps: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    #[serde(default)]
+    pub emit: Vec<String>,
+    pub write_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub exec: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSpec {
+    pub name: String,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    pub address: SocketAddr,
+}
+
+fn default_protocol() -> String {
+    "udp".into()
+}
+
+impl Manifest {
+    /// Parses and checks a manifest; errors name `path`.
+    pub fn parse(path: &Path, text: &str, max_memory_bytes: u64) -> Result<Manifest, String> {
+        let manifest: Manifest = toml::from_str(text).map_err(|error| format!("manifest {}: {error}", path.display()))?;
+        manifest
+            .check(max_memory_bytes)
+            .map_err(|error| format!("manifest {}: {error}", path.display()))?;
+        Ok(manifest)
+    }
+
+    fn check(&self, max_memory_bytes: u64) -> Result<(), String> {
+        let limits = &self.limits;
+        if limits.memory_mb.is_some_and(|mb| mb == 0 || mb << 20 > max_memory_bytes) {
+            return Err(format!(
+                "limits.memory_mb must be between 1 and {} (the host's runtime.max_role_memory_mb)",
+                max_memory_bytes >> 20
+            ));
+        }
+        for (key, value) in [("cpu_ms", limits.cpu_ms), ("init_cpu_ms", limits.init_cpu_ms)] {
+            if value == Some(0) {
+                return Err(format!("limits.{key} must be at least 1"));
+            }
+        }
+        if limits.workers == Some(0) {
+            return Err("limits.workers must be at least 1".into());
+        }
+        if let Some(dir) = &self.grants.write_dir
+            && !dir.is_absolute()
+        {
+            return Err(format!("grants.write_dir {} must be an absolute path", dir.display()));
+        }
+        for command in &self.grants.exec {
+            if command.split_whitespace().next().is_none() {
+                return Err("grants.exec has an empty command".into());
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for listener in &self.listeners {
+            if listener.protocol != "udp" {
+                return Err(format!(
+                    "listener {:?}: protocol {:?} is not supported; use \"udp\"",
+                    listener.name, listener.protocol
+                ));
+            }
+            if !names.insert(listener.name.as_str()) {
+                return Err(format!("listener name {:?} is used twice", listener.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// The limits with every unset field at its default.
+    pub fn role_limits(&self) -> RoleLimits {
+        let defaults = RoleLimits::default();
+        let limits = &self.limits;
+        RoleLimits {
+            memory_bytes: limits.memory_mb.map(|mb| mb << 20).unwrap_or(defaults.memory_bytes),
+            cpu_per_call: limits.cpu_ms.map(Duration::from_millis).unwrap_or(defaults.cpu_per_call),
+            cpu_per_init: limits.init_cpu_ms.map(Duration::from_millis).unwrap_or(defaults.cpu_per_init),
+            workers: limits.workers.unwrap_or(defaults.workers),
+            queue: limits.queue.unwrap_or(defaults.queue),
+            response_bytes: limits.max_response_kb.map(|kb| kb << 10).unwrap_or(defaults.response_bytes),
+            max_consecutive_traps: limits.max_consecutive_traps.unwrap_or(defaults.max_consecutive_traps),
+        }
+    }
+
+    /// The `[config]` table as JSON, what the role's `config` import returns.
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: u64 = 1 << 30;
+
+    /// A misspelt key is rejected with the file, the line and the key named.
+    #[test]
+    fn misspelt_key_names_file_line_and_key() {
+        let error = Manifest::parse(Path::new("/roles/dns.toml"), "[limits]\nworkers = 2\nmemroy_mb = 3\n", MAX)
+            .unwrap_err();
+        assert!(error.contains("/roles/dns.toml"), "{error}");
+        assert!(error.contains("line 3"), "{error}");
+        assert!(error.contains("memroy_mb"), "{error}");
+    }
+
+    /// A value of the wrong type is rejected with the line and the key.
+    #[test]
+    fn wrong_type_names_line_and_key() {
+        let error =
+            Manifest::parse(Path::new("dns.toml"), "[limits]\nworkers = \"four\"\n", MAX).unwrap_err();
+        assert!(error.contains("line 2"), "{error}");
+        assert!(error.contains("workers"), "{error}");
+    }
+
+    /// Unset limits fall back to the runtime's defaults; set ones convert units.
+    #[test]
+    fn limits_convert_units_and_default() {
+        let manifest = Manifest::parse(Path::new("x.toml"), "[limits]\nmemory_mb = 8\ncpu_ms = 20\n", MAX).unwrap();
+        let limits = manifest.role_limits();
+        assert_eq!(limits.memory_bytes, 8 << 20);
+        assert_eq!(limits.cpu_per_call, Duration::from_millis(20));
+        assert_eq!(limits.workers, RoleLimits::default().workers);
+    }
+
+    /// Listeners other than UDP are refused until the host supports them.
+    #[test]
+    fn tcp_listener_is_refused() {
+        let text = "[[listeners]]\nname = \"x\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:1\"\n";
+        let error = Manifest::parse(Path::new("x.toml"), text, MAX).unwrap_err();
+        assert!(error.contains("protocol \"tcp\""), "{error}");
+    }
+}

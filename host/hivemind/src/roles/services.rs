@@ -1,0 +1,228 @@
+//! [`RoleServices`]: the daemon's implementation of what a role's imports
+//! do, with the role's manifest grants enforced here.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use hivemind_runtime::{
+    Event, ExecOutput, HostError, Level, Node, Request, Response, RoleFailure, RoleHost,
+};
+
+use crate::cluster::Cluster;
+use crate::log::{EventLog, LogError, NewEvent};
+use crate::notify::Notifier;
+use crate::roles::manager::RoleManager;
+use crate::roles::manifest::Manifest;
+use crate::store::Store;
+
+/// Largest file a role may write: configs, not data.
+const MAX_WRITE_BYTES: usize = 8 << 20;
+/// Output kept from a program a role runs.
+const MAX_EXEC_OUTPUT: usize = 1 << 20;
+/// Longest a granted program may run.
+const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything a role's imports reach, shared by the daemon's subsystems.
+#[derive(Clone)]
+pub struct HostParts {
+    pub log: Arc<dyn EventLog>,
+    pub store: Store,
+    pub cluster: Arc<Cluster>,
+    pub notifier: Arc<Notifier>,
+}
+
+pub struct RoleServices {
+    name: String,
+    manifest: Manifest,
+    config_json: String,
+    parts: HostParts,
+    manager: Weak<RoleManager>,
+}
+
+impl RoleServices {
+    pub fn new(name: &str, manifest: Manifest, parts: HostParts, manager: Weak<RoleManager>) -> Self {
+        RoleServices { name: name.to_string(), config_json: manifest.config_json(), manifest, parts, manager }
+    }
+
+    fn store_error(&self, error: impl std::fmt::Display) -> HostError {
+        HostError::Failed(format!("role state store: {error}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl RoleHost for RoleServices {
+    fn role_name(&self) -> &str {
+        &self.name
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        let role = self.name.as_str();
+        match level {
+            Level::Trace => tracing::trace!(role, "{message}"),
+            Level::Debug => tracing::debug!(role, "{message}"),
+            Level::Info => tracing::info!(role, "{message}"),
+            Level::Warn => tracing::warn!(role, "{message}"),
+            Level::Error => tracing::error!(role, "{message}"),
+        }
+    }
+
+    async fn emit(&self, kind: String, key: String, payload: Vec<u8>) -> Result<u64, HostError> {
+        if !self.manifest.grants.emit.iter().any(|prefix| kind.starts_with(prefix.as_str())) {
+            return Err(HostError::Denied(format!(
+                "role `{}` may not emit `{kind}`; add a prefix of it to grants.emit in {}.toml",
+                self.name, self.name
+            )));
+        }
+        let source = self.parts.cluster.self_id().to_string();
+        self.parts.log.append(NewEvent { kind, key, source, payload }).await.map_err(|error| match error {
+            LogError::Invalid(text) => HostError::Invalid(text),
+            LogError::Store(error) => HostError::Failed(error.to_string()),
+        })
+    }
+
+    async fn events_since(&self, after: u64, kind_prefix: String, limit: u32) -> Result<Vec<Event>, HostError> {
+        let limit = limit.clamp(1, 10_000) as usize;
+        let events = self.parts.log.since(after, &kind_prefix, limit).await.map_err(|error| HostError::Failed(error.to_string()))?;
+        Ok(events.iter().map(|event| event.to_role_event()).collect())
+    }
+
+    fn nodes(&self, role: Option<&str>, healthy_only: bool) -> Vec<Node> {
+        self.parts.cluster.nodes(role, healthy_only)
+    }
+
+    fn self_node(&self) -> Node {
+        self.parts.cluster.self_node()
+    }
+
+    fn config_json(&self) -> String {
+        self.config_json.clone()
+    }
+
+    async fn call(&self, node: String, role: String, request: Request) -> Result<Response, HostError> {
+        if node != self.parts.cluster.self_id() {
+            return Err(HostError::Unavailable(format!(
+                "node `{node}` is not reachable: this host runs a single-node cluster"
+            )));
+        }
+        let Some(manager) = self.manager.upgrade() else {
+            return Err(HostError::Unavailable("the host is shutting down".into()));
+        };
+        manager.request(&role, request).await.map_err(|error| error.to_host_error())
+    }
+
+    async fn write_file(&self, path: String, contents: Vec<u8>) -> Result<(), HostError> {
+        let Some(dir) = self.manifest.grants.write_dir.clone() else {
+            return Err(HostError::Denied(format!(
+                "role `{}` has no output directory; set grants.write_dir in {}.toml",
+                self.name, self.name
+            )));
+        };
+        let target = confined_path(&dir, &path)?;
+        if contents.len() > MAX_WRITE_BYTES {
+            return Err(HostError::Invalid(format!("{} bytes is over the {MAX_WRITE_BYTES}-byte file limit", contents.len())));
+        }
+        tokio::task::spawn_blocking(move || write_atomically(&target, &contents))
+            .await
+            .map_err(|error| HostError::Failed(error.to_string()))?
+    }
+
+    async fn exec(&self, program: String, args: Vec<String>, timeout_ms: u32) -> Result<ExecOutput, HostError> {
+        let mut argv = vec![program.clone()];
+        argv.extend(args.iter().cloned());
+        let granted = self.manifest.grants.exec.iter().any(|grant| {
+            let grant: Vec<&str> = grant.split_whitespace().collect();
+            grant.len() <= argv.len() && grant.iter().zip(&argv).all(|(want, have)| want == have)
+        });
+        if !granted {
+            return Err(HostError::Denied(format!(
+                "role `{}` may not run `{}`; add it (or a prefix of it) to grants.exec in {}.toml",
+                self.name,
+                argv.join(" "),
+                self.name
+            )));
+        }
+        let timeout = Duration::from_millis(timeout_ms.max(1) as u64).min(MAX_EXEC_TIMEOUT);
+        let mut command = tokio::process::Command::new(&program);
+        command.args(&args).stdin(std::process::Stdio::null()).kill_on_drop(true);
+        let output = match tokio::time::timeout(timeout, command.output()).await {
+            Err(_) => return Err(HostError::Failed(format!("`{}` did not finish within {} ms", argv.join(" "), timeout.as_millis()))),
+            Ok(Err(error)) => return Err(HostError::Failed(format!("cannot run `{program}`: {error}"))),
+            Ok(Ok(output)) => output,
+        };
+        let cap = |mut bytes: Vec<u8>| {
+            bytes.truncate(MAX_EXEC_OUTPUT);
+            bytes
+        };
+        Ok(ExecOutput {
+            status: output.status.code().unwrap_or(-1),
+            stdout: cap(output.stdout),
+            stderr: cap(output.stderr),
+        })
+    }
+
+    async fn state_get(&self, key: String) -> Result<Option<Vec<u8>>, HostError> {
+        let role = self.name.clone();
+        self.parts.store.blocking(move |store| store.state_get(&role, &key)).await.map_err(|error| self.store_error(error))
+    }
+
+    async fn state_set(&self, key: String, value: Vec<u8>) -> Result<(), HostError> {
+        if key.is_empty() || key.len() > 1024 || key.contains('\0') {
+            return Err(HostError::Invalid("state keys are 1-1024 bytes without NUL".into()));
+        }
+        let role = self.name.clone();
+        self.parts.store.blocking(move |store| store.state_set(&role, &key, &value)).await.map_err(|error| self.store_error(error))
+    }
+
+    async fn state_delete(&self, key: String) -> Result<(), HostError> {
+        let role = self.name.clone();
+        self.parts.store.blocking(move |store| store.state_delete(&role, &key)).await.map_err(|error| self.store_error(error))
+    }
+
+    async fn state_keys(&self, prefix: String) -> Result<Vec<String>, HostError> {
+        let role = self.name.clone();
+        self.parts.store.blocking(move |store| store.state_keys(&role, &prefix)).await.map_err(|error| self.store_error(error))
+    }
+
+    fn report(&self, failure: RoleFailure) {
+        self.parts.notifier.report(failure);
+    }
+}
+
+/// `relative` inside `dir`, refusing absolute paths and `..`.
+fn confined_path(dir: &Path, relative: &str) -> Result<PathBuf, HostError> {
+    let path = Path::new(relative);
+    let plain = !relative.is_empty() && path.components().all(|part| matches!(part, Component::Normal(_)));
+    if !plain {
+        return Err(HostError::Invalid(format!(
+            "path {relative:?} must be relative to the granted directory, without `..`"
+        )));
+    }
+    Ok(dir.join(path))
+}
+
+fn write_atomically(target: &Path, contents: &[u8]) -> Result<(), HostError> {
+    let failed = |error: std::io::Error| HostError::Failed(format!("write {}: {error}", target.display()));
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(failed)?;
+    }
+    let file_name = target.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    let temp = target.with_file_name(format!(".{file_name}.hivemind-tmp"));
+    std::fs::write(&temp, contents).map_err(failed)?;
+    std::fs::rename(&temp, target).map_err(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Paths that would leave the granted directory are refused.
+    #[test]
+    fn write_paths_stay_inside_the_grant() {
+        let dir = Path::new("/out");
+        assert_eq!(confined_path(dir, "a/b.conf").unwrap(), PathBuf::from("/out/a/b.conf"));
+        assert!(confined_path(dir, "../etc/passwd").is_err());
+        assert!(confined_path(dir, "/etc/passwd").is_err());
+        assert!(confined_path(dir, "").is_err());
+    }
+}

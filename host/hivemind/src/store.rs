@@ -1,0 +1,203 @@
+//! The node's durable store: one redb database in the data directory holding
+//! the local event log, every role's key-value state, each role's delivery
+//! cursor and operator settings (paused/disabled roles).
+//!
+//! redb's API is blocking and a durable commit waits for the disk, so every
+//! method here is synchronous and async callers go through
+//! [`Store::blocking`]. It owns bytes on disk; what the event log means is in
+//! `log.rs`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+/// Events by seq; the value is the JSON of [`crate::log::StoredEvent`].
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// Role state; the key is `ROLE\0KEY`, so one role's keys are one range.
+const ROLE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("role_state");
+/// Seq of the last event each role's `on-event` accepted.
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// Operator settings that survive restarts, e.g. `role.dns.mode = paused`.
+const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
+
+#[derive(Debug, thiserror::Error)]
+#[error("data store {path}: {source}")]
+pub struct StoreError {
+    path: String,
+    #[source]
+    source: redb::Error,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: Arc<str>,
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let name: Arc<str> = path.display().to_string().into();
+        let db = Database::create(path).map_err(|error| StoreError { path: name.to_string(), source: error.into() })?;
+        let store = Store { db: Arc::new(db), path: name };
+        store.write(Durability::Immediate, |txn| {
+            txn.open_table(EVENTS)?;
+            txn.open_table(ROLE_STATE)?;
+            txn.open_table(CURSORS)?;
+            txn.open_table(SETTINGS)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Runs blocking store work on the blocking thread pool.
+    pub async fn blocking<T, F>(&self, work: F) -> T
+    where
+        F: FnOnce(&Store) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || work(&store)).await.expect("store task panicked")
+    }
+
+    fn error(&self, source: impl Into<redb::Error>) -> StoreError {
+        StoreError { path: self.path.to_string(), source: source.into() }
+    }
+
+    fn write<T>(
+        &self,
+        durability: Durability,
+        work: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        let mut txn = self.db.begin_write().map_err(|error| self.error(error))?;
+        txn.set_durability(durability).map_err(|error| self.error(error))?;
+        let value = work(&txn).map_err(|error| self.error(error))?;
+        txn.commit().map_err(|error| self.error(error))?;
+        Ok(value)
+    }
+
+    fn read<T>(&self, work: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>) -> Result<T, StoreError> {
+        let txn = self.db.begin_read().map_err(|error| self.error(error))?;
+        work(&txn).map_err(|error| self.error(error))
+    }
+
+    // --- events ---
+
+    /// Appends an event durably under the next seq, built by `encode(seq)`.
+    pub fn append_event(&self, encode: impl FnOnce(u64) -> Vec<u8>) -> Result<u64, StoreError> {
+        self.write(Durability::Immediate, |txn| {
+            let mut table = txn.open_table(EVENTS)?;
+            let seq = table.last()?.map(|(seq, _)| seq.value()).unwrap_or(0) + 1;
+            table.insert(seq, encode(seq).as_slice())?;
+            Ok(seq)
+        })
+    }
+
+    /// The highest seq, 0 for an empty log.
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        self.read(|txn| Ok(txn.open_table(EVENTS)?.last()?.map(|(seq, _)| seq.value()).unwrap_or(0)))
+    }
+
+    /// Up to `limit` encoded events with seq greater than `after` for which
+    /// `keep` is true, oldest first.
+    pub fn events_after(
+        &self,
+        after: u64,
+        limit: usize,
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.read(|txn| {
+            let table = txn.open_table(EVENTS)?;
+            let mut found = Vec::new();
+            for entry in table.range(after.saturating_add(1)..)? {
+                let (seq, value) = entry?;
+                if keep(value.value()) {
+                    found.push((seq.value(), value.value().to_vec()));
+                    if found.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            Ok(found)
+        })
+    }
+
+    // --- role state ---
+
+    fn state_key(role: &str, key: &str) -> String {
+        format!("{role}\0{key}")
+    }
+
+    pub fn state_get(&self, role: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let full = Self::state_key(role, key);
+        self.read(|txn| Ok(txn.open_table(ROLE_STATE)?.get(full.as_str())?.map(|value| value.value().to_vec())))
+    }
+
+    pub fn state_set(&self, role: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let full = Self::state_key(role, key);
+        self.write(Durability::Immediate, |txn| {
+            txn.open_table(ROLE_STATE)?.insert(full.as_str(), value)?;
+            Ok(())
+        })
+    }
+
+    pub fn state_delete(&self, role: &str, key: &str) -> Result<(), StoreError> {
+        let full = Self::state_key(role, key);
+        self.write(Durability::Immediate, |txn| {
+            txn.open_table(ROLE_STATE)?.remove(full.as_str())?;
+            Ok(())
+        })
+    }
+
+    pub fn state_keys(&self, role: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let start = Self::state_key(role, prefix);
+        let role_prefix = format!("{role}\0");
+        self.read(|txn| {
+            let table = txn.open_table(ROLE_STATE)?;
+            let mut keys = Vec::new();
+            for entry in table.range(start.as_str()..)? {
+                let (key, _) = entry?;
+                let key = key.value();
+                match key.strip_prefix(role_prefix.as_str()) {
+                    Some(own) if own.starts_with(prefix) => keys.push(own.to_string()),
+                    _ => break,
+                }
+            }
+            Ok(keys)
+        })
+    }
+
+    // --- delivery cursors ---
+
+    pub fn cursor(&self, role: &str) -> Result<u64, StoreError> {
+        self.read(|txn| Ok(txn.open_table(CURSORS)?.get(role)?.map(|seq| seq.value()).unwrap_or(0)))
+    }
+
+    /// Records that `role` accepted every event up to `seq`. Not forced to
+    /// disk: a cursor lost in a crash only means redelivering events, which
+    /// roles must tolerate; it can never skip one.
+    pub fn set_cursor(&self, role: &str, seq: u64) -> Result<(), StoreError> {
+        self.write(Durability::None, |txn| {
+            txn.open_table(CURSORS)?.insert(role, seq)?;
+            Ok(())
+        })
+    }
+
+    // --- settings ---
+
+    pub fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.read(|txn| Ok(txn.open_table(SETTINGS)?.get(name)?.map(|value| value.value().to_string())))
+    }
+
+    pub fn set_setting(&self, name: &str, value: Option<&str>) -> Result<(), StoreError> {
+        self.write(Durability::Immediate, |txn| {
+            let mut table = txn.open_table(SETTINGS)?;
+            match value {
+                Some(value) => table.insert(name, value)?,
+                None => table.remove(name)?,
+            };
+            Ok(())
+        })
+    }
+}
