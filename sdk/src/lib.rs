@@ -161,6 +161,19 @@ macro_rules! export_role {
     };
 }
 
+impl HostError {
+    /// The host's explanation, without the variant name.
+    pub fn message(&self) -> &str {
+        match self {
+            HostError::Denied(text)
+            | HostError::Invalid(text)
+            | HostError::Unavailable(text)
+            | HostError::Overloaded(text)
+            | HostError::Failed(text) => text,
+        }
+    }
+}
+
 impl Description {
     /// A description with no subscriptions and no tick.
     pub fn new(name: &str, version: &str) -> Self {

@@ -380,9 +380,16 @@ fn explain_trap(store: &Store<InstanceState>, error: &wasmtime::Error) -> String
         Some(trap) => trap.to_string(),
         None => format!("{error:#}"),
     };
-    // A Rust panic prints its message to stderr just before the trap.
-    match state.stderr.tail().lines().rev().find(|line| !line.trim().is_empty()) {
-        Some(said) => format!("{what}; the role wrote: {said}"),
-        None => what,
+    // A Rust panic prints `panicked at FILE:LINE:COL:` and its message to
+    // stderr just before the trap; show the last two meaningful lines.
+    let tail = state.stderr.tail();
+    let said: Vec<&str> = tail
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("note: run with `RUST_BACKTRACE"))
+        .collect();
+    match said.len() {
+        0 => what,
+        n => format!("{what}; the role wrote: {}", said[n.saturating_sub(2)..].join(" ")),
     }
 }

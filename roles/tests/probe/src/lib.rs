@@ -51,7 +51,7 @@ impl Role for Probe {
                 let payload = if arg(2).is_empty() { "{}" } else { arg(2) };
                 match host::emit_raw(arg(0), arg(1), payload.as_bytes()) {
                     Ok(seq) => Response::json(200, &serde_json::json!({ "seq": seq })),
-                    Err(error) => Response::error(403, &error.to_string()),
+                    Err(error) => Response::error(403, &error.message()),
                 }
             }
             "events" => {
@@ -64,7 +64,7 @@ impl Role for Probe {
                             .collect();
                         Response::json(200, &list)
                     }
-                    Err(error) => Response::error(500, &error.to_string()),
+                    Err(error) => Response::error(500, &error.message()),
                 }
             }
             "seen" => Response::json(
@@ -93,12 +93,12 @@ impl Role for Probe {
                 };
                 match host::call(arg(0), arg(1), &inner) {
                     Ok(response) => response,
-                    Err(error) => Response::error(503, &error.to_string()),
+                    Err(error) => Response::error(503, &error.message()),
                 }
             }
             "write" => match host::write_file(arg(0), arg(1).as_bytes()) {
                 Ok(()) => Response::text(200, "ok"),
-                Err(error) => Response::error(403, &error.to_string()),
+                Err(error) => Response::error(403, &error.message()),
             },
             "exec" => match host::exec(arg(0), &args[1.min(args.len())..], 5000) {
                 Ok(output) => Response::json(
@@ -109,7 +109,7 @@ impl Role for Probe {
                         "stderr": String::from_utf8_lossy(&output.stderr),
                     }),
                 ),
-                Err(error) => Response::error(403, &error.to_string()),
+                Err(error) => Response::error(403, &error.message()),
             },
             "sleep" => {
                 let millis = arg(0).parse().unwrap_or(100);

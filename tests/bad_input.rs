@@ -1,0 +1,268 @@
+//! Bad input gets a clear error, the host stays up, and other roles keep
+//! serving: broken files, bad manifests, misbehaving roles, bad API calls.
+
+mod support;
+
+use serde_json::json;
+use support::*;
+
+/// Starts a host with the well-behaved probe role loaded.
+async fn host_with_probe() -> TestHost {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    host
+}
+
+/// Asserts the probe still answers, i.e. the host and other roles are fine.
+async fn assert_probe_serves(host: &TestHost) {
+    let reply = host.api().role("probe", "version", &[]).await;
+    assert_eq!((reply.status, reply.text()), (200, "0.1.0".to_string()));
+}
+
+/// Random bytes named x.wasm are rejected as "not a WebAssembly file".
+#[tokio::test(flavor = "multi_thread")]
+async fn random_bytes() {
+    let host = host_with_probe().await;
+    let junk: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    host.drop_role("x", &junk, None);
+    let error = host.wait_rejected("x", &junk).await;
+    assert!(error.contains("not a WebAssembly file"), "{error}");
+    assert_eq!(host.api().role_info("x").await["state"], "failed");
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// A truncated copy of a good role is rejected as an invalid component.
+#[tokio::test(flavor = "multi_thread")]
+async fn truncated_component() {
+    let host = host_with_probe().await;
+    let good = misbehave();
+    let truncated = &good[..good.len() * 2 / 3];
+    host.drop_role("cut", truncated, None);
+    let error = host.wait_rejected("cut", truncated).await;
+    assert!(error.contains("not a valid WebAssembly component"), "{error}");
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// A core module is rejected with the way to turn it into a component.
+#[tokio::test(flavor = "multi_thread")]
+async fn core_module_is_not_a_component() {
+    let host = host_with_probe().await;
+    let core_module = b"\0asm\x01\0\0\0".to_vec();
+    host.drop_role("core", &core_module, None);
+    let error = host.wait_rejected("core", &core_module).await;
+    assert!(error.contains("core WebAssembly module") && error.contains("wasm-tools component new"), "{error}");
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// A component importing wasi:sockets is refused with the import named.
+#[tokio::test(flavor = "multi_thread")]
+async fn component_importing_sockets() {
+    let host = host_with_probe().await;
+    let sockets = read(artifacts::ROLE_SOCKETS);
+    host.drop_role("sockets", &sockets, None);
+    let error = host.wait_rejected("sockets", &sockets).await;
+    assert!(error.contains("wasi:sockets/"), "{error}");
+    assert!(error.contains("no sockets"), "{error}");
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// A misspelt manifest key is refused with file, line and key; the role's
+/// previous version keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn manifest_with_misspelt_key() {
+    let host = host_with_probe().await;
+    std::fs::write(host.roles_dir().join("probe.toml"), "[limits]\nworkers = 2\nmemroy_mb = 8\n").unwrap();
+    let info = host.wait_role("probe", "the manifest error", |info| !info["last_error"].is_null()).await;
+    let error = info["last_error"].as_str().unwrap();
+    assert!(error.contains("probe.toml") && error.contains("line 3") && error.contains("memroy_mb"), "{error}");
+    assert_eq!(info["state"], "running");
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// A manifest value of the wrong type is refused with the line and key.
+#[tokio::test(flavor = "multi_thread")]
+async fn manifest_with_wrong_type() {
+    let host = host_with_probe().await;
+    host.drop_role("typed", &misbehave(), Some("[limits]\ncpu_ms = \"fast\"\n"));
+    let error = host.wait_rejected("typed", &misbehave()).await;
+    assert!(error.contains("typed.toml") && error.contains("line 2") && error.contains("cpu_ms"), "{error}");
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// A role whose init traps is rejected with the trap named.
+#[tokio::test(flavor = "multi_thread")]
+async fn init_traps() {
+    let host = host_with_probe().await;
+    host.drop_role("init-trap", &misbehave(), Some("[config]\ninit = \"trap\"\n"));
+    let error = host.wait_rejected("init-trap", &misbehave()).await;
+    assert!(error.contains("`init` trapped") && error.contains("unreachable"), "{error}");
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// A role whose init loops forever is cut off by its init CPU limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn init_loops() {
+    let host = host_with_probe().await;
+    host.drop_role("init-loop", &misbehave(), Some("[limits]\ninit_cpu_ms = 200\n[config]\ninit = \"loop\"\n"));
+    let error = host.wait_rejected("init-loop", &misbehave()).await;
+    assert!(error.contains("CPU time limit of 200 ms"), "{error}");
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// A new version whose init fails is not swapped in: the old one keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_init_keeps_old_version() {
+    let host = host_with_probe().await;
+    host.drop_role("flaky", &misbehave(), None);
+    host.wait_live("flaky", &misbehave()).await;
+    std::fs::write(host.roles_dir().join("flaky.toml"), "[config]\ninit = \"fail\"\n").unwrap();
+    let info = host.wait_role("flaky", "the init error", |info| !info["last_error"].is_null()).await;
+    assert!(info["last_error"].as_str().unwrap().contains("init refused on purpose"), "{info:#}");
+    assert_eq!(info["state"], "running");
+    assert_eq!(host.api().role("flaky", "ok", &[]).await.text(), "ok");
+    host.stop().await;
+}
+
+/// Calls that loop, hog memory, trap, panic or answer 10 MB each fail with
+/// their own explanation; the role and the host keep serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn misbehaving_calls_are_contained() {
+    let host = host_with_probe().await;
+    host.drop_role("misbehave", &misbehave(), Some("[limits]\nmax_consecutive_traps = 100\n"));
+    host.wait_live("misbehave", &misbehave()).await;
+    let api = host.api();
+    for (command, status, expected) in [
+        ("loop", 502, "CPU time limit of 100 ms"),
+        ("hog", 502, "memory limit of 64 MiB"),
+        ("trap", 502, "unreachable"),
+        ("panic", 502, "misbehave panicked on purpose"),
+        ("huge", 502, "10485760-byte response"),
+    ] {
+        let reply = api.role("misbehave", command, &[]).await;
+        assert_eq!(reply.status, status, "{command}: {}", reply.text());
+        assert!(reply.error().contains(expected), "{command}: {}", reply.error());
+        assert_eq!(api.role("misbehave", "ok", &[]).await.text(), "ok", "after {command}");
+        assert_probe_serves(&host).await;
+    }
+    host.stop().await;
+}
+
+/// Traps in a row mark the role failed and report it; a reload brings it back.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_traps_fail_the_role_until_reload() {
+    let host = host_with_probe().await;
+    host.drop_role("misbehave", &misbehave(), Some("[limits]\nmax_consecutive_traps = 3\n"));
+    host.wait_live("misbehave", &misbehave()).await;
+    let api = host.api();
+    // Each trap is a 502; the one that reaches the limit answers 503 failed.
+    for expected in [502, 502, 503] {
+        assert_eq!(api.role("misbehave", "trap", &[]).await.status, expected);
+    }
+    let refused = api.role("misbehave", "ok", &[]).await;
+    assert_eq!(refused.status, 503);
+    assert!(refused.error().contains("failed after 3 traps"), "{}", refused.error());
+    assert_eq!(api.role_info("misbehave").await["state"], "failed");
+    let status = api.get("/v1/status").await.json();
+    let reported = status["recent_failures"].as_array().unwrap();
+    assert!(reported.iter().any(|failure| failure["kind"] == "failed" && failure["role"] == "misbehave"), "{status:#}");
+
+    assert_eq!(api.post("/v1/roles/misbehave/reload", json!({})).await.json()["state"], "running");
+    assert_eq!(api.role("misbehave", "ok", &[]).await.text(), "ok");
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// Role failures are POSTed to the configured webhook as JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_reach_the_webhook() {
+    let receiver = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", receiver.local_addr().unwrap());
+    let captured = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut stream, _) = receiver.accept().unwrap();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let mut request = Vec::new();
+        let mut buffer = [0u8; 4096];
+        let body_complete = |request: &[u8]| {
+            let text = String::from_utf8_lossy(request);
+            text.split_once("\r\n\r\n").is_some_and(|(_, body)| serde_json::from_str::<serde_json::Value>(body).is_ok())
+        };
+        while !body_complete(&request) {
+            let read = stream.read(&mut buffer).unwrap();
+            if read == 0 {
+                break;
+            }
+            request.extend_from_slice(&buffer[..read]);
+        }
+        let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
+        String::from_utf8_lossy(&request).into_owned()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = hivemind::HostConfig::for_tests(dir.path());
+    config.webhook = Some(url);
+    let host = TestHost::start_with(dir, config).await;
+    host.drop_role("misbehave", &misbehave(), None);
+    host.wait_live("misbehave", &misbehave()).await;
+    host.api().role("misbehave", "trap", &[]).await;
+    let request = tokio::task::spawn_blocking(move || captured.join().unwrap()).await.unwrap();
+    assert!(request.starts_with("POST /hook"), "{request}");
+    let body: serde_json::Value = serde_json::from_str(request.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!((body["role"].as_str(), body["kind"].as_str()), (Some("misbehave"), Some("trapped")), "{body:#}");
+    host.stop().await;
+}
+
+/// API calls without a token or with a wrong one are refused with 401 and
+/// a message saying where the token is.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_requires_the_token() {
+    let host = host_with_probe().await;
+    let api = host.api();
+    let missing = api.with_token(None).send("GET", "/v1/roles", Vec::new()).await;
+    assert_eq!(missing.status, 401);
+    assert!(missing.error().contains("missing bearer token"), "{}", missing.error());
+    let wrong = api.with_token(Some("not-the-token")).send("GET", "/v1/roles", Vec::new()).await;
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.error().contains("wrong token"), "{}", wrong.error());
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// An unknown role name is a 404 that says how to list roles.
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_role_name() {
+    let host = host_with_probe().await;
+    let info = host.api().get("/v1/roles/nope").await;
+    let route = host.api().post("/v1/roles/nope/version", json!({})).await;
+    for reply in [info, route] {
+        assert_eq!(reply.status, 404);
+        assert!(reply.error().contains("no role named `nope`") && reply.error().contains("roles list"), "{}", reply.error());
+    }
+    host.stop().await;
+}
+
+/// Bad event bodies and invalid kinds are refused with the rule broken.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_events_are_refused() {
+    let host = host_with_probe().await;
+    let api = host.api();
+    let bad_kind = api.post("/v1/events", json!({ "kind": "has space", "key": "k" })).await;
+    assert_eq!(bad_kind.status, 400);
+    assert!(bad_kind.error().contains("kind"), "{}", bad_kind.error());
+    let not_json = api.send("POST", "/v1/events", b"{nope".to_vec()).await;
+    assert_eq!(not_json.status, 400);
+    assert!(not_json.error().contains("must be JSON"), "{}", not_json.error());
+    let denied = api.role("probe", "emit", &["service.up", "web"]).await;
+    assert_eq!(denied.status, 403);
+    assert!(denied.error().contains("grants.emit"), "{}", denied.error());
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}

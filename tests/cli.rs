@@ -1,0 +1,193 @@
+//! The real `hivemind` binary: `up` with no config, client commands against a
+//! host, their JSON output and their errors, and the role scaffold.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+/// `roles list --json` is an array of objects with name, state, version,
+/// digest and last_error.
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_list_json_has_the_documented_fields() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    let output = cli(&host, &["roles", "list", "--json"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let roles: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let role = &roles.as_array().unwrap()[0];
+    assert_eq!(role["name"], "probe");
+    assert_eq!(role["state"], "running");
+    assert_eq!(role["version"], "0.1.0");
+    assert_eq!(role["digest"], sha256_hex(&probe()));
+    assert!(role.as_object().unwrap().contains_key("last_error"));
+    host.stop().await;
+}
+
+/// `roles list` prints a human table with the role on one line.
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_list_prints_a_table() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    let output = cli(&host, &["roles", "list"]).await;
+    let text = stdout(&output);
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(text.lines().any(|line| line.starts_with("probe") && line.contains("running") && line.contains("0.1.0")), "{text}");
+    host.stop().await;
+}
+
+/// `hivemind role NAME CMD ARGS...` reaches the role's route and prints its body.
+#[tokio::test(flavor = "multi_thread")]
+async fn role_command_prints_the_body() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    let set = cli(&host, &["role", "probe", "state-set", "answer", "42"]).await;
+    assert!(set.status.success(), "{}", stderr(&set));
+    let get = cli(&host, &["role", "probe", "state-get", "answer"]).await;
+    assert_eq!(stdout(&get), "42\n");
+    host.stop().await;
+}
+
+/// `roles install` returns once the role is live; a bad file exits non-zero
+/// with the reason on one line.
+#[tokio::test(flavor = "multi_thread")]
+async fn install_waits_for_live_or_rejected() {
+    let host = TestHost::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let wasm = work.path().join("probe.wasm");
+    std::fs::write(&wasm, probe()).unwrap();
+    let manifest = work.path().join("probe-manifest.toml");
+    std::fs::write(&manifest, "[config]\nfrom = \"install\"\n").unwrap();
+    let installed = cli(&host, &["roles", "install", wasm.to_str().unwrap(), "--manifest", manifest.to_str().unwrap()]).await;
+    assert!(installed.status.success(), "{}", stderr(&installed));
+    assert!(stdout(&installed).contains("probe 0.1.0 is running"), "{}", stdout(&installed));
+    assert_eq!(host.api().role("probe", "config", &[]).await.json()["from"], "install");
+
+    let junk = work.path().join("junk.wasm");
+    std::fs::write(&junk, b"definitely not wasm").unwrap();
+    let rejected = cli(&host, &["roles", "install", junk.to_str().unwrap()]).await;
+    assert!(!rejected.status.success());
+    let message = stderr(&rejected);
+    assert!(message.contains("junk was rejected") && message.contains("not a WebAssembly file"), "{message}");
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
+    host.stop().await;
+}
+
+/// pause, resume, reload, disable and enable from the CLI print the new state.
+#[tokio::test(flavor = "multi_thread")]
+async fn role_actions_print_the_new_state() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    for (verb, state) in [("pause", "paused"), ("resume", "running"), ("reload", "running"), ("disable", "disabled"), ("enable", "running")] {
+        let output = cli(&host, &["roles", verb, "probe"]).await;
+        assert!(output.status.success(), "{verb}: {}", stderr(&output));
+        assert_eq!(stdout(&output), format!("probe: {state}\n"), "{verb}");
+    }
+    host.stop().await;
+}
+
+/// A client with a wrong token, or no host at all, fails with one line.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_errors_are_one_line() {
+    let host = TestHost::start().await;
+    let wrong = cli(&host, &["roles", "list", "--token", "nope"]).await;
+    assert!(!wrong.status.success());
+    assert!(stderr(&wrong).contains("wrong token"), "{}", stderr(&wrong));
+    assert_eq!(stderr(&wrong).trim().lines().count(), 1);
+
+    let unknown = cli(&host, &["role", "ghost", "hello"]).await;
+    assert!(!unknown.status.success());
+    assert!(stderr(&unknown).contains("no role named `ghost`"), "{}", stderr(&unknown));
+
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let nobody = cli(&host, &["status", "--api", &free_port.to_string()]).await;
+    assert!(!nobody.status.success());
+    assert!(stderr(&nobody).contains("cannot reach the host"), "{}", stderr(&nobody));
+    host.stop().await;
+}
+
+/// `hivemind up` with only a data directory creates it, installs the bundled
+/// roles, serves the API with a 0600 token, and exits cleanly on SIGTERM.
+#[test]
+fn up_starts_with_no_config_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut daemon = Command::new(hivemind_bin())
+        .args(["--data-dir", data.to_str().unwrap(), "up", "--api", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        let output = Command::new(hivemind_bin())
+            .args(["--data-dir", data.to_str().unwrap(), "status", "--json"])
+            .output()
+            .unwrap();
+        if output.status.success() {
+            let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+            let roles = status["roles"].as_array().unwrap();
+            if roles.len() == artifacts::BUNDLED.len() && roles.iter().all(|role| role["state"] == "running") {
+                break status;
+            }
+        }
+        assert!(Instant::now() < deadline, "the host did not come up: {}", String::from_utf8_lossy(&output.stderr));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status["status"]["cluster"]["mode"], "single-node");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("token")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    for (name, _, _) in artifacts::BUNDLED {
+        assert!(data.join("roles").join(format!("{name}.wasm")).exists(), "bundled role {name} not installed");
+    }
+
+    unsafe_kill(daemon.id(), 15);
+    let exit = daemon.wait().unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+}
+
+fn unsafe_kill(pid: u32, signal: i32) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success());
+}
+
+/// `roles new` scaffolds a Rust role that builds offline for wasm32-wasip2
+/// and loads into a host.
+#[tokio::test(flavor = "multi_thread")]
+async fn scaffolded_role_builds_and_loads() {
+    let host = TestHost::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let created = Command::new(hivemind_bin())
+        .args(["roles", "new", "greeter", "--dir", work.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", stderr(&created));
+    let project = work.path().join("greeter");
+    // Reuse the workspace's guest build directory so dependencies are warm.
+    let target_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/wasm-roles");
+    let build = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO"))
+            .args(["build", "--release", "--offline", "--target", "wasm32-wasip2", "--target-dir", target_dir])
+            .current_dir(&project)
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
+    let wasm = read(&format!("{target_dir}/wasm32-wasip2/release/greeter.wasm"));
+    host.drop_role("greeter", &wasm, None);
+    host.wait_live("greeter", &wasm).await;
+    let reply = host.api().role("greeter", "hello", &["world"]).await;
+    assert_eq!(reply.text(), "[\"world\"]");
+    host.stop().await;
+}

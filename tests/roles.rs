@@ -1,0 +1,290 @@
+//! Role life cycle on a real host: load by dropping a file, replace, delete,
+//! partial writes, cache hits, state across reloads, listeners across
+//! reloads, pause/resume, disable/enable, event delivery, worker limits.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::*;
+
+/// Dropping NAME.wasm into the roles directory loads it and its routes answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_file_loads_and_answers() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    let info = host.wait_live("probe", &probe()).await;
+    assert_eq!(info["state"], "running");
+    let reply = host.api().role("probe", "version", &[]).await;
+    assert_eq!((reply.status, reply.text()), (200, "0.1.0".to_string()));
+    host.stop().await;
+}
+
+/// Renaming new bytes over NAME.wasm swaps the version that answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn replaced_file_reloads() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    host.drop_role("probe", &probe_v2(), None);
+    let info = host.wait_live("probe", &probe_v2()).await;
+    assert_eq!(info["version"], "0.2.0");
+    assert_eq!(host.api().role("probe", "version", &[]).await.text(), "0.2.0");
+    host.stop().await;
+}
+
+/// Deleting NAME.wasm unloads the role; its routes then say it does not exist.
+#[tokio::test(flavor = "multi_thread")]
+async fn deleted_file_unloads() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    std::fs::remove_file(host.roles_dir().join("probe.wasm")).unwrap();
+    host.wait_role("probe", "unload", |info| info.is_null()).await;
+    let reply = host.api().role("probe", "version", &[]).await;
+    assert_eq!(reply.status, 404);
+    assert!(reply.error().contains("no role named `probe`"), "{}", reply.error());
+    host.stop().await;
+}
+
+/// A half-written file is rejected while the old version keeps serving; the
+/// completed file then loads.
+#[tokio::test(flavor = "multi_thread")]
+async fn partial_write_keeps_old_version() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+
+    let full = probe_v2();
+    let half = &full[..full.len() / 2];
+    std::fs::write(host.roles_dir().join("probe.wasm"), half).unwrap();
+    let error = host.wait_rejected("probe", half).await;
+    assert!(error.contains("not a valid WebAssembly component"), "{error}");
+    assert_eq!(host.api().role("probe", "version", &[]).await.text(), "0.1.0");
+
+    std::fs::write(host.roles_dir().join("probe.wasm"), &full).unwrap();
+    host.wait_live("probe", &full).await;
+    assert_eq!(host.api().role("probe", "version", &[]).await.text(), "0.2.0");
+    host.stop().await;
+}
+
+/// Going back to bytes compiled before loads from the compile cache, and so
+/// does a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn revert_and_restart_hit_the_compile_cache() {
+    let mut host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    let first = host.wait_live("probe", &probe()).await;
+    assert_eq!(first["history"][0]["cache_hit"], false);
+    host.drop_role("probe", &probe_v2(), None);
+    host.wait_live("probe", &probe_v2()).await;
+    host.drop_role("probe", &probe(), None);
+    let reverted = host.wait_live("probe", &probe()).await;
+    assert_eq!(reverted["history"][0]["cache_hit"], true, "{reverted:#}");
+
+    host.restart().await;
+    let restarted = host.wait_live("probe", &probe()).await;
+    assert_eq!(restarted["history"][0]["cache_hit"], true, "{restarted:#}");
+    host.stop().await;
+}
+
+/// Role state set through one version is read by the next, and survives a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn state_survives_reload_and_restart() {
+    let mut host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    assert_eq!(host.api().role("probe", "state-set", &["colour", "blue"]).await.status, 200);
+
+    host.drop_role("probe", &probe_v2(), None);
+    host.wait_live("probe", &probe_v2()).await;
+    assert_eq!(host.api().role("probe", "state-get", &["colour"]).await.text(), "blue");
+
+    host.restart().await;
+    host.wait_live("probe", &probe_v2()).await;
+    assert_eq!(host.api().role("probe", "state-get", &["colour"]).await.text(), "blue");
+    // `init` ran once per load: two loads before the restart, one after.
+    assert_eq!(host.api().role("probe", "state-get", &["inits"]).await.text(), "3");
+    host.stop().await;
+}
+
+/// Editing only the manifest reloads the role with the new config.
+#[tokio::test(flavor = "multi_thread")]
+async fn manifest_edit_reloads() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), Some("[config]\ngreeting = \"hello\"\n"));
+    host.wait_live("probe", &probe()).await;
+    assert_eq!(host.api().role("probe", "config", &[]).await.json(), json!({"greeting": "hello"}));
+
+    atomic_write(&host.roles_dir().join("probe.toml"), b"[config]\ngreeting = \"bonjour\"\n");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let config = host.api().role("probe", "config", &[]).await.json();
+        if config == json!({"greeting": "bonjour"}) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "config never changed: {config}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.stop().await;
+}
+
+/// A host-owned UDP listener answers every datagram while the role is
+/// replaced back and forth: the port is never unbound.
+#[tokio::test(flavor = "multi_thread")]
+async fn udp_listener_answers_through_reloads() {
+    let host = TestHost::start().await;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let manifest = format!("[[listeners]]\nname = \"echo\"\naddress = \"127.0.0.1:{port}\"\n");
+    host.drop_role("probe", &probe(), Some(&manifest));
+    host.wait_live("probe", &probe()).await;
+
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(("127.0.0.1", port)).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut answered = std::collections::BTreeSet::new();
+            let mut sent = 0u32;
+            let mut buffer = [0u8; 256];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let message = format!("ping-{sent}");
+                client.send(message.as_bytes()).await.unwrap();
+                sent += 1;
+                let reply = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buffer))
+                    .await
+                    .unwrap_or_else(|_| panic!("no answer to {message}"))
+                    .unwrap();
+                let reply = String::from_utf8_lossy(&buffer[..reply]).into_owned();
+                assert!(reply.ends_with(&message), "{reply} is not an answer to {message}");
+                answered.insert(reply.split(' ').next().unwrap().to_string());
+            }
+            (sent, answered)
+        })
+    };
+    for round in 0..6 {
+        let bytes = if round % 2 == 0 { probe_v2() } else { probe() };
+        host.drop_role("probe", &bytes, Some(&manifest));
+        host.wait_live("probe", &bytes).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, versions) = sender.await.unwrap();
+    assert!(sent > 10, "only {sent} datagrams were sent");
+    assert_eq!(versions.into_iter().collect::<Vec<_>>(), ["0.1.0", "0.2.0"]);
+    host.stop().await;
+}
+
+/// Committed events reach a subscribed role in seq order, only the kinds it
+/// subscribed to, including events the role emitted itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_are_delivered_in_order() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), Some("[grants]\nemit = [\"test.\"]\n"));
+    host.wait_live("probe", &probe()).await;
+    let api = host.api();
+    let first = api.emit("test.one", "a").await;
+    api.emit("other.kind", "b").await;
+    let third = api.emit("test.two", "c").await;
+    let emitted = api.role("probe", "emit", &["test.three", "d"]).await;
+    assert_eq!(emitted.status, 200, "{}", emitted.text());
+    let fourth = emitted.json()["seq"].as_u64().unwrap();
+
+    let expected = json!([first, third, fourth]);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let seen = api.role("probe", "seen", &[]).await.json();
+        if seen == expected {
+            break;
+        }
+        assert!(Instant::now() < deadline, "seen {seen}, expected {expected}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.stop().await;
+}
+
+/// A paused role refuses requests and holds events; resuming delivers them.
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_holds_work_and_resume_releases_it() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    let api = host.api();
+
+    let paused = api.post("/v1/roles/probe/pause", json!({})).await;
+    assert_eq!(paused.json()["state"], "paused");
+    let refused = api.role("probe", "version", &[]).await;
+    assert_eq!(refused.status, 503);
+    assert!(refused.error().contains("paused"), "{}", refused.error());
+    let seq = api.emit("test.held", "x").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let resumed = api.post("/v1/roles/probe/resume", json!({})).await;
+    assert_eq!(resumed.json()["state"], "running");
+    let deadline = Instant::now() + PATIENCE;
+    while api.role("probe", "seen", &[]).await.json() != json!([seq]) {
+        assert!(Instant::now() < deadline, "held event never delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.stop().await;
+}
+
+/// A disabled role stays disabled across a restart until it is enabled.
+#[tokio::test(flavor = "multi_thread")]
+async fn disable_persists_across_restart() {
+    let mut host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    assert_eq!(host.api().post("/v1/roles/probe/disable", json!({})).await.json()["state"], "disabled");
+
+    host.restart().await;
+    let info = host.wait_role("probe", "the disabled role", |info| !info.is_null()).await;
+    assert_eq!(info["state"], "disabled");
+    assert_eq!(host.api().role("probe", "version", &[]).await.status, 503);
+
+    assert_eq!(host.api().post("/v1/roles/probe/enable", json!({})).await.json()["state"], "running");
+    assert_eq!(host.api().role("probe", "version", &[]).await.text(), "0.1.0");
+    host.stop().await;
+}
+
+/// With one worker and a queue of one, a third concurrent call is refused as
+/// overloaded with a message naming the limits, and the others complete.
+#[tokio::test(flavor = "multi_thread")]
+async fn full_queue_answers_overloaded() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), Some("[limits]\nworkers = 1\nqueue = 1\ncpu_ms = 5000\n"));
+    host.wait_live("probe", &probe()).await;
+    let api = host.api();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let api = api.clone();
+            tokio::spawn(async move { api.role("probe", "sleep", &["600"]).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    let mut errors = Vec::new();
+    for call in calls {
+        let reply = call.await.unwrap();
+        statuses.push(reply.status);
+        if reply.status != 200 {
+            errors.push(reply.error());
+        }
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 429], "{errors:?}");
+    assert!(errors[0].contains("overloaded") && errors[0].contains("limits.queue"), "{}", errors[0]);
+    host.stop().await;
+}
+
+/// Installing through the API writes the file atomically and loads it.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_install_writes_and_loads() {
+    let host = TestHost::start().await;
+    let reply = host.api().send("PUT", "/v1/role-files/probe.wasm", probe()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    host.wait_live("probe", &probe()).await;
+    assert!(host.roles_dir().join("probe.wasm").exists());
+    host.stop().await;
+}
