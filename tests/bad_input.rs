@@ -53,7 +53,10 @@ async fn core_module_is_not_a_component() {
     let core_module = b"\0asm\x01\0\0\0".to_vec();
     host.drop_role("core", &core_module, None);
     let error = host.wait_rejected("core", &core_module).await;
-    assert!(error.contains("core WebAssembly module") && error.contains("wasm-tools component new"), "{error}");
+    assert!(
+        error.contains("core WebAssembly module") && error.contains("wasm-tools component new"),
+        "{error}"
+    );
     assert_probe_serves(&host).await;
     host.stop().await;
 }
@@ -76,10 +79,19 @@ async fn component_importing_sockets() {
 #[tokio::test(flavor = "multi_thread")]
 async fn manifest_with_misspelt_key() {
     let host = host_with_probe().await;
-    std::fs::write(host.roles_dir().join("probe.toml"), "[limits]\nworkers = 2\nmemroy_mb = 8\n").unwrap();
-    let info = host.wait_role("probe", "the manifest error", |info| !info["last_error"].is_null()).await;
+    std::fs::write(
+        host.roles_dir().join("probe.toml"),
+        "[limits]\nworkers = 2\nmemroy_mb = 8\n",
+    )
+    .unwrap();
+    let info = host
+        .wait_role("probe", "the manifest error", |info| !info["last_error"].is_null())
+        .await;
     let error = info["last_error"].as_str().unwrap();
-    assert!(error.contains("probe.toml") && error.contains("line 3") && error.contains("memroy_mb"), "{error}");
+    assert!(
+        error.contains("probe.toml") && error.contains("line 3") && error.contains("memroy_mb"),
+        "{error}"
+    );
     assert_eq!(info["state"], "running");
     assert_probe_serves(&host).await;
     host.stop().await;
@@ -91,7 +103,10 @@ async fn manifest_with_wrong_type() {
     let host = host_with_probe().await;
     host.drop_role("typed", &misbehave(), Some("[limits]\ncpu_ms = \"fast\"\n"));
     let error = host.wait_rejected("typed", &misbehave()).await;
-    assert!(error.contains("typed.toml") && error.contains("line 2") && error.contains("cpu_ms"), "{error}");
+    assert!(
+        error.contains("typed.toml") && error.contains("line 2") && error.contains("cpu_ms"),
+        "{error}"
+    );
     assert_probe_serves(&host).await;
     host.stop().await;
 }
@@ -102,7 +117,10 @@ async fn init_traps() {
     let host = host_with_probe().await;
     host.drop_role("init-trap", &misbehave(), Some("[config]\ninit = \"trap\"\n"));
     let error = host.wait_rejected("init-trap", &misbehave()).await;
-    assert!(error.contains("`init` trapped") && error.contains("unreachable"), "{error}");
+    assert!(
+        error.contains("`init` trapped") && error.contains("unreachable"),
+        "{error}"
+    );
     assert_probe_serves(&host).await;
     host.stop().await;
 }
@@ -111,7 +129,11 @@ async fn init_traps() {
 #[tokio::test(flavor = "multi_thread")]
 async fn init_loops() {
     let host = host_with_probe().await;
-    host.drop_role("init-loop", &misbehave(), Some("[limits]\ninit_cpu_ms = 200\n[config]\ninit = \"loop\"\n"));
+    host.drop_role(
+        "init-loop",
+        &misbehave(),
+        Some("[limits]\ninit_cpu_ms = 200\n[config]\ninit = \"loop\"\n"),
+    );
     let error = host.wait_rejected("init-loop", &misbehave()).await;
     assert!(error.contains("CPU time limit of 200 ms"), "{error}");
     assert_probe_serves(&host).await;
@@ -125,8 +147,13 @@ async fn failing_init_keeps_old_version() {
     host.drop_role("flaky", &misbehave(), None);
     host.wait_live("flaky", &misbehave()).await;
     std::fs::write(host.roles_dir().join("flaky.toml"), "[config]\ninit = \"fail\"\n").unwrap();
-    let info = host.wait_role("flaky", "the init error", |info| !info["last_error"].is_null()).await;
-    assert!(info["last_error"].as_str().unwrap().contains("init refused on purpose"), "{info:#}");
+    let info = host
+        .wait_role("flaky", "the init error", |info| !info["last_error"].is_null())
+        .await;
+    assert!(
+        info["last_error"].as_str().unwrap().contains("init refused on purpose"),
+        "{info:#}"
+    );
     assert_eq!(info["state"], "running");
     assert_eq!(host.api().role("flaky", "ok", &[]).await.text(), "ok");
     host.stop().await;
@@ -137,7 +164,11 @@ async fn failing_init_keeps_old_version() {
 #[tokio::test(flavor = "multi_thread")]
 async fn misbehaving_calls_are_contained() {
     let host = host_with_probe().await;
-    host.drop_role("misbehave", &misbehave(), Some("[limits]\nmax_consecutive_traps = 100\n"));
+    host.drop_role(
+        "misbehave",
+        &misbehave(),
+        Some("[limits]\nmax_consecutive_traps = 100\n"),
+    );
     host.wait_live("misbehave", &misbehave()).await;
     let api = host.api();
     for (command, status, expected) in [
@@ -173,9 +204,17 @@ async fn repeated_traps_fail_the_role_until_reload() {
     assert_eq!(api.role_info("misbehave").await["state"], "failed");
     let status = api.get("/v1/status").await.json();
     let reported = status["recent_failures"].as_array().unwrap();
-    assert!(reported.iter().any(|failure| failure["kind"] == "failed" && failure["role"] == "misbehave"), "{status:#}");
+    assert!(
+        reported
+            .iter()
+            .any(|failure| failure["kind"] == "failed" && failure["role"] == "misbehave"),
+        "{status:#}"
+    );
 
-    assert_eq!(api.post("/v1/roles/misbehave/reload", json!({})).await.json()["state"], "running");
+    assert_eq!(
+        api.post("/v1/roles/misbehave/reload", json!({})).await.json()["state"],
+        "running"
+    );
     assert_eq!(api.role("misbehave", "ok", &[]).await.text(), "ok");
     assert_probe_serves(&host).await;
     host.stop().await;
@@ -189,12 +228,15 @@ async fn failures_reach_the_webhook() {
     let captured = std::thread::spawn(move || {
         use std::io::{Read, Write};
         let (mut stream, _) = receiver.accept().unwrap();
-        stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
         let mut request = Vec::new();
         let mut buffer = [0u8; 4096];
         let body_complete = |request: &[u8]| {
             let text = String::from_utf8_lossy(request);
-            text.split_once("\r\n\r\n").is_some_and(|(_, body)| serde_json::from_str::<serde_json::Value>(body).is_ok())
+            text.split_once("\r\n\r\n")
+                .is_some_and(|(_, body)| serde_json::from_str::<serde_json::Value>(body).is_ok())
         };
         while !body_complete(&request) {
             let read = stream.read(&mut buffer).unwrap();
@@ -213,10 +255,16 @@ async fn failures_reach_the_webhook() {
     host.drop_role("misbehave", &misbehave(), None);
     host.wait_live("misbehave", &misbehave()).await;
     host.api().role("misbehave", "trap", &[]).await;
-    let request = tokio::task::spawn_blocking(move || captured.join().unwrap()).await.unwrap();
+    let request = tokio::task::spawn_blocking(move || captured.join().unwrap())
+        .await
+        .unwrap();
     assert!(request.starts_with("POST /hook"), "{request}");
     let body: serde_json::Value = serde_json::from_str(request.split_once("\r\n\r\n").unwrap().1).unwrap();
-    assert_eq!((body["role"].as_str(), body["kind"].as_str()), (Some("misbehave"), Some("trapped")), "{body:#}");
+    assert_eq!(
+        (body["role"].as_str(), body["kind"].as_str()),
+        (Some("misbehave"), Some("trapped")),
+        "{body:#}"
+    );
     host.stop().await;
 }
 
@@ -229,7 +277,10 @@ async fn api_requires_the_token() {
     let missing = api.with_token(None).send("GET", "/v1/roles", Vec::new()).await;
     assert_eq!(missing.status, 401);
     assert!(missing.error().contains("missing bearer token"), "{}", missing.error());
-    let wrong = api.with_token(Some("not-the-token")).send("GET", "/v1/roles", Vec::new()).await;
+    let wrong = api
+        .with_token(Some("not-the-token"))
+        .send("GET", "/v1/roles", Vec::new())
+        .await;
     assert_eq!(wrong.status, 401);
     assert!(wrong.error().contains("wrong token"), "{}", wrong.error());
     assert_probe_serves(&host).await;
@@ -244,7 +295,11 @@ async fn unknown_role_name() {
     let route = host.api().post("/v1/roles/nope/version", json!({})).await;
     for reply in [info, route] {
         assert_eq!(reply.status, 404);
-        assert!(reply.error().contains("no role named `nope`") && reply.error().contains("roles list"), "{}", reply.error());
+        assert!(
+            reply.error().contains("no role named `nope`") && reply.error().contains("roles list"),
+            "{}",
+            reply.error()
+        );
     }
     host.stop().await;
 }

@@ -37,7 +37,11 @@ async fn roles_list_prints_a_table() {
     let output = cli(&host, &["roles", "list"]).await;
     let text = stdout(&output);
     assert!(text.starts_with("NAME"), "{text}");
-    assert!(text.lines().any(|line| line.starts_with("probe") && line.contains("running") && line.contains("0.1.0")), "{text}");
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with("probe") && line.contains("running") && line.contains("0.1.0")),
+        "{text}"
+    );
     host.stop().await;
 }
 
@@ -64,9 +68,23 @@ async fn install_waits_for_live_or_rejected() {
     std::fs::write(&wasm, probe()).unwrap();
     let manifest = work.path().join("probe-manifest.toml");
     std::fs::write(&manifest, "[config]\nfrom = \"install\"\n").unwrap();
-    let installed = cli(&host, &["roles", "install", wasm.to_str().unwrap(), "--manifest", manifest.to_str().unwrap()]).await;
+    let installed = cli(
+        &host,
+        &[
+            "roles",
+            "install",
+            wasm.to_str().unwrap(),
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ],
+    )
+    .await;
     assert!(installed.status.success(), "{}", stderr(&installed));
-    assert!(stdout(&installed).contains("probe 0.1.0 is running"), "{}", stdout(&installed));
+    assert!(
+        stdout(&installed).contains("probe 0.1.0 is running"),
+        "{}",
+        stdout(&installed)
+    );
     assert_eq!(host.api().role("probe", "config", &[]).await.json()["from"], "install");
 
     let junk = work.path().join("junk.wasm");
@@ -74,7 +92,10 @@ async fn install_waits_for_live_or_rejected() {
     let rejected = cli(&host, &["roles", "install", junk.to_str().unwrap()]).await;
     assert!(!rejected.status.success());
     let message = stderr(&rejected);
-    assert!(message.contains("junk was rejected") && message.contains("not a WebAssembly file"), "{message}");
+    assert!(
+        message.contains("junk was rejected") && message.contains("not a WebAssembly file"),
+        "{message}"
+    );
     assert_eq!(message.trim().lines().count(), 1, "{message}");
     host.stop().await;
 }
@@ -85,7 +106,13 @@ async fn role_actions_print_the_new_state() {
     let host = TestHost::start().await;
     host.drop_role("probe", &probe(), None);
     host.wait_live("probe", &probe()).await;
-    for (verb, state) in [("pause", "paused"), ("resume", "running"), ("reload", "running"), ("disable", "disabled"), ("enable", "running")] {
+    for (verb, state) in [
+        ("pause", "paused"),
+        ("resume", "running"),
+        ("reload", "running"),
+        ("disable", "disabled"),
+        ("enable", "running"),
+    ] {
         let output = cli(&host, &["roles", verb, "probe"]).await;
         assert!(output.status.success(), "{verb}: {}", stderr(&output));
         assert_eq!(stdout(&output), format!("probe: {state}\n"), "{verb}");
@@ -104,9 +131,16 @@ async fn client_errors_are_one_line() {
 
     let unknown = cli(&host, &["role", "ghost", "hello"]).await;
     assert!(!unknown.status.success());
-    assert!(stderr(&unknown).contains("no role named `ghost`"), "{}", stderr(&unknown));
+    assert!(
+        stderr(&unknown).contains("no role named `ghost`"),
+        "{}",
+        stderr(&unknown)
+    );
 
-    let free_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let nobody = cli(&host, &["status", "--api", &free_port.to_string()]).await;
     assert!(!nobody.status.success());
     assert!(stderr(&nobody).contains("cannot reach the host"), "{}", stderr(&nobody));
@@ -138,7 +172,11 @@ fn up_starts_with_no_config_and_stops_on_sigterm() {
                 break status;
             }
         }
-        assert!(Instant::now() < deadline, "the host did not come up: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            Instant::now() < deadline,
+            "the host did not come up: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(status["status"]["cluster"]["mode"], "single-node");
@@ -146,7 +184,10 @@ fn up_starts_with_no_config_and_stops_on_sigterm() {
     let mode = std::fs::metadata(data.join("token")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     for (name, _, _) in artifacts::BUNDLED {
-        assert!(data.join("roles").join(format!("{name}.wasm")).exists(), "bundled role {name} not installed");
+        assert!(
+            data.join("roles").join(format!("{name}.wasm")).exists(),
+            "bundled role {name} not installed"
+        );
     }
 
     unsafe_kill(daemon.id(), 15);
@@ -155,7 +196,11 @@ fn up_starts_with_no_config_and_stops_on_sigterm() {
 }
 
 fn unsafe_kill(pid: u32, signal: i32) {
-    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
@@ -175,7 +220,15 @@ async fn scaffolded_role_builds_and_loads() {
     let target_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/wasm-roles");
     let build = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO"))
-            .args(["build", "--release", "--offline", "--target", "wasm32-wasip2", "--target-dir", target_dir])
+            .args([
+                "build",
+                "--release",
+                "--offline",
+                "--target",
+                "wasm32-wasip2",
+                "--target-dir",
+                target_dir,
+            ])
             .current_dir(&project)
             .env_remove("CARGO_TARGET_DIR")
             .output()

@@ -95,7 +95,10 @@ async fn state_survives_reload_and_restart() {
     let mut host = TestHost::start().await;
     host.drop_role("probe", &probe(), None);
     host.wait_live("probe", &probe()).await;
-    assert_eq!(host.api().role("probe", "state-set", &["colour", "blue"]).await.status, 200);
+    assert_eq!(
+        host.api().role("probe", "state-set", &["colour", "blue"]).await.status,
+        200
+    );
 
     host.drop_role("probe", &probe_v2(), None);
     host.wait_live("probe", &probe_v2()).await;
@@ -115,9 +118,15 @@ async fn manifest_edit_reloads() {
     let host = TestHost::start().await;
     host.drop_role("probe", &probe(), Some("[config]\ngreeting = \"hello\"\n"));
     host.wait_live("probe", &probe()).await;
-    assert_eq!(host.api().role("probe", "config", &[]).await.json(), json!({"greeting": "hello"}));
+    assert_eq!(
+        host.api().role("probe", "config", &[]).await.json(),
+        json!({"greeting": "hello"})
+    );
 
-    atomic_write(&host.roles_dir().join("probe.toml"), b"[config]\ngreeting = \"bonjour\"\n");
+    atomic_write(
+        &host.roles_dir().join("probe.toml"),
+        b"[config]\ngreeting = \"bonjour\"\n",
+    );
     let deadline = Instant::now() + PATIENCE;
     loop {
         let config = host.api().role("probe", "config", &[]).await.json();
@@ -135,7 +144,11 @@ async fn manifest_edit_reloads() {
 #[tokio::test(flavor = "multi_thread")]
 async fn udp_listener_answers_through_reloads() {
     let host = TestHost::start().await;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let manifest = format!("[[listeners]]\nname = \"echo\"\naddress = \"127.0.0.1:{port}\"\n");
     host.drop_role("probe", &probe(), Some(&manifest));
     host.wait_live("probe", &probe()).await;
@@ -237,14 +250,22 @@ async fn disable_persists_across_restart() {
     let mut host = TestHost::start().await;
     host.drop_role("probe", &probe(), None);
     host.wait_live("probe", &probe()).await;
-    assert_eq!(host.api().post("/v1/roles/probe/disable", json!({})).await.json()["state"], "disabled");
+    assert_eq!(
+        host.api().post("/v1/roles/probe/disable", json!({})).await.json()["state"],
+        "disabled"
+    );
 
     host.restart().await;
-    let info = host.wait_role("probe", "the disabled role", |info| !info.is_null()).await;
+    let info = host
+        .wait_role("probe", "the disabled role", |info| !info.is_null())
+        .await;
     assert_eq!(info["state"], "disabled");
     assert_eq!(host.api().role("probe", "version", &[]).await.status, 503);
 
-    assert_eq!(host.api().post("/v1/roles/probe/enable", json!({})).await.json()["state"], "running");
+    assert_eq!(
+        host.api().post("/v1/roles/probe/enable", json!({})).await.json()["state"],
+        "running"
+    );
     assert_eq!(host.api().role("probe", "version", &[]).await.text(), "0.1.0");
     host.stop().await;
 }
@@ -254,7 +275,11 @@ async fn disable_persists_across_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn full_queue_answers_overloaded() {
     let host = TestHost::start().await;
-    host.drop_role("probe", &probe(), Some("[limits]\nworkers = 1\nqueue = 1\ncpu_ms = 5000\n"));
+    host.drop_role(
+        "probe",
+        &probe(),
+        Some("[limits]\nworkers = 1\nqueue = 1\ncpu_ms = 5000\n"),
+    );
     host.wait_live("probe", &probe()).await;
     let api = host.api();
     let calls: Vec<_> = (0..3)
@@ -274,7 +299,11 @@ async fn full_queue_answers_overloaded() {
     }
     statuses.sort();
     assert_eq!(statuses, [200, 200, 429], "{errors:?}");
-    assert!(errors[0].contains("overloaded") && errors[0].contains("limits.queue"), "{}", errors[0]);
+    assert!(
+        errors[0].contains("overloaded") && errors[0].contains("limits.queue"),
+        "{}",
+        errors[0]
+    );
     host.stop().await;
 }
 

@@ -64,6 +64,7 @@ extern crate self as hivemind_sdk;
 /// The bindings wit-bindgen generates from `wit/`. Public only so that
 /// [`export_role!`] can reach them from the role's crate.
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
@@ -78,9 +79,7 @@ pub mod bindings {
 pub use wit_bindgen;
 
 pub use bindings::hivemind::role::host::{ExecOutput, Level};
-pub use bindings::hivemind::role::types::{
-    Description, Event, HostError, Node, Request, Response,
-};
+pub use bindings::hivemind::role::types::{Description, Event, HostError, Node, Request, Response};
 
 /// A role's handlers. Only [`Role::describe`] is required.
 ///
@@ -214,11 +213,7 @@ impl Request {
     /// The first path segment: `records` for `/records/web`. The CLI's
     /// `hivemind role NAME CMD ARGS...` arrives as `POST /CMD`.
     pub fn command(&self) -> &str {
-        self.path
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .unwrap_or("")
+        self.path.trim_start_matches('/').split('/').next().unwrap_or("")
     }
 
     /// Arguments: the CLI sends `{"args": [...]}` as the body; for other
@@ -250,8 +245,7 @@ impl Request {
 
     /// The body parsed as JSON.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, String> {
-        serde_json::from_slice(&self.body)
-            .map_err(|error| format!("request body is not the expected JSON: {error}"))
+        serde_json::from_slice(&self.body).map_err(|error| format!("request body is not the expected JSON: {error}"))
     }
 }
 
@@ -290,7 +284,6 @@ impl Response {
         )
     }
 }
-
 
 /// Calls into the host: logging, the event log, the node table, config, the
 /// connect layer, files and programs.

@@ -59,6 +59,9 @@ fn main() {
     ] {
         build.env_remove(var);
     }
+    // Guests ship without DWARF (it would make a small role megabytes); the
+    // name section stays, so traps still name the role's functions.
+    build.env("CARGO_PROFILE_RELEASE_DEBUG", "false").env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
     let status = build
         .status()
         .expect("could not run cargo to build the roles for wasm32-wasip2");
@@ -97,7 +100,12 @@ fn main() {
             } else {
                 "None".to_string()
             };
-            writeln!(bundled, "    ({role_name:?}, include_bytes!({:?}), {manifest}),", copy.display().to_string()).unwrap();
+            writeln!(
+                bundled,
+                "    ({role_name:?}, include_bytes!({:?}), {manifest}),",
+                copy.display().to_string()
+            )
+            .unwrap();
         }
     }
     bundled.push_str("];\n");
@@ -131,13 +139,19 @@ fn discover_roles(roles_dir: &Path) -> Vec<RolePackage> {
         dirs.sort();
         for path in dirs {
             let manifest = path.join("Cargo.toml");
-            let Ok(text) = fs::read_to_string(&manifest) else { continue };
+            let Ok(text) = fs::read_to_string(&manifest) else {
+                continue;
+            };
             let package = text
                 .lines()
                 .find_map(|line| line.trim().strip_prefix("name = "))
                 .map(|name| name.trim_matches('"').to_string())
                 .unwrap_or_else(|| panic!("{}: no package name", manifest.display()));
-            roles.push(RolePackage { package, dir: path.clone(), bundled });
+            roles.push(RolePackage {
+                package,
+                dir: path.clone(),
+                bundled,
+            });
         }
     }
     roles

@@ -32,7 +32,11 @@ impl TestHost {
 
     pub async fn start_with(dir: tempfile::TempDir, config: HostConfig) -> TestHost {
         let daemon = Daemon::start(config.clone()).await.expect("host starts");
-        TestHost { daemon: Some(daemon), dir, config }
+        TestHost {
+            daemon: Some(daemon),
+            dir,
+            config,
+        }
     }
 
     /// Stops the host and starts it again on the same data directory.
@@ -174,15 +178,24 @@ impl Api {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into();
-        Api { base: format!("http://{address}"), token: token.to_string(), agent }
+        Api {
+            base: format!("http://{address}"),
+            token: token.to_string(),
+            agent,
+        }
     }
 
     pub fn with_token(&self, token: Option<&str>) -> ApiWithToken {
-        ApiWithToken { api: self.clone(), token: token.map(str::to_string) }
+        ApiWithToken {
+            api: self.clone(),
+            token: token.map(str::to_string),
+        }
     }
 
     pub async fn send(&self, method: &str, path: &str, body: Vec<u8>) -> Reply {
-        self.with_token(Some(&self.token.clone())).send(method, path, body).await
+        self.with_token(Some(&self.token.clone()))
+            .send(method, path, body)
+            .await
     }
 
     pub async fn get(&self, path: &str) -> Reply {
@@ -195,7 +208,8 @@ impl Api {
 
     /// `hivemind role NAME CMD ARGS...` over HTTP.
     pub async fn role(&self, name: &str, command: &str, args: &[&str]) -> Reply {
-        self.post(&format!("/v1/roles/{name}/{command}"), json!({ "args": args })).await
+        self.post(&format!("/v1/roles/{name}/{command}"), json!({ "args": args }))
+            .await
     }
 
     pub async fn role_info(&self, name: &str) -> Value {
@@ -204,7 +218,9 @@ impl Api {
     }
 
     pub async fn emit(&self, kind: &str, key: &str) -> u64 {
-        let reply = self.post("/v1/events", json!({ "kind": kind, "key": key, "payload": {} })).await;
+        let reply = self
+            .post("/v1/events", json!({ "kind": kind, "key": key, "payload": {} }))
+            .await;
         assert_eq!(reply.status, 200, "emit {kind}: {}", reply.text());
         reply.json()["seq"].as_u64().unwrap()
     }
@@ -247,7 +263,9 @@ pub async fn cli(host: &TestHost, args: &[&str]) -> Output {
     let mut command = Command::new(hivemind_bin());
     command.arg("--data-dir").arg(host.data_dir()).args(args);
     command.env_remove("HIVEMIND_API").env_remove("HIVEMIND_TOKEN");
-    tokio::task::spawn_blocking(move || command.output().expect("hivemind runs")).await.unwrap()
+    tokio::task::spawn_blocking(move || command.output().expect("hivemind runs"))
+        .await
+        .unwrap()
 }
 
 pub fn stdout(output: &Output) -> String {

@@ -55,7 +55,9 @@ pub fn router(state: ApiState) -> Router {
         )
         .route(
             "/v1/role-files/{file}",
-            put(put_role_file).delete(delete_role_file).layer(DefaultBodyLimit::max(MAX_ROLE_FILE_BYTES)),
+            put(put_role_file)
+                .delete(delete_role_file)
+                .layer(DefaultBodyLimit::max(MAX_ROLE_FILE_BYTES)),
         )
         .route("/v1/events", post(emit_event).get(list_events))
         .fallback(not_found)
@@ -72,7 +74,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: u16, message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), message: message.into() }
+        ApiError {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            message: message.into(),
+        }
     }
 }
 
@@ -143,7 +148,10 @@ async fn list_roles(State(state): State<ApiState>) -> Json<serde_json::Value> {
     Json(json!(state.manager.list()))
 }
 
-async fn role_info(State(state): State<ApiState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn role_info(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     state
         .manager
         .info(&name)
@@ -183,20 +191,33 @@ async fn role_route(
         body: body.to_vec(),
     };
     let response = state.manager.request(&name, request).await?;
-    let status = StatusCode::from_u16(response.status)
-        .map_err(|_| ApiError::new(502, format!("role `{name}` answered with invalid HTTP status {}", response.status)))?;
+    let status = StatusCode::from_u16(response.status).map_err(|_| {
+        ApiError::new(
+            502,
+            format!("role `{name}` answered with invalid HTTP status {}", response.status),
+        )
+    })?;
     let mut reply = Response::builder().status(status);
     for (key, value) in &response.headers {
-        if let (Ok(key), Ok(value)) = (HeaderName::try_from(key.as_str()), HeaderValue::try_from(value.as_str())) {
+        if let (Ok(key), Ok(value)) = (
+            HeaderName::try_from(key.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
             reply = reply.header(key, value);
         }
     }
-    reply.body(Body::from(response.body)).map_err(|error| ApiError::new(502, error.to_string()))
+    reply
+        .body(Body::from(response.body))
+        .map_err(|error| ApiError::new(502, error.to_string()))
 }
 
 /// `NAME.wasm` or `NAME.toml` written into the roles directory atomically
 /// (temp file + rename), then picked up like any dropped file.
-async fn put_role_file(State(state): State<ApiState>, Path(file): Path<String>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+async fn put_role_file(
+    State(state): State<ApiState>,
+    Path(file): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let (name, extension) = split_role_file(&file)?;
     let dir = state.manager.roles_dir().to_path_buf();
     let target = dir.join(&file);
@@ -208,14 +229,22 @@ async fn put_role_file(State(state): State<ApiState>, Path(file): Path<String>, 
     .await;
     if let Err(error) = written {
         let _ = tokio::fs::remove_file(&temp).await;
-        return Err(ApiError::new(500, format!("cannot write {}: {error}", target.display())));
+        return Err(ApiError::new(
+            500,
+            format!("cannot write {}: {error}", target.display()),
+        ));
     }
     state.manager.sync().await;
-    Ok(Json(json!({ "role": name, "file": file, "kind": extension, "bytes": body.len() })))
+    Ok(Json(
+        json!({ "role": name, "file": file, "kind": extension, "bytes": body.len() }),
+    ))
 }
 
 /// Removes a role's files, which unloads it.
-async fn delete_role_file(State(state): State<ApiState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn delete_role_file(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     if !valid_role_name(&name) {
         return Err(ApiError::new(400, format!("{name:?} is not a role name")));
     }
@@ -253,10 +282,27 @@ struct EmitBody {
     payload: serde_json::Value,
 }
 
-async fn emit_event(State(state): State<ApiState>, body: Result<Json<EmitBody>, axum::extract::rejection::JsonRejection>) -> Result<Json<serde_json::Value>, ApiError> {
-    let Json(body) = body.map_err(|error| ApiError::new(400, format!("event body must be JSON {{\"kind\", \"key\", \"payload\"}}: {error}")))?;
-    let payload = if body.payload.is_null() { b"{}".to_vec() } else { serde_json::to_vec(&body.payload).unwrap_or_default() };
-    let event = NewEvent { kind: body.kind, key: body.key, source: state.cluster.self_id().to_string(), payload };
+async fn emit_event(
+    State(state): State<ApiState>,
+    body: Result<Json<EmitBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(body) = body.map_err(|error| {
+        ApiError::new(
+            400,
+            format!("event body must be JSON {{\"kind\", \"key\", \"payload\"}}: {error}"),
+        )
+    })?;
+    let payload = if body.payload.is_null() {
+        b"{}".to_vec()
+    } else {
+        serde_json::to_vec(&body.payload).unwrap_or_default()
+    };
+    let event = NewEvent {
+        kind: body.kind,
+        key: body.key,
+        source: state.cluster.self_id().to_string(),
+        payload,
+    };
     match state.log.append(event).await {
         Ok(seq) => Ok(Json(json!({ "seq": seq }))),
         Err(LogError::Invalid(message)) => Err(ApiError::new(400, message)),
@@ -273,9 +319,17 @@ struct EventsQuery {
     limit: Option<usize>,
 }
 
-async fn list_events(State(state): State<ApiState>, query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
-    let Query(query) = query.map_err(|error| ApiError::new(400, format!("query: {error} (use ?since=SEQ&kind=PREFIX&limit=N)")))?;
+async fn list_events(
+    State(state): State<ApiState>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) =
+        query.map_err(|error| ApiError::new(400, format!("query: {error} (use ?since=SEQ&kind=PREFIX&limit=N)")))?;
     let limit = query.limit.unwrap_or(1000).clamp(1, 10_000);
-    let events = state.log.since(query.since, &query.kind, limit).await.map_err(|error| ApiError::new(500, error.to_string()))?;
+    let events = state
+        .log
+        .since(query.since, &query.kind, limit)
+        .await
+        .map_err(|error| ApiError::new(500, error.to_string()))?;
     Ok(Json(json!(events)))
 }

@@ -207,12 +207,21 @@ impl Client {
             Some(token) => token.clone(),
             None => {
                 let path = data_dir.join(TOKEN_FILE);
-                std::fs::read_to_string(&path).map(|text| text.trim().to_string()).with_context(|| {
-                    format!("no API token: pass --token, set HIVEMIND_TOKEN, or make {} readable", path.display())
-                })?
+                std::fs::read_to_string(&path)
+                    .map(|text| text.trim().to_string())
+                    .with_context(|| {
+                        format!(
+                            "no API token: pass --token, set HIVEMIND_TOKEN, or make {} readable",
+                            path.display()
+                        )
+                    })?
             }
         };
-        let base = if api.starts_with("http://") || api.starts_with("https://") { api } else { format!("http://{api}") };
+        let base = if api.starts_with("http://") || api.starts_with("https://") {
+            api
+        } else {
+            format!("http://{api}")
+        };
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5)))
@@ -225,15 +234,28 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    fn handle(&self, response: Result<ureq::http::Response<ureq::Body>, ureq::Error>, what: &str) -> anyhow::Result<(u16, Vec<u8>)> {
-        let mut response = response.map_err(|error| anyhow::anyhow!("cannot reach the host at {} ({what}): {error}; is `hivemind up` running?", self.base))?;
+    fn handle(
+        &self,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        what: &str,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let mut response = response.map_err(|error| {
+            anyhow::anyhow!(
+                "cannot reach the host at {} ({what}): {error}; is `hivemind up` running?",
+                self.base
+            )
+        })?;
         let status = response.status().as_u16();
         let body = response.body_mut().with_config().limit(64 << 20).read_to_vec()?;
         Ok((status, body))
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
-        let response = self.agent.get(self.url(path)).header("authorization", format!("Bearer {}", self.token)).call();
+        let response = self
+            .agent
+            .get(self.url(path))
+            .header("authorization", format!("Bearer {}", self.token))
+            .call();
         self.handle(response, path)
     }
 
@@ -261,9 +283,14 @@ impl Client {
 }
 
 fn json_or_error(status: u16, body: &[u8]) -> anyhow::Result<Value> {
-    let value: Value = serde_json::from_slice(body).unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(body) }));
+    let value: Value =
+        serde_json::from_slice(body).unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(body) }));
     if !(200..300).contains(&status) {
-        let message = value.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| value.to_string());
+        let message = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
         bail!("{message} (HTTP {status})");
     }
     Ok(value)
@@ -284,7 +311,12 @@ pub fn run_client(data_dir: Option<&Path>, command: Command) -> anyhow::Result<(
             }
         }
         Command::Roles { command } => run_roles(data_dir, command)?,
-        Command::Role { name, cmd, args, client } => {
+        Command::Role {
+            name,
+            cmd,
+            args,
+            client,
+        } => {
             let api = Client::resolve(data_dir, &client)?;
             let body = serde_json::to_vec(&json!({ "args": args }))?;
             let (status, reply) = api.send("POST", &format!("/v1/roles/{name}/{cmd}"), &body, "application/json")?;
@@ -302,9 +334,15 @@ pub fn run_client(data_dir: Option<&Path>, command: Command) -> anyhow::Result<(
             }
         }
         Command::Events { command } => match command {
-            EventsCommand::Emit { kind, key, payload, client } => {
-                let payload: Value = serde_json::from_str(&payload)
-                    .with_context(|| format!("--payload {payload:?} is not JSON (quote it: --payload '{{\"port\": 80}}')"))?;
+            EventsCommand::Emit {
+                kind,
+                key,
+                payload,
+                client,
+            } => {
+                let payload: Value = serde_json::from_str(&payload).with_context(|| {
+                    format!("--payload {payload:?} is not JSON (quote it: --payload '{{\"port\": 80}}')")
+                })?;
                 let api = Client::resolve(data_dir, &client)?;
                 let reply = api.post_json("/v1/events", &json!({ "kind": kind, "key": key, "payload": payload }))?;
                 if client.json {
@@ -356,7 +394,12 @@ fn run_roles(data_dir: Option<&Path>, command: RolesCommand) -> anyhow::Result<(
         RolesCommand::Reload(action) => role_action(data_dir, action, "reload")?,
         RolesCommand::Remove(action) => {
             let api = Client::resolve(data_dir, &action.client)?;
-            let (status, body) = api.send("DELETE", &format!("/v1/role-files/{}", action.name), &[], "application/json")?;
+            let (status, body) = api.send(
+                "DELETE",
+                &format!("/v1/role-files/{}", action.name),
+                &[],
+                "application/json",
+            )?;
             let reply = json_or_error(status, &body)?;
             if action.client.json {
                 print_json(&reply);
@@ -364,13 +407,27 @@ fn run_roles(data_dir: Option<&Path>, command: RolesCommand) -> anyhow::Result<(
                 println!("removed {}", action.name);
             }
         }
-        RolesCommand::Install { file, manifest, name, timeout, client } => {
-            install(data_dir, &file, manifest.as_deref(), name, Duration::from_secs(timeout), &client)?
-        }
+        RolesCommand::Install {
+            file,
+            manifest,
+            name,
+            timeout,
+            client,
+        } => install(
+            data_dir,
+            &file,
+            manifest.as_deref(),
+            name,
+            Duration::from_secs(timeout),
+            &client,
+        )?,
         RolesCommand::New { name, dir } => {
             let path = crate::scaffold::new_role(&name, &dir)?;
             println!("created {}", path.display());
-            println!("build it:   cd {} && cargo build --release --target wasm32-wasip2", path.display());
+            println!(
+                "build it:   cd {} && cargo build --release --target wasm32-wasip2",
+                path.display()
+            );
             println!(
                 "install it: hivemind roles install {}/target/wasm32-wasip2/release/{}.wasm --name {name}",
                 path.display(),
@@ -409,7 +466,12 @@ fn install(
             .file_stem()
             .and_then(|stem| stem.to_str())
             .map(str::to_string)
-            .with_context(|| format!("{}: cannot take a role name from this file name; pass --name", file.display()))?,
+            .with_context(|| {
+                format!(
+                    "{}: cannot take a role name from this file name; pass --name",
+                    file.display()
+                )
+            })?,
     };
     let manifest_path = manifest.map(Path::to_path_buf).or_else(|| {
         let beside = file.with_extension("toml");
@@ -422,7 +484,12 @@ fn install(
         json_or_error(status, &body)?;
     }
     let digest = hex::encode(Sha256::digest(&bytes));
-    let (status, body) = api.send("PUT", &format!("/v1/role-files/{name}.wasm"), &bytes, "application/wasm")?;
+    let (status, body) = api.send(
+        "PUT",
+        &format!("/v1/role-files/{name}.wasm"),
+        &bytes,
+        "application/wasm",
+    )?;
     json_or_error(status, &body)?;
 
     let started = Instant::now();
@@ -463,7 +530,10 @@ fn install(
         }
         if started.elapsed() > timeout {
             clear_progress(interactive);
-            bail!("{name} is not live after {} s; `hivemind roles show {name}` shows its progress", timeout.as_secs());
+            bail!(
+                "{name} is not live after {} s; `hivemind roles show {name}` shows its progress",
+                timeout.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(if interactive { 200 } else { 1000 }).min(Duration::from_millis(200)));
     }
@@ -488,11 +558,17 @@ fn text(value: &Value) -> String {
 }
 
 fn short_digest(value: &Value) -> String {
-    value.as_str().map(|digest| digest[..12.min(digest.len())].to_string()).unwrap_or_else(|| "-".into())
+    value
+        .as_str()
+        .map(|digest| digest[..12.min(digest.len())].to_string())
+        .unwrap_or_else(|| "-".into())
 }
 
 fn print_roles(roles: &Value) {
-    println!("{:<20} {:<9} {:<10} {:<13} LAST ERROR", "NAME", "STATE", "VERSION", "DIGEST");
+    println!(
+        "{:<20} {:<9} {:<10} {:<13} LAST ERROR",
+        "NAME", "STATE", "VERSION", "DIGEST"
+    );
     for role in roles.as_array().into_iter().flatten() {
         let error = text(&role["last_error"]);
         let error: String = error.chars().take(80).collect();
@@ -509,9 +585,21 @@ fn print_roles(roles: &Value) {
 
 fn print_status(status: &Value, roles: &Value) {
     let node = &status["node"];
-    println!("node      {} ({}) at {}", text(&node["name"]), text(&node["id"]), text(&node["address"]));
-    println!("cluster   {} ({})", text(&status["cluster"]["mode"]), text(&status["cluster"]["health"]));
-    println!("uptime    {:.0} s", status["uptime_ms"].as_f64().unwrap_or(0.0) / 1000.0);
+    println!(
+        "node      {} ({}) at {}",
+        text(&node["name"]),
+        text(&node["id"]),
+        text(&node["address"])
+    );
+    println!(
+        "cluster   {} ({})",
+        text(&status["cluster"]["mode"]),
+        text(&status["cluster"]["health"])
+    );
+    println!(
+        "uptime    {:.0} s",
+        status["uptime_ms"].as_f64().unwrap_or(0.0) / 1000.0
+    );
     let counts = &status["roles"];
     println!(
         "roles     {} total: {} running, {} loading, {} paused, {} disabled, {} failed",

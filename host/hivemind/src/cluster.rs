@@ -17,7 +17,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn single(id: String, name: String, address: String) -> Cluster {
-        Cluster { id, name, address, roles: RwLock::new(Vec::new()) }
+        Cluster {
+            id,
+            name,
+            address,
+            roles: RwLock::new(Vec::new()),
+        }
     }
 
     pub fn self_id(&self) -> &str {

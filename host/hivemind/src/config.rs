@@ -112,9 +112,9 @@ impl HostConfig {
         };
         let data_dir = file.data_dir.unwrap_or_else(default_data_dir);
         let api_text = file.api.unwrap_or_else(|| DEFAULT_API.to_string());
-        let api = api_text
-            .parse()
-            .map_err(|error| anyhow::anyhow!("config key `api`: {api_text:?} is not an address like 127.0.0.1:7480 ({error})"))?;
+        let api = api_text.parse().map_err(|error| {
+            anyhow::anyhow!("config key `api`: {api_text:?} is not an address like 127.0.0.1:7480 ({error})")
+        })?;
         let runtime_defaults = hivemind_runtime::RuntimeConfig::new("");
         Ok(HostConfig {
             roles_dir: file.roles_dir.unwrap_or_else(|| data_dir.join("roles")),

@@ -61,28 +61,47 @@ impl Daemon {
 
         let store_path = data_dir.join("hivemind.redb");
         let store = Store::open(&store_path).map_err(|error| {
-            anyhow::anyhow!("{error}\n(is another hivemind running with the data directory {}?)", data_dir.display())
+            anyhow::anyhow!(
+                "{error}\n(is another hivemind running with the data directory {}?)",
+                data_dir.display()
+            )
         })?;
         let mut runtime_config = RuntimeConfig::new(data_dir.join("cache"));
         runtime_config.pool_instances = config.pool_instances;
         runtime_config.pool_max_memory_bytes = config.max_role_memory_bytes;
         let runtime = Arc::new(Runtime::new(runtime_config).context("cannot start the WebAssembly runtime")?);
 
-        let listener = tokio::net::TcpListener::bind(config.api)
-            .await
-            .with_context(|| format!("cannot listen on {} for the API (pass --api ADDR to pick another)", config.api))?;
+        let listener = tokio::net::TcpListener::bind(config.api).await.with_context(|| {
+            format!(
+                "cannot listen on {} for the API (pass --api ADDR to pick another)",
+                config.api
+            )
+        })?;
         let api_addr = listener.local_addr()?;
         std::fs::write(data_dir.join(API_ADDR_FILE), api_addr.to_string())?;
 
         let log = Arc::new(LocalLog::open(store.clone())?);
-        let cluster = Arc::new(Cluster::single(node_id.clone(), config.node_name.clone(), api_addr.to_string()));
+        let cluster = Arc::new(Cluster::single(
+            node_id.clone(),
+            config.node_name.clone(),
+            api_addr.to_string(),
+        ));
         let notifier = Arc::new(Notifier::new(node_id, config.webhook.clone()));
-        let parts = HostParts { log: log.clone(), store, cluster: cluster.clone(), notifier: notifier.clone() };
+        let parts = HostParts {
+            log: log.clone(),
+            store,
+            cluster: cluster.clone(),
+            notifier: notifier.clone(),
+        };
         let shutdown = CancellationToken::new();
         let manager = RoleManager::new(runtime, parts, config.roles_dir.clone(), shutdown.clone());
 
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(watcher::watch_roles_dir(manager.clone(), config.rescan, shutdown.clone())));
+        tasks.push(tokio::spawn(watcher::watch_roles_dir(
+            manager.clone(),
+            config.rescan,
+            shutdown.clone(),
+        )));
         let app = api::router(ApiState {
             manager: manager.clone(),
             log,
@@ -93,13 +112,22 @@ impl Daemon {
         });
         let api_shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(api_shutdown.cancelled_owned()).await;
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(api_shutdown.cancelled_owned())
+                .await;
             if let Err(error) = served {
                 tracing::error!(%error, "API server stopped");
             }
         }));
         tracing::info!(api = %api_addr, data_dir = %data_dir.display(), roles_dir = %config.roles_dir.display(), "hivemind is up");
-        Ok(Daemon { api_addr, data_dir, token, manager, shutdown, tasks })
+        Ok(Daemon {
+            api_addr,
+            data_dir,
+            token,
+            manager,
+            shutdown,
+            tasks,
+        })
     }
 
     /// Waits until every role file present at start has been loaded or
@@ -121,7 +149,12 @@ impl Daemon {
                 .unwrap_or(0);
             let roles = self.manager.list();
             let settled = roles.len() >= files
-                && roles.iter().all(|role| role.loading.is_none() && (role.digest.is_some() || role.last_error.is_some() || role.mode != crate::roles::manager::Mode::Active));
+                && roles.iter().all(|role| {
+                    role.loading.is_none()
+                        && (role.digest.is_some()
+                            || role.last_error.is_some()
+                            || role.mode != crate::roles::manager::Mode::Active)
+                });
             if settled {
                 return true;
             }
@@ -174,7 +207,12 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let temp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&temp, path)

@@ -69,7 +69,10 @@ pub enum LogError {
 pub fn validate(event: &NewEvent) -> Result<(), LogError> {
     let kind_ok = !event.kind.is_empty()
         && event.kind.len() <= 128
-        && event.kind.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        && event
+            .kind
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !kind_ok {
         return Err(LogError::Invalid(format!(
             "kind {:?} must be 1-128 characters of letters, digits, '.', '_' or '-' (e.g. service.up)",
@@ -113,7 +116,10 @@ const LOCAL_EPOCH: u64 = 1;
 impl LocalLog {
     pub fn open(store: Store) -> Result<LocalLog, StoreError> {
         let last = store.last_seq()?;
-        Ok(LocalLog { store, last: watch::Sender::new(last) })
+        Ok(LocalLog {
+            store,
+            last: watch::Sender::new(last),
+        })
     }
 }
 
@@ -121,8 +127,10 @@ impl LocalLog {
 impl EventLog for LocalLog {
     async fn append(&self, event: NewEvent) -> Result<u64, LogError> {
         validate(&event)?;
-        let timestamp_ms =
-            SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0);
+        let timestamp_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as u64)
+            .unwrap_or(0);
         let payload = serde_json::from_slice(&event.payload)
             .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&event.payload).into_owned()));
         let seq = self

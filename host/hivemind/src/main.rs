@@ -37,7 +37,9 @@ fn run_daemon(data_dir: Option<std::path::PathBuf>, args: UpArgs) -> anyhow::Res
         config.roles_dir = dir;
     }
     if let Some(api) = args.api {
-        config.api = api.parse().map_err(|error| anyhow::anyhow!("--api {api:?}: {error}; expected an address like 127.0.0.1:7480"))?;
+        config.api = api
+            .parse()
+            .map_err(|error| anyhow::anyhow!("--api {api:?}: {error}; expected an address like 127.0.0.1:7480"))?;
     }
     if let Some(name) = args.node_name {
         config.node_name = name;

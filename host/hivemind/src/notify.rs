@@ -31,7 +31,11 @@ pub struct Notifier {
 
 impl Notifier {
     pub fn new(node: String, webhook: Option<String>) -> Notifier {
-        Notifier { node, webhook, recent: Mutex::new(VecDeque::new()) }
+        Notifier {
+            node,
+            webhook,
+            recent: Mutex::new(VecDeque::new()),
+        }
     }
 
     pub fn report(&self, failure: RoleFailure) {
@@ -48,7 +52,10 @@ impl Notifier {
             role: failure.role,
             kind: failure.kind.as_str(),
             message: failure.message,
-            timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            timestamp_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
         };
         {
             let mut recent = self.recent.lock().unwrap();

@@ -12,7 +12,9 @@ const SOURCE_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 /// Creates `parent/NAME` and returns its path.
 pub fn new_role(name: &str, parent: &Path) -> anyhow::Result<PathBuf> {
     if !valid_role_name(name) {
-        bail!("{name:?} is not a role name: use lowercase letters, digits, '-' and '_', starting with a letter or digit");
+        bail!(
+            "{name:?} is not a role name: use lowercase letters, digits, '-' and '_', starting with a letter or digit"
+        );
     }
     let project = parent.join(name);
     if project.exists() {

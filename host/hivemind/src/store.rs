@@ -39,8 +39,14 @@ impl Store {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let name: Arc<str> = path.display().to_string().into();
-        let db = Database::create(path).map_err(|error| StoreError { path: name.to_string(), source: error.into() })?;
-        let store = Store { db: Arc::new(db), path: name };
+        let db = Database::create(path).map_err(|error| StoreError {
+            path: name.to_string(),
+            source: error.into(),
+        })?;
+        let store = Store {
+            db: Arc::new(db),
+            path: name,
+        };
         store.write(Durability::Immediate, |txn| {
             txn.open_table(EVENTS)?;
             txn.open_table(ROLE_STATE)?;
@@ -58,11 +64,16 @@ impl Store {
         T: Send + 'static,
     {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || work(&store)).await.expect("store task panicked")
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .expect("store task panicked")
     }
 
     fn error(&self, source: impl Into<redb::Error>) -> StoreError {
-        StoreError { path: self.path.to_string(), source: source.into() }
+        StoreError {
+            path: self.path.to_string(),
+            source: source.into(),
+        }
     }
 
     fn write<T>(
@@ -131,7 +142,12 @@ impl Store {
 
     pub fn state_get(&self, role: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let full = Self::state_key(role, key);
-        self.read(|txn| Ok(txn.open_table(ROLE_STATE)?.get(full.as_str())?.map(|value| value.value().to_vec())))
+        self.read(|txn| {
+            Ok(txn
+                .open_table(ROLE_STATE)?
+                .get(full.as_str())?
+                .map(|value| value.value().to_vec()))
+        })
     }
 
     pub fn state_set(&self, role: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
@@ -187,7 +203,12 @@ impl Store {
     // --- settings ---
 
     pub fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
-        self.read(|txn| Ok(txn.open_table(SETTINGS)?.get(name)?.map(|value| value.value().to_string())))
+        self.read(|txn| {
+            Ok(txn
+                .open_table(SETTINGS)?
+                .get(name)?
+                .map(|value| value.value().to_string()))
+        })
     }
 
     pub fn set_setting(&self, name: &str, value: Option<&str>) -> Result<(), StoreError> {

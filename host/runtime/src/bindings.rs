@@ -42,11 +42,18 @@ impl InstanceState {
         InstanceState {
             // No preopened directories, no environment, no arguments, no
             // network: a role reaches the world only through `host`.
-            wasi: WasiCtx::builder().stdout(GuestOutput::new(role, "stdout")).stderr(stderr.clone()).build(),
+            wasi: WasiCtx::builder()
+                .stdout(GuestOutput::new(role, "stdout"))
+                .stderr(stderr.clone())
+                .build(),
             stderr,
             table: ResourceTable::new(),
             host,
-            memory: MemoryLimiter { limit: memory_bytes, in_use: 0, denied: None },
+            memory: MemoryLimiter {
+                limit: memory_bytes,
+                in_use: 0,
+                denied: None,
+            },
             clock: CallClock::idle(),
         }
     }
@@ -54,7 +61,10 @@ impl InstanceState {
 
 impl WasiView for InstanceState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -69,11 +79,21 @@ pub(crate) struct CallClock {
 
 impl CallClock {
     fn idle() -> Self {
-        CallClock { started: Instant::now(), in_host: Duration::ZERO, budget: Duration::MAX, exceeded: false }
+        CallClock {
+            started: Instant::now(),
+            in_host: Duration::ZERO,
+            budget: Duration::MAX,
+            exceeded: false,
+        }
     }
 
     pub(crate) fn start(&mut self, budget: Duration) {
-        *self = CallClock { started: Instant::now(), in_host: Duration::ZERO, budget, exceeded: false };
+        *self = CallClock {
+            started: Instant::now(),
+            in_host: Duration::ZERO,
+            budget,
+            exceeded: false,
+        };
     }
 
     pub(crate) fn guest_time(&self) -> Duration {
@@ -160,7 +180,12 @@ impl hivemind::role::host::Host for InstanceState {
         Ok(self.host.config_json())
     }
 
-    async fn call(&mut self, node: String, role: String, request: Request) -> wasmtime::Result<Result<Response, HostError>> {
+    async fn call(
+        &mut self,
+        node: String,
+        role: String,
+        request: Request,
+    ) -> wasmtime::Result<Result<Response, HostError>> {
         let host = self.host.clone();
         Ok(host_time!(self, host.call(node, role, request).await))
     }
@@ -186,7 +211,8 @@ impl hivemind::role::state::Host for InstanceState {
         let host = self.host.clone();
         // A store failure here is the host's fault, not the role's: trap the
         // call with the reason rather than pretend the key is absent.
-        host_time!(self, host.state_get(key).await).map_err(|error| wasmtime::Error::msg(format!("state store: {error:?}")))
+        host_time!(self, host.state_get(key).await)
+            .map_err(|error| wasmtime::Error::msg(format!("state store: {error:?}")))
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), HostError>> {
@@ -201,6 +227,7 @@ impl hivemind::role::state::Host for InstanceState {
 
     async fn keys(&mut self, prefix: String) -> wasmtime::Result<Vec<String>> {
         let host = self.host.clone();
-        host_time!(self, host.state_keys(prefix).await).map_err(|error| wasmtime::Error::msg(format!("state store: {error:?}")))
+        host_time!(self, host.state_keys(prefix).await)
+            .map_err(|error| wasmtime::Error::msg(format!("state store: {error:?}")))
     }
 }

@@ -57,7 +57,9 @@ impl RuntimeConfig {
 /// Which instance allocator the engine ended up with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allocator {
-    Pooling { instances: u32 },
+    Pooling {
+        instances: u32,
+    },
     /// The pool could not be reserved (address space limited?) or was not
     /// asked for; instances are allocated one by one.
     OnDemand,
@@ -139,7 +141,13 @@ impl Runtime {
             // engine with the same compatibility hash (it is in the name),
             // inside the host's own data directory.
             match unsafe { Component::deserialize_file(&self.engine, &cached) } {
-                Ok(component) => return Ok(CompiledRole { component, digest, cache_hit: true }),
+                Ok(component) => {
+                    return Ok(CompiledRole {
+                        component,
+                        digest,
+                        cache_hit: true,
+                    });
+                }
                 Err(error) => {
                     tracing::warn!(path = %cached.display(), %error, "discarding unreadable compile cache entry");
                     let _ = std::fs::remove_file(&cached);
@@ -149,7 +157,11 @@ impl Runtime {
         let component =
             Component::new(&self.engine, bytes).map_err(|error| LoadError::InvalidComponent(format!("{error:#}")))?;
         self.store_in_cache(&component, &cached)?;
-        Ok(CompiledRole { component, digest, cache_hit: false })
+        Ok(CompiledRole {
+            component,
+            digest,
+            cache_hit: false,
+        })
     }
 
     fn cache_path(&self, digest: &str) -> PathBuf {
@@ -160,7 +172,9 @@ impl Runtime {
     }
 
     fn store_in_cache(&self, component: &Component, path: &Path) -> Result<(), LoadError> {
-        let bytes = component.serialize().map_err(|error| LoadError::Cache(format!("{error:#}")))?;
+        let bytes = component
+            .serialize()
+            .map_err(|error| LoadError::Cache(format!("{error:#}")))?;
         let temp = path.with_extension("cwasm.tmp");
         std::fs::write(&temp, bytes)
             .and_then(|()| std::fs::rename(&temp, path))
@@ -197,7 +211,10 @@ impl Runtime {
             } else {
                 continue;
             };
-            return Err(LoadError::UnsupportedImport { import: name.to_string(), hint: hint.to_string() });
+            return Err(LoadError::UnsupportedImport {
+                import: name.to_string(),
+                hint: hint.to_string(),
+            });
         }
         Ok(())
     }
@@ -261,4 +278,54 @@ fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
         return Err(LoadError::CoreModule);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool too large for the address space does not stop the host: the
+    /// engine falls back to on-demand allocation.
+    #[test]
+    fn oversized_pool_falls_back_to_on_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RuntimeConfig::new(dir.path());
+        // 4 GiB reserved per memory times millions of slots is far beyond the
+        // 128 TiB a 47-bit address space offers.
+        config.pool_instances = 4_000_000;
+        let runtime = Runtime::new(config).unwrap();
+        assert_eq!(runtime.allocator(), Allocator::OnDemand);
+    }
+
+    /// A modest pool is reserved as configured.
+    #[test]
+    fn sized_pool_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RuntimeConfig::new(dir.path());
+        config.pool_instances = 8;
+        assert_eq!(Runtime::new(config).unwrap().allocator(), Allocator::Pooling { instances: 8 });
+    }
+
+    /// The header check tells junk, core modules and components apart.
+    #[test]
+    fn header_check_classifies_files() {
+        assert!(matches!(check_header(b"hello world"), Err(LoadError::NotWasm)));
+        assert!(matches!(check_header(b"\0asm\x01\0\0\0"), Err(LoadError::CoreModule)));
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+
+    /// Compiling the same bytes twice hits the cache the second time, also
+    /// from a new runtime over the same directory (a restart).
+    #[test]
+    fn compile_cache_is_keyed_by_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = std::fs::read(hivemind_role_artifacts::ROLE_PROBE).unwrap();
+        let mut config = RuntimeConfig::new(dir.path());
+        config.pool_instances = 4;
+        let first = Runtime::new(config.clone()).unwrap().compile(&bytes).unwrap();
+        assert!(!first.cache_hit);
+        let again = Runtime::new(config).unwrap().compile(&bytes).unwrap();
+        assert!(again.cache_hit);
+        assert_eq!(first.digest, again.digest);
+    }
 }

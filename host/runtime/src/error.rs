@@ -6,9 +6,13 @@ use std::time::Duration;
 /// keeps serving; nothing about the host changed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("not a WebAssembly file (it does not start with the \\0asm magic); build the role with `cargo build --target wasm32-wasip2` or another component toolchain")]
+    #[error(
+        "not a WebAssembly file (it does not start with the \\0asm magic); build the role with `cargo build --target wasm32-wasip2` or another component toolchain"
+    )]
     NotWasm,
-    #[error("this is a core WebAssembly module, not a component; build for wasm32-wasip2 or wrap it with `wasm-tools component new`")]
+    #[error(
+        "this is a core WebAssembly module, not a component; build for wasm32-wasip2 or wrap it with `wasm-tools component new`"
+    )]
     CoreModule,
     #[error("not a valid WebAssembly component (truncated or corrupt?): {0}")]
     InvalidComponent(String),
@@ -29,13 +33,19 @@ pub enum LoadError {
 /// Why a call into a role did not produce the role's answer.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CallError {
-    #[error("role `{role}` is overloaded: {workers} workers busy and {queued} calls queued (limits.workers, limits.queue in the manifest); retry later")]
+    #[error(
+        "role `{role}` is overloaded: {workers} workers busy and {queued} calls queued (limits.workers, limits.queue in the manifest); retry later"
+    )]
     Overloaded { role: String, workers: u32, queued: u32 },
     #[error("role `{role}` trapped: {reason}")]
     Trapped { role: String, reason: String },
-    #[error("role `{role}` has failed after {traps} traps in a row (last: {last}); fix it and reload it (`hivemind roles reload {role}`)")]
+    #[error(
+        "role `{role}` has failed after {traps} traps in a row (last: {last}); fix it and reload it (`hivemind roles reload {role}`)"
+    )]
     Failed { role: String, traps: u32, last: String },
-    #[error("role `{role}` returned a {size}-byte response; the limit is {limit} bytes (limits.max_response_kb in the manifest)")]
+    #[error(
+        "role `{role}` returned a {size}-byte response; the limit is {limit} bytes (limits.max_response_kb in the manifest)"
+    )]
     ResponseTooLarge { role: String, size: u64, limit: u64 },
     #[error("cannot start an instance of role `{role}`: {reason}")]
     Instantiate { role: String, reason: String },

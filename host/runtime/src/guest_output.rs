@@ -31,7 +31,11 @@ struct OutputBuffer {
 
 impl GuestOutput {
     pub(crate) fn new(role: Arc<str>, stream: &'static str) -> Self {
-        GuestOutput { role, stream, inner: Arc::default() }
+        GuestOutput {
+            role,
+            stream,
+            inner: Arc::default(),
+        }
     }
 
     /// Forgets the previous call's output.

@@ -22,12 +22,7 @@ pub trait RoleHost: Send + Sync + 'static {
     async fn emit(&self, kind: String, key: String, payload: Vec<u8>) -> Result<u64, HostError>;
 
     /// Events after `after` whose kind starts with `kind_prefix`.
-    async fn events_since(
-        &self,
-        after: u64,
-        kind_prefix: String,
-        limit: u32,
-    ) -> Result<Vec<Event>, HostError>;
+    async fn events_since(&self, after: u64, kind_prefix: String, limit: u32) -> Result<Vec<Event>, HostError>;
 
     /// Cluster members, optionally only those running `role`.
     fn nodes(&self, role: Option<&str>, healthy_only: bool) -> Vec<Node>;

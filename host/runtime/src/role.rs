@@ -82,7 +82,11 @@ impl Drop for QueueSlot<'_> {
 enum Call<'a> {
     Event(&'a Event),
     Request(&'a Request),
-    Packet { listener: &'a str, peer: &'a str, data: &'a [u8] },
+    Packet {
+        listener: &'a str,
+        peer: &'a str,
+        data: &'a [u8],
+    },
     Tick,
 }
 
@@ -129,7 +133,12 @@ impl LoadedRole {
             permits: Semaphore::new(workers as usize),
             queued: AtomicU32::new(0),
             idle: Mutex::new(vec![worker]),
-            traps: Mutex::new(TrapState { consecutive: 0, backoff_until: None, failed: None, last: String::new() }),
+            traps: Mutex::new(TrapState {
+                consecutive: 0,
+                backoff_until: None,
+                failed: None,
+                last: String::new(),
+            }),
             calls: AtomicU64::new(0),
             trap_count: AtomicU64::new(0),
             overloads: AtomicU64::new(0),
@@ -175,7 +184,10 @@ impl LoadedRole {
 
     /// Whether the role subscribed to events of this kind.
     pub fn subscribes_to(&self, kind: &str) -> bool {
-        self.description.subscribes.iter().any(|prefix| kind.starts_with(prefix.as_str()))
+        self.description
+            .subscribes
+            .iter()
+            .any(|prefix| kind.starts_with(prefix.as_str()))
     }
 
     /// Delivers a committed event. `Ok(Err(_))` is the role's own refusal.
@@ -249,10 +261,16 @@ impl LoadedRole {
         worker.store.data().stderr.clear_tail();
         worker.store.set_epoch_deadline(1);
         let result = match call {
-            Call::Event(event) => worker.role.call_on_event(&mut worker.store, event).await.map(Output::Event),
-            Call::Request(request) => {
-                worker.role.call_on_request(&mut worker.store, request).await.map(Output::Response)
-            }
+            Call::Event(event) => worker
+                .role
+                .call_on_event(&mut worker.store, event)
+                .await
+                .map(Output::Event),
+            Call::Request(request) => worker
+                .role
+                .call_on_request(&mut worker.store, request)
+                .await
+                .map(Output::Response),
             Call::Packet { listener, peer, data } => worker
                 .role
                 .call_on_packet(&mut worker.store, listener, peer, data)
@@ -296,7 +314,10 @@ impl LoadedRole {
         }
         instantiate(&self.engine, &self.pre, &self.limits, &self.host)
             .await
-            .map_err(|error| CallError::Instantiate { role: self.name.clone(), reason: format!("{error:#}") })
+            .map_err(|error| CallError::Instantiate {
+                role: self.name.clone(),
+                reason: format!("{error:#}"),
+            })
     }
 
     fn reset_traps(&self) {
@@ -324,9 +345,15 @@ impl LoadedRole {
                     self.name
                 ),
             });
-            return CallError::Failed { role: self.name.clone(), traps: consecutive, last: reason };
+            return CallError::Failed {
+                role: self.name.clone(),
+                traps: consecutive,
+                last: reason,
+            };
         }
-        let backoff = TRAP_BACKOFF_BASE.saturating_mul(1 << (consecutive - 1).min(16)).min(TRAP_BACKOFF_MAX);
+        let backoff = TRAP_BACKOFF_BASE
+            .saturating_mul(1 << (consecutive - 1).min(16))
+            .min(TRAP_BACKOFF_MAX);
         traps.backoff_until = Some(Instant::now() + backoff);
         drop(traps);
         self.host.report(RoleFailure {
@@ -338,7 +365,10 @@ impl LoadedRole {
                 backoff.as_millis()
             ),
         });
-        CallError::Trapped { role: self.name.clone(), reason }
+        CallError::Trapped {
+            role: self.name.clone(),
+            reason,
+        }
     }
 }
 

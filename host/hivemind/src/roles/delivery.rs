@@ -106,7 +106,10 @@ pub async fn deliver_events(slot: Arc<RoleSlot>, log: Arc<dyn EventLog>, store: 
 pub async fn run_ticks(slot: Arc<RoleSlot>, shutdown: CancellationToken) {
     let mut changes = slot.watch_changes();
     loop {
-        let interval = slot.serving().map(|role| role.description().tick_interval_ms).unwrap_or(0);
+        let interval = slot
+            .serving()
+            .map(|role| role.description().tick_interval_ms)
+            .unwrap_or(0);
         if interval == 0 {
             tokio::select! {
                 _ = shutdown.cancelled() => return,

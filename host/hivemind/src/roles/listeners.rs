@@ -34,7 +34,10 @@ impl Drop for Listener {
 
 /// The sockets a version with `specs` needs: existing ones are reused, new
 /// ones are bound now. Nothing is closed or started until [`commit`].
-pub(crate) async fn prepare(slot: &RoleSlot, specs: &[ListenerSpec]) -> Result<Vec<(String, SocketAddr, Arc<UdpSocket>)>, String> {
+pub(crate) async fn prepare(
+    slot: &RoleSlot,
+    specs: &[ListenerSpec],
+) -> Result<Vec<(String, SocketAddr, Arc<UdpSocket>)>, String> {
     let existing: Vec<(SocketAddr, Arc<UdpSocket>)> = RoleManager::slot_listeners(slot)
         .iter()
         .map(|listener| (listener.address, listener.socket.clone()))
@@ -43,9 +46,11 @@ pub(crate) async fn prepare(slot: &RoleSlot, specs: &[ListenerSpec]) -> Result<V
     for spec in specs {
         let socket = match existing.iter().find(|(address, _)| *address == spec.address) {
             Some((_, socket)) => socket.clone(),
-            None => Arc::new(UdpSocket::bind(spec.address).await.map_err(|error| {
-                format!("listener {:?}: cannot bind udp {}: {error}", spec.name, spec.address)
-            })?),
+            None => Arc::new(
+                UdpSocket::bind(spec.address)
+                    .await
+                    .map_err(|error| format!("listener {:?}: cannot bind udp {}: {error}", spec.name, spec.address))?,
+            ),
         };
         prepared.push((spec.name.clone(), spec.address, socket));
     }
@@ -60,7 +65,13 @@ pub(crate) fn commit(slot: &Arc<RoleSlot>, prepared: Vec<(String, SocketAddr, Ar
     for (name, address, socket) in prepared {
         let local_addr = socket.local_addr().unwrap_or(address);
         let task = tokio::spawn(receive(slot.clone(), name.clone(), socket.clone()));
-        next.push(Listener { name, address, local_addr, socket, task: Some(task) });
+        next.push(Listener {
+            name,
+            address,
+            local_addr,
+            socket,
+            task: Some(task),
+        });
     }
     // Dropping the old entries aborts their tasks; sockets shared with the
     // new entries stay open through their other `Arc`.

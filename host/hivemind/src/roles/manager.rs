@@ -260,7 +260,10 @@ pub struct RoleManager {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn mode_setting(name: &str) -> String {
@@ -271,13 +274,21 @@ fn mode_setting(name: &str) -> String {
 pub fn valid_role_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
 }
 
 impl RoleManager {
     pub fn new(runtime: Arc<Runtime>, parts: HostParts, roles_dir: PathBuf, shutdown: CancellationToken) -> Arc<Self> {
-        Arc::new(RoleManager { runtime, parts, roles_dir, slots: RwLock::new(BTreeMap::new()), shutdown })
+        Arc::new(RoleManager {
+            runtime,
+            parts,
+            roles_dir,
+            slots: RwLock::new(BTreeMap::new()),
+            shutdown,
+        })
     }
 
     pub fn roles_dir(&self) -> &Path {
@@ -320,7 +331,11 @@ impl RoleManager {
                 tokio::spawn(async move { manager.load(&name, false).await });
             }
         }
-        let gone: Vec<String> = self.names().into_iter().filter(|name| !found.contains_key(name)).collect();
+        let gone: Vec<String> = self
+            .names()
+            .into_iter()
+            .filter(|name| !found.contains_key(name))
+            .collect();
         for name in gone {
             self.unload(&name).await;
         }
@@ -331,7 +346,13 @@ impl RoleManager {
             return slot;
         }
         let key = mode_setting(name);
-        let saved = self.parts.store.blocking(move |store| store.setting(&key)).await.ok().flatten();
+        let saved = self
+            .parts
+            .store
+            .blocking(move |store| store.setting(&key))
+            .await
+            .ok()
+            .flatten();
         let mode = match saved.as_deref() {
             Some("paused") => Mode::Paused,
             Some("disabled") => Mode::Disabled,
@@ -382,7 +403,9 @@ impl RoleManager {
 
         let started = Instant::now();
         slot.status.lock().unwrap().loading = Some((digest.clone(), started));
-        let result = self.build_version(&slot, name, bytes, &manifest_path, manifest_text.as_deref()).await;
+        let result = self
+            .build_version(&slot, name, bytes, &manifest_path, manifest_text.as_deref())
+            .await;
         match result {
             Ok((role, cache_hit)) => {
                 let version = role.description().version.clone();
@@ -447,7 +470,12 @@ impl RoleManager {
         // Bind new listeners before the version can go live, so a port that
         // is taken rejects the version instead of breaking the running one.
         let listeners = crate::roles::listeners::prepare(slot, &manifest.listeners).await?;
-        let services = Arc::new(RoleServices::new(name, manifest.clone(), self.parts.clone(), Arc::downgrade(self)));
+        let services = Arc::new(RoleServices::new(
+            name,
+            manifest.clone(),
+            self.parts.clone(),
+            Arc::downgrade(self),
+        ));
         let role = self
             .runtime
             .load(name, compiled, manifest.role_limits(), services)
@@ -478,7 +506,11 @@ impl RoleManager {
             );
         }
         slot.bump();
-        let consequence = if has_current { "the previous version keeps serving" } else { "the role is not running" };
+        let consequence = if has_current {
+            "the previous version keeps serving"
+        } else {
+            "the role is not running"
+        };
         self.parts.notifier.report(RoleFailure {
             role: slot.name.clone(),
             kind: FailureKind::LoadRejected,
@@ -504,7 +536,9 @@ impl RoleManager {
     /// The role's file is gone: stop everything it had. Its state and
     /// cursor stay in the store in case it comes back.
     pub async fn unload(&self, name: &str) {
-        let Some(slot) = self.slots.write().unwrap().remove(name) else { return };
+        let Some(slot) = self.slots.write().unwrap().remove(name) else {
+            return;
+        };
         let _serialized = slot.load_lock.lock().await;
         slot.stop_tasks();
         slot.listeners.lock().unwrap().clear();
@@ -548,7 +582,12 @@ impl RoleManager {
         if slot.mode() == Mode::Disabled {
             return Err(RoleError::Disabled(name.to_string()));
         }
-        self.set_mode(&slot, Mode::Paused).await.map_err(|reason| RoleError::NotLoaded { name: name.into(), reason })
+        self.set_mode(&slot, Mode::Paused)
+            .await
+            .map_err(|reason| RoleError::NotLoaded {
+                name: name.into(),
+                reason,
+            })
     }
 
     pub async fn resume(&self, name: &str) -> Result<(), RoleError> {
@@ -556,7 +595,12 @@ impl RoleManager {
         if slot.mode() == Mode::Disabled {
             return Err(RoleError::Disabled(name.to_string()));
         }
-        self.set_mode(&slot, Mode::Active).await.map_err(|reason| RoleError::NotLoaded { name: name.into(), reason })
+        self.set_mode(&slot, Mode::Active)
+            .await
+            .map_err(|reason| RoleError::NotLoaded {
+                name: name.into(),
+                reason,
+            })
     }
 
     /// Stops the role and frees its instances and listeners; it stays
@@ -564,7 +608,12 @@ impl RoleManager {
     pub async fn disable(&self, name: &str) -> Result<(), RoleError> {
         let slot = self.slot_or_error(name)?;
         let _serialized = slot.load_lock.lock().await;
-        self.set_mode(&slot, Mode::Disabled).await.map_err(|reason| RoleError::NotLoaded { name: name.into(), reason })?;
+        self.set_mode(&slot, Mode::Disabled)
+            .await
+            .map_err(|reason| RoleError::NotLoaded {
+                name: name.into(),
+                reason,
+            })?;
         slot.stop_tasks();
         slot.listeners.lock().unwrap().clear();
         *slot.current.write().unwrap() = None;
@@ -575,9 +624,17 @@ impl RoleManager {
 
     pub async fn enable(self: &Arc<Self>, name: &str) -> Result<(), RoleError> {
         let slot = self.slot_or_error(name)?;
-        self.set_mode(&slot, Mode::Active).await.map_err(|reason| RoleError::NotLoaded { name: name.into(), reason })?;
+        self.set_mode(&slot, Mode::Active)
+            .await
+            .map_err(|reason| RoleError::NotLoaded {
+                name: name.into(),
+                reason,
+            })?;
         if slot.current().is_none() {
-            self.load(name, true).await.map_err(|reason| RoleError::NotLoaded { name: name.into(), reason })?;
+            self.load(name, true).await.map_err(|reason| RoleError::NotLoaded {
+                name: name.into(),
+                reason,
+            })?;
         }
         Ok(())
     }
@@ -589,7 +646,10 @@ impl RoleManager {
         if slot.mode() == Mode::Disabled {
             return Err(RoleError::Disabled(name.to_string()));
         }
-        self.load(name, true).await.map_err(|reason| RoleError::NotLoaded { name: name.into(), reason })
+        self.load(name, true).await.map_err(|reason| RoleError::NotLoaded {
+            name: name.into(),
+            reason,
+        })
     }
 
     /// Serves a request with the role's current version.
@@ -613,7 +673,10 @@ impl RoleManager {
                 .last_error
                 .clone()
                 .unwrap_or_else(|| "it is still loading".to_string());
-            return Err(RoleError::NotLoaded { name: name.to_string(), reason });
+            return Err(RoleError::NotLoaded {
+                name: name.to_string(),
+                reason,
+            });
         };
         Ok(role)
     }
@@ -640,16 +703,20 @@ impl RoleManager {
             mode: status.mode,
             version: current.as_ref().map(|role| role.description().version.clone()),
             digest: current.as_ref().map(|role| role.digest().to_string()),
-            last_error: status
-                .last_error
-                .clone()
-                .or_else(|| current.as_ref().and_then(|role| role.stats().failed.map(|why| format!("failed: {why}")))),
+            last_error: status.last_error.clone().or_else(|| {
+                current
+                    .as_ref()
+                    .and_then(|role| role.stats().failed.map(|why| format!("failed: {why}")))
+            }),
             last_error_digest: status.last_error_digest.clone(),
-            loading: status
-                .loading
+            loading: status.loading.as_ref().map(|(digest, since)| LoadingInfo {
+                digest: digest.clone(),
+                elapsed_ms: since.elapsed().as_millis() as u64,
+            }),
+            subscribes: current
                 .as_ref()
-                .map(|(digest, since)| LoadingInfo { digest: digest.clone(), elapsed_ms: since.elapsed().as_millis() as u64 }),
-            subscribes: current.as_ref().map(|role| role.description().subscribes.clone()).unwrap_or_default(),
+                .map(|role| role.description().subscribes.clone())
+                .unwrap_or_default(),
             listeners,
             stats: current.as_ref().map(|role| StatsInfo::new(role.stats(), role)),
             history: status.history.iter().rev().cloned().collect(),
@@ -690,7 +757,9 @@ async fn scan_roles_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Fingerpr
             let entry = entry?;
             let file_name = entry.file_name();
             let Some(file_name) = file_name.to_str() else { continue };
-            let Some(name) = file_name.strip_suffix(".wasm") else { continue };
+            let Some(name) = file_name.strip_suffix(".wasm") else {
+                continue;
+            };
             if file_name.starts_with('.') {
                 continue;
             }
@@ -710,7 +779,10 @@ async fn scan_roles_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Fingerpr
                 .map(|meta| (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH)));
             found.insert(
                 name.to_string(),
-                Fingerprint { wasm: (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH)), manifest },
+                Fingerprint {
+                    wasm: (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH)),
+                    manifest,
+                },
             );
         }
         Ok(found)

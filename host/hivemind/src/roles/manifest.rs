@@ -85,7 +85,8 @@ fn default_protocol() -> String {
 impl Manifest {
     /// Parses and checks a manifest; errors name `path`.
     pub fn parse(path: &Path, text: &str, max_memory_bytes: u64) -> Result<Manifest, String> {
-        let manifest: Manifest = toml::from_str(text).map_err(|error| format!("manifest {}: {error}", path.display()))?;
+        let manifest: Manifest =
+            toml::from_str(text).map_err(|error| format!("manifest {}: {error}", path.display()))?;
         manifest
             .check(max_memory_bytes)
             .map_err(|error| format!("manifest {}: {error}", path.display()))?;
@@ -94,7 +95,10 @@ impl Manifest {
 
     fn check(&self, max_memory_bytes: u64) -> Result<(), String> {
         let limits = &self.limits;
-        if limits.memory_mb.is_some_and(|mb| mb == 0 || mb << 20 > max_memory_bytes) {
+        if limits
+            .memory_mb
+            .is_some_and(|mb| mb == 0 || mb << 20 > max_memory_bytes)
+        {
             return Err(format!(
                 "limits.memory_mb must be between 1 and {} (the host's runtime.max_role_memory_mb)",
                 max_memory_bytes >> 20
@@ -139,11 +143,20 @@ impl Manifest {
         let limits = &self.limits;
         RoleLimits {
             memory_bytes: limits.memory_mb.map(|mb| mb << 20).unwrap_or(defaults.memory_bytes),
-            cpu_per_call: limits.cpu_ms.map(Duration::from_millis).unwrap_or(defaults.cpu_per_call),
-            cpu_per_init: limits.init_cpu_ms.map(Duration::from_millis).unwrap_or(defaults.cpu_per_init),
+            cpu_per_call: limits
+                .cpu_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.cpu_per_call),
+            cpu_per_init: limits
+                .init_cpu_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.cpu_per_init),
             workers: limits.workers.unwrap_or(defaults.workers),
             queue: limits.queue.unwrap_or(defaults.queue),
-            response_bytes: limits.max_response_kb.map(|kb| kb << 10).unwrap_or(defaults.response_bytes),
+            response_bytes: limits
+                .max_response_kb
+                .map(|kb| kb << 10)
+                .unwrap_or(defaults.response_bytes),
             max_consecutive_traps: limits.max_consecutive_traps.unwrap_or(defaults.max_consecutive_traps),
         }
     }
@@ -163,8 +176,12 @@ mod tests {
     /// A misspelt key is rejected with the file, the line and the key named.
     #[test]
     fn misspelt_key_names_file_line_and_key() {
-        let error = Manifest::parse(Path::new("/roles/dns.toml"), "[limits]\nworkers = 2\nmemroy_mb = 3\n", MAX)
-            .unwrap_err();
+        let error = Manifest::parse(
+            Path::new("/roles/dns.toml"),
+            "[limits]\nworkers = 2\nmemroy_mb = 3\n",
+            MAX,
+        )
+        .unwrap_err();
         assert!(error.contains("/roles/dns.toml"), "{error}");
         assert!(error.contains("line 3"), "{error}");
         assert!(error.contains("memroy_mb"), "{error}");
@@ -173,8 +190,7 @@ mod tests {
     /// A value of the wrong type is rejected with the line and the key.
     #[test]
     fn wrong_type_names_line_and_key() {
-        let error =
-            Manifest::parse(Path::new("dns.toml"), "[limits]\nworkers = \"four\"\n", MAX).unwrap_err();
+        let error = Manifest::parse(Path::new("dns.toml"), "[limits]\nworkers = \"four\"\n", MAX).unwrap_err();
         assert!(error.contains("line 2"), "{error}");
         assert!(error.contains("workers"), "{error}");
     }

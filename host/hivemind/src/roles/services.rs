@@ -5,9 +5,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use hivemind_runtime::{
-    Event, ExecOutput, HostError, Level, Node, Request, Response, RoleFailure, RoleHost,
-};
+use hivemind_runtime::{Event, ExecOutput, HostError, Level, Node, Request, Response, RoleFailure, RoleHost};
 
 use crate::cluster::Cluster;
 use crate::log::{EventLog, LogError, NewEvent};
@@ -42,7 +40,13 @@ pub struct RoleServices {
 
 impl RoleServices {
     pub fn new(name: &str, manifest: Manifest, parts: HostParts, manager: Weak<RoleManager>) -> Self {
-        RoleServices { name: name.to_string(), config_json: manifest.config_json(), manifest, parts, manager }
+        RoleServices {
+            name: name.to_string(),
+            config_json: manifest.config_json(),
+            manifest,
+            parts,
+            manager,
+        }
     }
 
     fn store_error(&self, error: impl std::fmt::Display) -> HostError {
@@ -68,22 +72,42 @@ impl RoleHost for RoleServices {
     }
 
     async fn emit(&self, kind: String, key: String, payload: Vec<u8>) -> Result<u64, HostError> {
-        if !self.manifest.grants.emit.iter().any(|prefix| kind.starts_with(prefix.as_str())) {
+        if !self
+            .manifest
+            .grants
+            .emit
+            .iter()
+            .any(|prefix| kind.starts_with(prefix.as_str()))
+        {
             return Err(HostError::Denied(format!(
                 "role `{}` may not emit `{kind}`; add a prefix of it to grants.emit in {}.toml",
                 self.name, self.name
             )));
         }
         let source = self.parts.cluster.self_id().to_string();
-        self.parts.log.append(NewEvent { kind, key, source, payload }).await.map_err(|error| match error {
-            LogError::Invalid(text) => HostError::Invalid(text),
-            LogError::Store(error) => HostError::Failed(error.to_string()),
-        })
+        self.parts
+            .log
+            .append(NewEvent {
+                kind,
+                key,
+                source,
+                payload,
+            })
+            .await
+            .map_err(|error| match error {
+                LogError::Invalid(text) => HostError::Invalid(text),
+                LogError::Store(error) => HostError::Failed(error.to_string()),
+            })
     }
 
     async fn events_since(&self, after: u64, kind_prefix: String, limit: u32) -> Result<Vec<Event>, HostError> {
         let limit = limit.clamp(1, 10_000) as usize;
-        let events = self.parts.log.since(after, &kind_prefix, limit).await.map_err(|error| HostError::Failed(error.to_string()))?;
+        let events = self
+            .parts
+            .log
+            .since(after, &kind_prefix, limit)
+            .await
+            .map_err(|error| HostError::Failed(error.to_string()))?;
         Ok(events.iter().map(|event| event.to_role_event()).collect())
     }
 
@@ -108,7 +132,10 @@ impl RoleHost for RoleServices {
         let Some(manager) = self.manager.upgrade() else {
             return Err(HostError::Unavailable("the host is shutting down".into()));
         };
-        manager.request(&role, request).await.map_err(|error| error.to_host_error())
+        manager
+            .request(&role, request)
+            .await
+            .map_err(|error| error.to_host_error())
     }
 
     async fn write_file(&self, path: String, contents: Vec<u8>) -> Result<(), HostError> {
@@ -120,7 +147,10 @@ impl RoleHost for RoleServices {
         };
         let target = confined_path(&dir, &path)?;
         if contents.len() > MAX_WRITE_BYTES {
-            return Err(HostError::Invalid(format!("{} bytes is over the {MAX_WRITE_BYTES}-byte file limit", contents.len())));
+            return Err(HostError::Invalid(format!(
+                "{} bytes is over the {MAX_WRITE_BYTES}-byte file limit",
+                contents.len()
+            )));
         }
         tokio::task::spawn_blocking(move || write_atomically(&target, &contents))
             .await
@@ -144,9 +174,18 @@ impl RoleHost for RoleServices {
         }
         let timeout = Duration::from_millis(timeout_ms.max(1) as u64).min(MAX_EXEC_TIMEOUT);
         let mut command = tokio::process::Command::new(&program);
-        command.args(&args).stdin(std::process::Stdio::null()).kill_on_drop(true);
+        command
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
         let output = match tokio::time::timeout(timeout, command.output()).await {
-            Err(_) => return Err(HostError::Failed(format!("`{}` did not finish within {} ms", argv.join(" "), timeout.as_millis()))),
+            Err(_) => {
+                return Err(HostError::Failed(format!(
+                    "`{}` did not finish within {} ms",
+                    argv.join(" "),
+                    timeout.as_millis()
+                )));
+            }
             Ok(Err(error)) => return Err(HostError::Failed(format!("cannot run `{program}`: {error}"))),
             Ok(Ok(output)) => output,
         };
@@ -163,7 +202,11 @@ impl RoleHost for RoleServices {
 
     async fn state_get(&self, key: String) -> Result<Option<Vec<u8>>, HostError> {
         let role = self.name.clone();
-        self.parts.store.blocking(move |store| store.state_get(&role, &key)).await.map_err(|error| self.store_error(error))
+        self.parts
+            .store
+            .blocking(move |store| store.state_get(&role, &key))
+            .await
+            .map_err(|error| self.store_error(error))
     }
 
     async fn state_set(&self, key: String, value: Vec<u8>) -> Result<(), HostError> {
@@ -171,17 +214,29 @@ impl RoleHost for RoleServices {
             return Err(HostError::Invalid("state keys are 1-1024 bytes without NUL".into()));
         }
         let role = self.name.clone();
-        self.parts.store.blocking(move |store| store.state_set(&role, &key, &value)).await.map_err(|error| self.store_error(error))
+        self.parts
+            .store
+            .blocking(move |store| store.state_set(&role, &key, &value))
+            .await
+            .map_err(|error| self.store_error(error))
     }
 
     async fn state_delete(&self, key: String) -> Result<(), HostError> {
         let role = self.name.clone();
-        self.parts.store.blocking(move |store| store.state_delete(&role, &key)).await.map_err(|error| self.store_error(error))
+        self.parts
+            .store
+            .blocking(move |store| store.state_delete(&role, &key))
+            .await
+            .map_err(|error| self.store_error(error))
     }
 
     async fn state_keys(&self, prefix: String) -> Result<Vec<String>, HostError> {
         let role = self.name.clone();
-        self.parts.store.blocking(move |store| store.state_keys(&role, &prefix)).await.map_err(|error| self.store_error(error))
+        self.parts
+            .store
+            .blocking(move |store| store.state_keys(&role, &prefix))
+            .await
+            .map_err(|error| self.store_error(error))
     }
 
     fn report(&self, failure: RoleFailure) {
@@ -206,7 +261,10 @@ fn write_atomically(target: &Path, contents: &[u8]) -> Result<(), HostError> {
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(failed)?;
     }
-    let file_name = target.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = target
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let temp = target.with_file_name(format!(".{file_name}.hivemind-tmp"));
     std::fs::write(&temp, contents).map_err(failed)?;
     std::fs::rename(&temp, target).map_err(failed)

@@ -1,35 +1,37 @@
-//! Watches the roles directory: file events (debounced) and a periodic rescan
-//! both lead to [`RoleManager::sync`], which compares what is on disk with
-//! what is loaded. The rescan is the safety net for events inotify drops.
+//! Watches the roles directory: file events and a periodic rescan both lead
+//! to [`RoleManager::sync`], which compares what is on disk with what is
+//! loaded. The rescan is the safety net for events inotify drops.
+//!
+//! Events are not debounced by time: a rename into place is one event and is
+//! acted on at once, which keeps a reload within milliseconds. Bursts still
+//! coalesce, because a wake-up that arrives while a sync runs is folded into
+//! the next one. Events about dotfiles and `*.tmp` (a writer's temporary
+//! file) are ignored.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::RecursiveMode;
-use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::roles::manager::RoleManager;
 
-/// Quiet time before file events are acted on: long enough to merge the
-/// create/write/rename burst of one install, short enough to feel instant.
-const DEBOUNCE: Duration = Duration::from_millis(50);
-
 /// Runs until `shutdown`: an initial sync, then one per burst of file events
 /// and one every `rescan`.
 pub async fn watch_roles_dir(manager: Arc<RoleManager>, rescan: Duration, shutdown: CancellationToken) {
     let (wake, mut woken) = mpsc::channel::<()>(1);
-    let debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
-        if let Err(errors) = &result {
-            tracing::debug!(?errors, "file watcher errors; the periodic rescan covers them");
+    let watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| match result {
+        Ok(event) if event.paths.iter().any(|path| is_role_file(path)) => {
+            // A full channel already holds a wake-up; one sync sees everything.
+            let _ = wake.try_send(());
         }
-        // A full channel already holds a wake-up; one sync sees everything.
-        let _ = wake.try_send(());
+        Ok(_) => {}
+        Err(error) => tracing::debug!(%error, "file watcher error; the periodic rescan covers it"),
     });
-    let _debouncer = match debouncer {
-        Ok(mut debouncer) => match debouncer.watch(manager.roles_dir(), RecursiveMode::NonRecursive) {
-            Ok(()) => Some(debouncer),
+    let _watcher = match watcher {
+        Ok(mut watcher) => match watcher.watch(manager.roles_dir(), RecursiveMode::NonRecursive) {
+            Ok(()) => Some(watcher),
             Err(error) => {
                 tracing::warn!(dir = %manager.roles_dir().display(), %error, "cannot watch the roles directory; relying on rescans");
                 None
@@ -50,4 +52,10 @@ pub async fn watch_roles_dir(manager: Arc<RoleManager>, rescan: Duration, shutdo
             _ = ticker.tick() => {}
         }
     }
+}
+
+/// Whether an event about `path` can matter: not a dotfile, not a `*.tmp`.
+fn is_role_file(path: &std::path::Path) -> bool {
+    let Some(name) = path.file_name().and_then(|name| name.to_str()) else { return false };
+    !name.starts_with('.') && !name.ends_with(".tmp")
 }

@@ -40,7 +40,11 @@ impl Role for Probe {
                 body: request.body.clone(),
             },
             "state-get" => match state::get(arg(0)) {
-                Some(value) => Response { status: 200, headers: vec![], body: value },
+                Some(value) => Response {
+                    status: 200,
+                    headers: vec![],
+                    body: value,
+                },
                 None => Response::error(404, &format!("no state key {}", arg(0))),
             },
             "state-set" => match state::set(arg(0), arg(1).as_bytes()) {
@@ -51,7 +55,7 @@ impl Role for Probe {
                 let payload = if arg(2).is_empty() { "{}" } else { arg(2) };
                 match host::emit_raw(arg(0), arg(1), payload.as_bytes()) {
                     Ok(seq) => Response::json(200, &serde_json::json!({ "seq": seq })),
-                    Err(error) => Response::error(403, &error.message()),
+                    Err(error) => Response::error(403, error.message()),
                 }
             }
             "events" => {
@@ -64,7 +68,7 @@ impl Role for Probe {
                             .collect();
                         Response::json(200, &list)
                     }
-                    Err(error) => Response::error(500, &error.message()),
+                    Err(error) => Response::error(500, error.message()),
                 }
             }
             "seen" => Response::json(
@@ -73,7 +77,10 @@ impl Role for Probe {
             ),
             "self" => {
                 let node = host::self_node();
-                Response::json(200, &serde_json::json!({"id": node.id, "name": node.name, "healthy": node.healthy, "roles": node.roles}))
+                Response::json(
+                    200,
+                    &serde_json::json!({"id": node.id, "name": node.name, "healthy": node.healthy, "roles": node.roles}),
+                )
             }
             "nodes" => {
                 let nodes: Vec<String> = host::nodes(None, false).into_iter().map(|node| node.id).collect();
@@ -93,12 +100,12 @@ impl Role for Probe {
                 };
                 match host::call(arg(0), arg(1), &inner) {
                     Ok(response) => response,
-                    Err(error) => Response::error(503, &error.message()),
+                    Err(error) => Response::error(503, error.message()),
                 }
             }
             "write" => match host::write_file(arg(0), arg(1).as_bytes()) {
                 Ok(()) => Response::text(200, "ok"),
-                Err(error) => Response::error(403, &error.message()),
+                Err(error) => Response::error(403, error.message()),
             },
             "exec" => match host::exec(arg(0), &args[1.min(args.len())..], 5000) {
                 Ok(output) => Response::json(
@@ -109,7 +116,7 @@ impl Role for Probe {
                         "stderr": String::from_utf8_lossy(&output.stderr),
                     }),
                 ),
-                Err(error) => Response::error(403, &error.message()),
+                Err(error) => Response::error(403, error.message()),
             },
             "sleep" => {
                 let millis = arg(0).parse().unwrap_or(100);

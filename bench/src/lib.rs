@@ -1,0 +1,164 @@
+//! Shared pieces of the benchmarks: latency summaries, a keep-alive HTTP
+//! client for a host, and making a component's bytes unique without changing
+//! its code (so the compile cache misses).
+
+use std::time::Duration;
+
+/// Median, p99 and count of a set of latencies.
+pub struct Summary {
+    pub count: usize,
+    pub median: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+pub fn summarize(samples: &mut [Duration]) -> Summary {
+    assert!(!samples.is_empty(), "no samples");
+    samples.sort();
+    let at = |quantile: f64| samples[((samples.len() - 1) as f64 * quantile).round() as usize];
+    Summary { count: samples.len(), median: at(0.5), p99: at(0.99), max: *samples.last().unwrap() }
+}
+
+pub fn micros(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e6
+}
+
+pub fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// Appends a custom section holding `nonce` to a component. The code is
+/// unchanged, but the bytes (and so the content hash) differ, which forces a
+/// full compile: a cache miss as a real new version would cause.
+pub fn with_nonce(component: &[u8], nonce: u64) -> Vec<u8> {
+    let name = b"hivemind-bench-nonce";
+    let mut payload = Vec::new();
+    leb128(&mut payload, name.len() as u64);
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(&nonce.to_le_bytes());
+    let mut bytes = component.to_vec();
+    bytes.push(0); // custom section id
+    leb128(&mut bytes, payload.len() as u64);
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+fn leb128(out: &mut Vec<u8>, mut value: u64) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// A blocking API client with keep-alive.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    pub fn new(address: &str, token: &str) -> Api {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        Api { base: format!("http://{address}"), token: token.to_string(), agent }
+    }
+
+    /// Status and body of a GET.
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+        let mut response =
+            self.agent.get(format!("{}{path}", self.base)).header("authorization", format!("Bearer {}", self.token)).call()?;
+        let status = response.status().as_u16();
+        Ok((status, response.body_mut().read_to_vec()?))
+    }
+
+    pub fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let (_, body) = self.get(path)?;
+        Ok(serde_json::from_slice(&body)?)
+    }
+}
+
+/// A `hivemind up` process started from the binary next to this benchmark.
+pub struct HostProcess {
+    pub child: std::process::Child,
+    pub api: Api,
+    pub data_dir: std::path::PathBuf,
+}
+
+impl HostProcess {
+    /// Starts `hivemind up` on `data_dir` and waits until its API answers.
+    pub fn start(data_dir: &std::path::Path) -> anyhow::Result<HostProcess> {
+        let binary = std::env::current_exe()?.with_file_name("hivemind");
+        let _ = std::fs::remove_file(data_dir.join("api.addr"));
+        let child = std::process::Command::new(&binary)
+            .args(["--data-dir", &data_dir.display().to_string(), "up", "--api", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|error| anyhow::anyhow!("cannot start {}: {error}; build it with cargo build --release -p hivemind", binary.display()))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let (Ok(address), Ok(token)) = (
+                std::fs::read_to_string(data_dir.join("api.addr")),
+                std::fs::read_to_string(data_dir.join("token")),
+            ) {
+                let api = Api::new(address.trim(), token.trim());
+                if api.get("/v1/status").is_ok() {
+                    return Ok(HostProcess { child, api, data_dir: data_dir.to_path_buf() });
+                }
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "hivemind did not come up");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Waits until every role is running.
+    pub fn wait_roles_running(&self, expected: usize) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let roles = self.api.get_json("/v1/roles")?;
+            let roles = roles.as_array().cloned().unwrap_or_default();
+            if roles.len() >= expected && roles.iter().all(|role| role["state"] == "running") {
+                return Ok(());
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "roles did not start: {roles:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Resident set size in MiB, from /proc.
+    pub fn rss_mib(&self) -> anyhow::Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|number| number.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc status"))?;
+        Ok(kib / 1024.0)
+    }
+
+    /// SIGTERM, then wait.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+/// Copies `wasm` into `roles_dir/NAME.wasm` through a temporary file.
+pub fn drop_role(roles_dir: &std::path::Path, name: &str, wasm: &[u8]) -> anyhow::Result<()> {
+    let temp = roles_dir.join(format!(".{name}.wasm.tmp"));
+    std::fs::write(&temp, wasm)?;
+    std::fs::rename(&temp, roles_dir.join(format!("{name}.wasm")))?;
+    Ok(())
+}
