@@ -153,6 +153,15 @@ async fn client_errors_are_one_line() {
 fn up_starts_with_no_config_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    // A manifest prepared before the first start is kept: move the bundled
+    // dns role off its default port so this test never collides with a host
+    // already running on this machine.
+    std::fs::create_dir_all(data.join("roles")).unwrap();
+    std::fs::write(
+        data.join("roles/dns.toml"),
+        "[[listeners]]\nname = \"dns\"\naddress = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
     let mut daemon = Command::new(hivemind_bin())
         .args(["--data-dir", data.to_str().unwrap(), "up", "--api", "127.0.0.1:0"])
         .stdout(Stdio::null())

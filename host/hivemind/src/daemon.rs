@@ -219,15 +219,19 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// On the first start only, writes the roles bundled in the binary (and their
-/// manifests) into the roles directory.
+/// manifests) into the roles directory. A manifest already there is kept: an
+/// operator may prepare one (another DNS port, say) before the first start.
 fn install_bundled_roles(data_dir: &Path, roles_dir: &Path) -> anyhow::Result<()> {
     let marker = data_dir.join(BUNDLED_MARKER);
     if marker.exists() {
         return Ok(());
     }
     for (name, wasm, manifest) in hivemind_role_artifacts::BUNDLED {
-        if let Some(manifest) = manifest {
-            std::fs::write(roles_dir.join(format!("{name}.toml")), manifest)?;
+        let manifest_path = roles_dir.join(format!("{name}.toml"));
+        if let Some(manifest) = manifest
+            && !manifest_path.exists()
+        {
+            std::fs::write(&manifest_path, manifest)?;
         }
         let target = roles_dir.join(format!("{name}.wasm"));
         let temp = roles_dir.join(format!(".{name}.wasm.tmp"));
