@@ -323,7 +323,10 @@ async fn api_install_writes_and_loads() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bundled_dns_answers_for_this_node() {
     let host = TestHost::start().await;
-    let (_, dns, _) = artifacts::BUNDLED.iter().find(|(name, _, _)| *name == "dns").expect("dns is bundled");
+    let (_, dns, _) = artifacts::BUNDLED
+        .iter()
+        .find(|(name, _, _)| *name == "dns")
+        .expect("dns is bundled");
     let manifest = "[[listeners]]\nname = \"dns\"\naddress = \"127.0.0.1:0\"\n[config]\nzone = \"hive.\"\n";
     host.drop_role("dns", dns, Some(manifest));
     let info = host.wait_live("dns", dns).await;
@@ -341,14 +344,20 @@ async fn bundled_dns_answers_for_this_node() {
     };
     let mut reply = [0u8; 512];
     client.send_to(&ask("test-node.node.hive."), address).await.unwrap();
-    let length = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut reply)).await.unwrap().unwrap();
+    let length = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&reply[..2], &[0x12, 0x34], "reply id");
     assert_eq!(reply[3] & 0x0f, 0, "rcode NOERROR");
     assert_eq!(u16::from_be_bytes([reply[6], reply[7]]), 1, "one answer");
     assert_eq!(&reply[length - 4..length], &[127, 0, 0, 1], "the node's address");
 
     client.send_to(&ask("example.com."), address).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), client.recv(&mut reply)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), client.recv(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(reply[3] & 0x0f, 5, "rcode REFUSED");
     host.stop().await;
 }

@@ -16,7 +16,12 @@ pub fn summarize(samples: &mut [Duration]) -> Summary {
     assert!(!samples.is_empty(), "no samples");
     samples.sort();
     let at = |quantile: f64| samples[((samples.len() - 1) as f64 * quantile).round() as usize];
-    Summary { count: samples.len(), median: at(0.5), p99: at(0.99), max: *samples.last().unwrap() }
+    Summary {
+        count: samples.len(),
+        median: at(0.5),
+        p99: at(0.99),
+        max: *samples.last().unwrap(),
+    }
 }
 
 pub fn micros(duration: Duration) -> f64 {
@@ -70,13 +75,20 @@ impl Api {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into();
-        Api { base: format!("http://{address}"), token: token.to_string(), agent }
+        Api {
+            base: format!("http://{address}"),
+            token: token.to_string(),
+            agent,
+        }
     }
 
     /// Status and body of a GET.
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
-        let mut response =
-            self.agent.get(format!("{}{path}", self.base)).header("authorization", format!("Bearer {}", self.token)).call()?;
+        let mut response = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .call()?;
         let status = response.status().as_u16();
         Ok((status, response.body_mut().read_to_vec()?))
     }
@@ -100,11 +112,22 @@ impl HostProcess {
         let binary = std::env::current_exe()?.with_file_name("hivemind");
         let _ = std::fs::remove_file(data_dir.join("api.addr"));
         let child = std::process::Command::new(&binary)
-            .args(["--data-dir", &data_dir.display().to_string(), "up", "--api", "127.0.0.1:0"])
+            .args([
+                "--data-dir",
+                &data_dir.display().to_string(),
+                "up",
+                "--api",
+                "127.0.0.1:0",
+            ])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
-            .map_err(|error| anyhow::anyhow!("cannot start {}: {error}; build it with cargo build --release -p hivemind", binary.display()))?;
+            .map_err(|error| {
+                anyhow::anyhow!(
+                    "cannot start {}: {error}; build it with cargo build --release -p hivemind",
+                    binary.display()
+                )
+            })?;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             if let (Ok(address), Ok(token)) = (
@@ -113,7 +136,11 @@ impl HostProcess {
             ) {
                 let api = Api::new(address.trim(), token.trim());
                 if api.get("/v1/status").is_ok() {
-                    return Ok(HostProcess { child, api, data_dir: data_dir.to_path_buf() });
+                    return Ok(HostProcess {
+                        child,
+                        api,
+                        data_dir: data_dir.to_path_buf(),
+                    });
                 }
             }
             anyhow::ensure!(std::time::Instant::now() < deadline, "hivemind did not come up");
@@ -149,7 +176,9 @@ impl HostProcess {
 
     /// SIGTERM, then wait.
     pub fn stop(mut self) -> anyhow::Result<()> {
-        std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
         self.child.wait()?;
         Ok(())
     }

@@ -61,7 +61,9 @@ fn main() {
     }
     // Guests ship without DWARF (it would make a small role megabytes); the
     // name section stays, so traps still name the role's functions.
-    build.env("CARGO_PROFILE_RELEASE_DEBUG", "false").env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
+    build
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
     let status = build
         .status()
         .expect("could not run cargo to build the roles for wasm32-wasip2");

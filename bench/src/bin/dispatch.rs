@@ -33,7 +33,13 @@ impl RoleHost for QuietHost {
         Vec::new()
     }
     fn self_node(&self) -> Node {
-        Node { id: "bench".into(), name: "bench".into(), address: String::new(), roles: vec![], healthy: true }
+        Node {
+            id: "bench".into(),
+            name: "bench".into(),
+            address: String::new(),
+            roles: vec![],
+            healthy: true,
+        }
     }
     fn config_json(&self) -> String {
         "{}".into()
@@ -71,7 +77,9 @@ fn main() -> anyhow::Result<()> {
         let host_runtime = Runtime::new(RuntimeConfig::new(cache.path()))?;
         let bytes = std::fs::read(hivemind_role_artifacts::ROLE_NOOP)?;
         let compiled = host_runtime.compile(&bytes)?;
-        let role = host_runtime.load("noop", compiled, RoleLimits::default(), Arc::new(QuietHost)).await?;
+        let role = host_runtime
+            .load("noop", compiled, RoleLimits::default(), Arc::new(QuietHost))
+            .await?;
         let event = Event {
             seq: 1,
             epoch: 1,
@@ -91,11 +99,23 @@ fn main() -> anyhow::Result<()> {
             samples.push(started.elapsed());
         }
         let summary = summarize(&mut samples);
-        println!("on-event dispatch to a trivial role ({} calls, one worker)", summary.count);
-        println!("  median {:.2} us   p99 {:.2} us   max {:.1} us", micros(summary.median), micros(summary.p99), micros(summary.max));
+        println!(
+            "on-event dispatch to a trivial role ({} calls, one worker)",
+            summary.count
+        );
+        println!(
+            "  median {:.2} us   p99 {:.2} us   max {:.1} us",
+            micros(summary.median),
+            micros(summary.p99),
+            micros(summary.max)
+        );
         println!(
             "  target: median <= 5 us -> {}",
-            if micros(summary.median) <= 5.0 { "met" } else { "NOT met" }
+            if micros(summary.median) <= 5.0 {
+                "met"
+            } else {
+                "NOT met"
+            }
         );
         anyhow::Ok(())
     })

@@ -14,7 +14,11 @@ const DURATION: Duration = Duration::from_secs(5);
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let host = HostProcess::start(dir.path())?;
-    drop_role(&dir.path().join("roles"), "noop", &std::fs::read(hivemind_role_artifacts::ROLE_NOOP)?)?;
+    drop_role(
+        &dir.path().join("roles"),
+        "noop",
+        &std::fs::read(hivemind_role_artifacts::ROLE_NOOP)?,
+    )?;
     host.wait_roles_running(1)?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -48,7 +52,10 @@ fn main() -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let summary = summarize(&mut samples);
-    println!("on-request through the HTTP API ({CLIENTS} keep-alive clients on loopback, {} s)", DURATION.as_secs());
+    println!(
+        "on-request through the HTTP API ({CLIENTS} keep-alive clients on loopback, {} s)",
+        DURATION.as_secs()
+    );
     println!(
         "  {:.0} requests/s   median {:.0} us   p99 {:.0} us   failed {failures}",
         summary.count as f64 / elapsed.as_secs_f64(),

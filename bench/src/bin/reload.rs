@@ -34,7 +34,10 @@ fn wait_digest(host: &HostProcess, digest: &str) -> anyhow::Result<()> {
 
 fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,7 +63,10 @@ fn main() -> anyhow::Result<()> {
                         Ok((200, _)) => {}
                         other => {
                             failures.fetch_add(1, Ordering::Relaxed);
-                            eprintln!("failed call during reload: {:?}", other.map(|(status, body)| (status, String::from_utf8_lossy(&body).into_owned())));
+                            eprintln!(
+                                "failed call during reload: {:?}",
+                                other.map(|(status, body)| (status, String::from_utf8_lossy(&body).into_owned()))
+                            );
                         }
                     }
                     calls.fetch_add(1, Ordering::Relaxed);
@@ -92,12 +98,19 @@ fn main() -> anyhow::Result<()> {
 
     let misses = summarize(&mut misses);
     let hits = summarize(&mut hits);
-    println!("hot reload of a {} KB role under load ({CLIENTS} clients calling it without pause)", original.len() / 1024);
+    println!(
+        "hot reload of a {} KB role under load ({CLIENTS} clients calling it without pause)",
+        original.len() / 1024
+    );
     println!(
         "  cache miss: p50 {:.1} ms  p99 {:.1} ms   (target p50 <= 300 ms -> {})",
         millis(misses.median),
         millis(misses.p99),
-        if millis(misses.median) <= 300.0 { "met" } else { "NOT met" }
+        if millis(misses.median) <= 300.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     println!(
         "  cache hit:  p50 {:.1} ms  p99 {:.1} ms   (target p50 <= 20 ms -> {})",
@@ -110,7 +123,11 @@ fn main() -> anyhow::Result<()> {
         2 * RELOADS,
         calls.load(Ordering::Relaxed),
         failures.load(Ordering::Relaxed),
-        if failures.load(Ordering::Relaxed) == 0 { "met" } else { "NOT met" }
+        if failures.load(Ordering::Relaxed) == 0 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     host.stop()?;
 

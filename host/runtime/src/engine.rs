@@ -303,7 +303,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = RuntimeConfig::new(dir.path());
         config.pool_instances = 8;
-        assert_eq!(Runtime::new(config).unwrap().allocator(), Allocator::Pooling { instances: 8 });
+        assert_eq!(
+            Runtime::new(config).unwrap().allocator(),
+            Allocator::Pooling { instances: 8 }
+        );
     }
 
     /// The header check tells junk, core modules and components apart.

@@ -31,7 +31,10 @@ struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { zone: "hive.".into(), ttl: 5 }
+        Config {
+            zone: "hive.".into(),
+            ttl: 5,
+        }
     }
 }
 
@@ -74,7 +77,9 @@ fn lookup(config: &Config, qname: &str, qtype: Rtype) -> Lookup {
         return Lookup::NxDomain;
     };
     let nodes = host::nodes(None, true);
-    let Some(node) = nodes.iter().find(|node| node.name.eq_ignore_ascii_case(node_name) || node.id == node_name)
+    let Some(node) = nodes
+        .iter()
+        .find(|node| node.name.eq_ignore_ascii_case(node_name) || node.id == node_name)
     else {
         return Lookup::NxDomain;
     };
@@ -105,7 +110,15 @@ fn soa(config: &Config) -> Result<Soa<Name<Vec<u8>>>, String> {
     let mname = Name::from_str(&format!("ns.{}", config.zone)).map_err(|error| error.to_string())?;
     let rname = Name::from_str(&format!("hostmaster.{}", config.zone)).map_err(|error| error.to_string())?;
     let ttl = Ttl::from_secs(config.ttl);
-    Ok(Soa::new(mname, rname, Serial(1), Ttl::from_secs(3600), Ttl::from_secs(600), Ttl::from_secs(86400), ttl))
+    Ok(Soa::new(
+        mname,
+        rname,
+        Serial(1),
+        Ttl::from_secs(3600),
+        Ttl::from_secs(600),
+        Ttl::from_secs(86400),
+        ttl,
+    ))
 }
 
 /// Answers one DNS query; `None` for input that is not a query at all.
@@ -225,11 +238,15 @@ impl Role for Dns {
                     Lookup::Refused => ("REFUSED", Vec::new()),
                     Lookup::NxDomain => ("NXDOMAIN", Vec::new()),
                     Lookup::Apex => ("NOERROR", vec![format!("{} SOA", config.zone)]),
-                    Lookup::Records(records) => {
-                        ("NOERROR", records.into_iter().map(|(kind, ip)| format!("{kind} {ip}")).collect())
-                    }
+                    Lookup::Records(records) => (
+                        "NOERROR",
+                        records.into_iter().map(|(kind, ip)| format!("{kind} {ip}")).collect(),
+                    ),
                 };
-                Response::json(200, &serde_json::json!({ "name": name, "rcode": status, "answers": body }))
+                Response::json(
+                    200,
+                    &serde_json::json!({ "name": name, "rcode": status, "answers": body }),
+                )
             }
             _ => Response::not_found(&request),
         }

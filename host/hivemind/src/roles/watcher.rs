@@ -56,6 +56,8 @@ pub async fn watch_roles_dir(manager: Arc<RoleManager>, rescan: Duration, shutdo
 
 /// Whether an event about `path` can matter: not a dotfile, not a `*.tmp`.
 fn is_role_file(path: &std::path::Path) -> bool {
-    let Some(name) = path.file_name().and_then(|name| name.to_str()) else { return false };
+    let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
+        return false;
+    };
     !name.starts_with('.') && !name.ends_with(".tmp")
 }

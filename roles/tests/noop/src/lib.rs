@@ -15,7 +15,11 @@ impl Role for Noop {
     }
 
     fn on_request(_request: Request) -> Response {
-        Response { status: 200, headers: vec![], body: b"pong".to_vec() }
+        Response {
+            status: 200,
+            headers: vec![],
+            body: b"pong".to_vec(),
+        }
     }
 }
 
