@@ -253,3 +253,27 @@ async fn scaffolded_role_builds_and_loads() {
     assert_eq!(reply.text(), "[\"world\"]");
     host.stop().await;
 }
+
+/// `roles install` shows progress while a version takes long to load, then
+/// reports it live.
+#[tokio::test(flavor = "multi_thread")]
+async fn install_shows_progress_while_loading() {
+    let host = TestHost::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let wasm = work.path().join("slow.wasm");
+    std::fs::write(&wasm, misbehave()).unwrap();
+    std::fs::write(
+        work.path().join("slow.toml"),
+        "[config]\ninit = \"slow\"\ninit_ms = 2600\n",
+    )
+    .unwrap();
+    let output = cli(&host, &["roles", "install", wasm.to_str().unwrap()]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("slow: compiling and initializing"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(stdout(&output).contains("is running"), "{}", stdout(&output));
+    host.stop().await;
+}

@@ -361,3 +361,105 @@ async fn bundled_dns_answers_for_this_node() {
     assert_eq!(reply[3] & 0x0f, 5, "rcode REFUSED");
     host.stop().await;
 }
+
+/// A call that started on the old version finishes on it, even though a new
+/// version went live while it ran.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_in_flight_finish_on_the_old_version() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), Some("[limits]\ncpu_ms = 5000\n"));
+    host.wait_live("probe", &probe()).await;
+    let api = host.api();
+    let slow = tokio::spawn(async move { api.role("probe", "sleep", &["1500"]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.drop_role("probe", &probe_v2(), Some("[limits]\ncpu_ms = 5000\n"));
+    host.wait_live("probe", &probe_v2()).await;
+    assert_eq!(host.api().role("probe", "version", &[]).await.text(), "0.2.0");
+    let reply = slow.await.unwrap();
+    assert_eq!((reply.status, reply.text()), (200, "slept 0.1.0".to_string()));
+    host.stop().await;
+}
+
+/// While a new version runs a slow `init`, the role shows `loading` and the
+/// old version keeps answering.
+#[tokio::test(flavor = "multi_thread")]
+async fn old_version_serves_during_a_slow_init() {
+    let host = TestHost::start().await;
+    host.drop_role("slow", &misbehave(), None);
+    host.wait_live("slow", &misbehave()).await;
+    std::fs::write(
+        host.roles_dir().join("slow.toml"),
+        "[config]\ninit = \"slow\"\ninit_ms = 1500\n",
+    )
+    .unwrap();
+    let info = host
+        .wait_role("slow", "the new version to start loading", |info| {
+            !info["loading"].is_null()
+        })
+        .await;
+    assert_eq!(info["state"], "running");
+    assert_eq!(host.api().role("slow", "ok", &[]).await.text(), "ok");
+    host.wait_role("slow", "the slow init to finish", |info| info["loading"].is_null())
+        .await;
+    host.stop().await;
+}
+
+/// Dotfiles and `*.tmp` in the roles directory are never loaded.
+#[tokio::test(flavor = "multi_thread")]
+async fn dotfiles_and_temp_files_are_ignored() {
+    let host = TestHost::start().await;
+    std::fs::write(host.roles_dir().join(".hidden.wasm"), probe()).unwrap();
+    std::fs::write(host.roles_dir().join("half.wasm.tmp"), probe()).unwrap();
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let names: Vec<String> = host
+        .api()
+        .get("/v1/roles")
+        .await
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|role| role["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["probe"]);
+    host.stop().await;
+}
+
+/// A role sees no environment variables and no files: WASI gives it nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_get_no_ambient_environment_or_files() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    let ambient = host.api().role("probe", "ambient", &[]).await.json();
+    assert_eq!(ambient["env"], 0, "{ambient}");
+    assert_eq!(ambient["root_entries"], 0, "{ambient}");
+    assert_ne!(ambient["file"], "readable", "{ambient}");
+    host.stop().await;
+}
+
+/// `call` reaches a role on this node and answers `unavailable` for any
+/// other node (a single-node cluster has no peers yet).
+#[tokio::test(flavor = "multi_thread")]
+async fn call_reaches_local_roles_and_refuses_other_nodes() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.drop_role("noop", &read(artifacts::ROLE_NOOP), None);
+    host.wait_live("probe", &probe()).await;
+    host.wait_live("noop", &read(artifacts::ROLE_NOOP)).await;
+    let me = host.api().role("probe", "self", &[]).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let local = host.api().role("probe", "call", &[&me, "noop", "ping"]).await;
+    assert_eq!((local.status, local.text()), (200, "pong".to_string()));
+    let remote = host
+        .api()
+        .role("probe", "call", &["some-other-node", "noop", "ping"])
+        .await;
+    assert_eq!(remote.status, 503);
+    assert!(remote.error().contains("not reachable"), "{}", remote.error());
+    host.stop().await;
+}

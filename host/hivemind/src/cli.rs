@@ -187,6 +187,9 @@ pub enum EventsCommand {
     },
 }
 
+/// Without a terminal, `roles install` reports compile progress this often.
+const PROGRESS_EVERY_MS: u64 = 2000;
+
 /// An API client for one host.
 pub struct Client {
     base: String,
@@ -494,7 +497,7 @@ fn install(
 
     let started = Instant::now();
     let interactive = std::io::stderr().is_terminal() && !client.json;
-    let mut last_line = String::new();
+    let mut last_progress = 0;
     loop {
         let (status, body) = api.get(&format!("/v1/roles/{name}"))?;
         if status == 200 {
@@ -517,16 +520,17 @@ fn install(
                 clear_progress(interactive);
                 bail!("{name} was rejected: {}", text(&info["last_error"]));
             }
-            let line = match info["loading"]["elapsed_ms"].as_u64() {
-                Some(ms) => format!("{name}: compiling and initializing ({:.1} s)", ms as f64 / 1000.0),
-                None => format!("{name}: waiting for the host to pick up the file"),
-            };
-            if interactive {
-                eprint!("\r{line}\x1b[K");
-            } else if line != last_line && !client.json {
-                eprintln!("{line}");
+            // On a terminal the line updates in place; otherwise one line
+            // every few seconds of a long compile, so logs stay short.
+            if let Some(ms) = info["loading"]["elapsed_ms"].as_u64() {
+                let line = format!("{name}: compiling and initializing ({:.1} s)", ms as f64 / 1000.0);
+                if interactive {
+                    eprint!("\r{line}\x1b[K");
+                } else if !client.json && ms / PROGRESS_EVERY_MS > last_progress {
+                    eprintln!("{line}");
+                    last_progress = ms / PROGRESS_EVERY_MS;
+                }
             }
-            last_line = line;
         }
         if started.elapsed() > timeout {
             clear_progress(interactive);
@@ -535,7 +539,7 @@ fn install(
                 timeout.as_secs()
             );
         }
-        std::thread::sleep(Duration::from_millis(if interactive { 200 } else { 1000 }).min(Duration::from_millis(200)));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

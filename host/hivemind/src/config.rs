@@ -156,3 +156,30 @@ fn default_node_name() -> String {
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "hivemind".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A misspelt key in the host config is an error naming the file, line and key.
+    #[test]
+    fn unknown_config_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hivemind.toml");
+        std::fs::write(&path, "api = \"127.0.0.1:1\"\nrole_dir = \"/tmp\"\n").unwrap();
+        let error = HostConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(
+            error.contains("hivemind.toml") && error.contains("line 2") && error.contains("role_dir"),
+            "{error}"
+        );
+    }
+
+    /// No config file gives loopback defaults.
+    #[test]
+    fn defaults_are_loopback() {
+        let config = HostConfig::load(None).unwrap();
+        assert_eq!(config.api.to_string(), DEFAULT_API);
+        assert!(config.install_bundled_roles);
+        assert_eq!(config.roles_dir, config.data_dir.join("roles"));
+    }
+}

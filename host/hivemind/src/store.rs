@@ -22,11 +22,15 @@ const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
 
 #[derive(Debug, thiserror::Error)]
-#[error("data store {path}: {source}")]
-pub struct StoreError {
-    path: String,
-    #[source]
-    source: redb::Error,
+pub enum StoreError {
+    #[error("data store {path}: {source}")]
+    Database {
+        path: String,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("data store: the operation was cancelled because the host is shutting down")]
+    Cancelled,
 }
 
 #[derive(Clone)]
@@ -39,7 +43,7 @@ impl Store {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let name: Arc<str> = path.display().to_string().into();
-        let db = Database::create(path).map_err(|error| StoreError {
+        let db = Database::create(path).map_err(|error| StoreError::Database {
             path: name.to_string(),
             source: error.into(),
         })?;
@@ -58,19 +62,21 @@ impl Store {
     }
 
     /// Runs blocking store work on the blocking thread pool.
-    pub async fn blocking<T, F>(&self, work: F) -> T
+    pub async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
     where
-        F: FnOnce(&Store) -> T + Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || work(&store))
-            .await
-            .expect("store task panicked")
+        match tokio::task::spawn_blocking(move || work(&store)).await {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => Err(StoreError::Cancelled),
+        }
     }
 
     fn error(&self, source: impl Into<redb::Error>) -> StoreError {
-        StoreError {
+        StoreError::Database {
             path: self.path.to_string(),
             source: source.into(),
         }

@@ -788,5 +788,9 @@ async fn scan_roles_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Fingerpr
         Ok(found)
     })
     .await
-    .expect("scan task panicked")
+    .unwrap_or_else(|_| {
+        Err(std::io::Error::other(
+            "the roles directory scan was cancelled (shutting down)",
+        ))
+    })
 }

@@ -4,7 +4,8 @@
 //! `version`, `echo` (the body back), `state-get KEY`, `state-set KEY VALUE`,
 //! `emit KIND KEY [JSON]`, `events [AFTER]`, `seen` (seqs delivered to
 //! `on-event`), `self`, `nodes`, `config`, `call NODE ROLE CMD`,
-//! `write PATH TEXT`, `exec PROGRAM ARGS...`, `sleep MS`.
+//! `write PATH TEXT`, `exec PROGRAM ARGS...`, `sleep MS` (answers `slept VERSION`),
+//! `ambient` (what WASI gives it: environment size, a file read, `/` listing).
 //! Datagrams on any listener are answered with `VERSION DATA`.
 
 use hivemind_sdk::{Description, Event, Request, Response, Role, export_role, host, state};
@@ -121,7 +122,18 @@ impl Role for Probe {
             "sleep" => {
                 let millis = arg(0).parse().unwrap_or(100);
                 std::thread::sleep(std::time::Duration::from_millis(millis));
-                Response::text(200, "slept")
+                Response::text(200, &format!("slept {VERSION}"))
+            }
+            "ambient" => {
+                let file = match std::fs::read_to_string("/etc/hostname") {
+                    Ok(_) => "readable".to_string(),
+                    Err(error) => error.to_string(),
+                };
+                let preopens = std::fs::read_dir("/").map(|entries| entries.count()).unwrap_or(0);
+                Response::json(
+                    200,
+                    &serde_json::json!({ "env": std::env::vars().count(), "file": file, "root_entries": preopens }),
+                )
             }
             _ => Response::not_found(&request),
         }
