@@ -60,44 +60,8 @@ fn leb128(out: &mut Vec<u8>, mut value: u64) {
     }
 }
 
-/// A blocking API client with keep-alive.
-#[derive(Clone)]
-pub struct Api {
-    base: String,
-    token: String,
-    agent: ureq::Agent,
-}
-
-impl Api {
-    pub fn new(address: &str, token: &str) -> Api {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
-        Api {
-            base: format!("http://{address}"),
-            token: token.to_string(),
-            agent,
-        }
-    }
-
-    /// Status and body of a GET.
-    pub fn get(&self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
-        let mut response = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("authorization", format!("Bearer {}", self.token))
-            .call()?;
-        let status = response.status().as_u16();
-        Ok((status, response.body_mut().read_to_vec()?))
-    }
-
-    pub fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let (_, body) = self.get(path)?;
-        Ok(serde_json::from_slice(&body)?)
-    }
-}
+/// The CLI's API client: blocking, keep-alive.
+pub use hivemind::cli::Client as Api;
 
 /// A `hivemind up` process started from the binary next to this benchmark.
 pub struct HostProcess {

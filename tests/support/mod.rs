@@ -143,13 +143,11 @@ pub fn misbehave() -> Vec<u8> {
     read(artifacts::ROLE_MISBEHAVE)
 }
 
-/// A blocking HTTP client for one host, used from async tests through
-/// `spawn_blocking`.
+/// The CLI's API client, used from async tests through `spawn_blocking`.
 #[derive(Clone)]
 pub struct Api {
-    base: String,
-    token: String,
-    agent: ureq::Agent,
+    address: String,
+    client: hivemind::cli::Client,
 }
 
 pub struct Reply {
@@ -173,29 +171,27 @@ impl Reply {
 
 impl Api {
     pub fn new(address: &str, token: &str) -> Api {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
         Api {
-            base: format!("http://{address}"),
-            token: token.to_string(),
-            agent,
+            address: address.to_string(),
+            client: hivemind::cli::Client::new(address, token),
         }
     }
 
-    pub fn with_token(&self, token: Option<&str>) -> ApiWithToken {
-        ApiWithToken {
-            api: self.clone(),
-            token: token.map(str::to_string),
-        }
+    /// The same host with another token; `None` sends none.
+    pub fn with_token(&self, token: Option<&str>) -> Api {
+        Api::new(&self.address, token.unwrap_or(""))
     }
 
     pub async fn send(&self, method: &str, path: &str, body: Vec<u8>) -> Reply {
-        self.with_token(Some(&self.token.clone()))
-            .send(method, path, body)
-            .await
+        let (client, method, path) = (self.client.clone(), method.to_string(), path.to_string());
+        tokio::task::spawn_blocking(move || {
+            let (status, body) = client
+                .send(&method, &path, &body, "application/json")
+                .expect("the host answers");
+            Reply { status, body }
+        })
+        .await
+        .unwrap()
     }
 
     pub async fn get(&self, path: &str) -> Reply {
@@ -223,33 +219,6 @@ impl Api {
             .await;
         assert_eq!(reply.status, 200, "emit {kind}: {}", reply.text());
         reply.json()["seq"].as_u64().unwrap()
-    }
-}
-
-pub struct ApiWithToken {
-    api: Api,
-    token: Option<String>,
-}
-
-impl ApiWithToken {
-    pub async fn send(&self, method: &str, path: &str, body: Vec<u8>) -> Reply {
-        let mut request = ureq::http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.api.base))
-            .header("content-type", "application/json");
-        if let Some(token) = &self.token {
-            request = request.header("authorization", format!("Bearer {token}"));
-        }
-        let request = request.body(body).unwrap();
-        let agent = self.api.agent.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut response = agent.run(request).expect("the host answers");
-            let status = response.status().as_u16();
-            let body = response.body_mut().with_config().limit(64 << 20).read_to_vec().unwrap();
-            Reply { status, body }
-        })
-        .await
-        .unwrap()
     }
 }
 

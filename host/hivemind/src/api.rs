@@ -172,8 +172,8 @@ async fn role_route(
         match rest.as_str() {
             "enable" => manager.enable(&name).await?,
             "disable" => manager.disable(&name).await?,
-            "pause" => manager.pause(&name).await?,
-            "resume" => manager.resume(&name).await?,
+            "pause" => manager.set_paused(&name, true).await?,
+            "resume" => manager.set_paused(&name, false).await?,
             _ => manager.reload(&name).await?,
         }
         let info = manager.info(&name).ok_or_else(|| RoleError::NoSuchRole(name.clone()))?;

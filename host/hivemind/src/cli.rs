@@ -190,7 +190,8 @@ pub enum EventsCommand {
 /// Without a terminal, `roles install` reports compile progress this often.
 const PROGRESS_EVERY_MS: u64 = 2000;
 
-/// An API client for one host.
+/// An API client for one host (blocking, keep-alive).
+#[derive(Clone)]
 pub struct Client {
     base: String,
     token: String,
@@ -220,8 +221,13 @@ impl Client {
                     })?
             }
         };
+        Ok(Client::new(&api, &token))
+    }
+
+    /// A client for the host at `api` (`HOST:PORT` or a URL) using `token`.
+    pub fn new(api: &str, token: &str) -> Client {
         let base = if api.starts_with("http://") || api.starts_with("https://") {
-            api
+            api.to_string()
         } else {
             format!("http://{api}")
         };
@@ -230,21 +236,26 @@ impl Client {
             .timeout_connect(Some(Duration::from_secs(5)))
             .build()
             .into();
-        Ok(Client { base, token, agent })
+        Client {
+            base,
+            token: token.to_string(),
+            agent,
+        }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn handle(
-        &self,
-        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-        what: &str,
-    ) -> anyhow::Result<(u16, Vec<u8>)> {
-        let mut response = response.map_err(|error| {
+    /// Sends a request and returns the status and body, whatever the status.
+    /// An empty token sends no `Authorization` header.
+    pub fn send(&self, method: &str, path: &str, body: &[u8], content_type: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", content_type);
+        if !self.token.is_empty() {
+            request = request.header("authorization", format!("Bearer {}", self.token));
+        }
+        let mut response = self.agent.run(request.body(body.to_vec())?).map_err(|error| {
             anyhow::anyhow!(
-                "cannot reach the host at {} ({what}): {error}; is `hivemind up` running?",
+                "cannot reach the host at {} ({method} {path}): {error}; is `hivemind up` running?",
                 self.base
             )
         })?;
@@ -254,23 +265,7 @@ impl Client {
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
-        let response = self
-            .agent
-            .get(self.url(path))
-            .header("authorization", format!("Bearer {}", self.token))
-            .call();
-        self.handle(response, path)
-    }
-
-    pub fn send(&self, method: &str, path: &str, body: &[u8], content_type: &str) -> anyhow::Result<(u16, Vec<u8>)> {
-        let request = ureq::http::Request::builder()
-            .method(method)
-            .uri(self.url(path))
-            .header("authorization", format!("Bearer {}", self.token))
-            .header("content-type", content_type)
-            .body(body.to_vec())?;
-        let response = self.agent.run(request);
-        self.handle(response, path)
+        self.send("GET", path, &[], "application/json")
     }
 
     /// GET returning JSON, turning an error status into the API's message.

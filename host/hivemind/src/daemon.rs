@@ -53,8 +53,8 @@ impl Daemon {
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
         std::fs::create_dir_all(&config.roles_dir)
             .with_context(|| format!("cannot create the roles directory {}", config.roles_dir.display()))?;
-        let token = read_or_create_secret(&data_dir.join(TOKEN_FILE))?;
-        let node_id = read_or_create_node_id(&data_dir.join("node-id"))?;
+        let token = read_or_create_random(&data_dir.join(TOKEN_FILE), 32, "API token")?;
+        let node_id = read_or_create_random(&data_dir.join("node-id"), 8, "node id")?;
         if config.install_bundled_roles {
             install_bundled_roles(&data_dir, &config.roles_dir)?;
         }
@@ -174,32 +174,20 @@ impl Daemon {
     }
 }
 
-fn read_or_create_secret(path: &Path) -> anyhow::Result<String> {
+/// The trimmed contents of `path`, or `bytes` random bytes in hex written
+/// there (readable only by the owner) when the file is missing or empty.
+fn read_or_create_random(path: &Path, bytes: usize, what: &str) -> anyhow::Result<String> {
     if let Ok(text) = std::fs::read_to_string(path) {
-        let token = text.trim().to_string();
-        if !token.is_empty() {
-            return Ok(token);
+        let value = text.trim().to_string();
+        if !value.is_empty() {
+            return Ok(value);
         }
     }
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    let token = hex::encode(bytes);
-    write_private(path, &token).with_context(|| format!("cannot write the API token to {}", path.display()))?;
-    Ok(token)
-}
-
-fn read_or_create_node_id(path: &Path) -> anyhow::Result<String> {
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let id = text.trim().to_string();
-        if !id.is_empty() {
-            return Ok(id);
-        }
-    }
-    let mut bytes = [0u8; 8];
-    rand::rng().fill_bytes(&mut bytes);
-    let id = hex::encode(bytes);
-    std::fs::write(path, &id).with_context(|| format!("cannot write the node id to {}", path.display()))?;
-    Ok(id)
+    let mut random = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut random);
+    let value = hex::encode(random);
+    write_private(path, &value).with_context(|| format!("cannot write the {what} to {}", path.display()))?;
+    Ok(value)
 }
 
 /// Writes `text` to a file only its owner can read.

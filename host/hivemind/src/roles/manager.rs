@@ -226,6 +226,8 @@ pub enum RoleError {
     Disabled(String),
     #[error("role `{name}` is not loaded: {reason}")]
     NotLoaded { name: String, reason: String },
+    #[error("cannot record the role's new mode: {0}")]
+    Store(String),
     #[error(transparent)]
     Call(#[from] CallError),
 }
@@ -236,6 +238,7 @@ impl RoleError {
         match self {
             RoleError::NoSuchRole(_) => 404,
             RoleError::Paused(_) | RoleError::Disabled(_) | RoleError::NotLoaded { .. } => 503,
+            RoleError::Store(_) => 500,
             RoleError::Call(CallError::Overloaded { .. }) => 429,
             RoleError::Call(CallError::Failed { .. }) => 503,
             RoleError::Call(_) => 502,
@@ -560,7 +563,7 @@ impl RoleManager {
         self.parts.cluster.set_roles(running);
     }
 
-    async fn set_mode(&self, slot: &RoleSlot, mode: Mode) -> Result<(), String> {
+    async fn set_mode(&self, slot: &RoleSlot, mode: Mode) -> Result<(), RoleError> {
         let key = mode_setting(&slot.name);
         let value = match mode {
             Mode::Active => None,
@@ -571,36 +574,20 @@ impl RoleManager {
             .store
             .blocking(move |store| store.set_setting(&key, value))
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| RoleError::Store(error.to_string()))?;
         slot.status.lock().unwrap().mode = mode;
         slot.bump();
         Ok(())
     }
 
-    pub async fn pause(&self, name: &str) -> Result<(), RoleError> {
+    /// Pauses (`paused`) or resumes a role that is not disabled.
+    pub async fn set_paused(&self, name: &str, paused: bool) -> Result<(), RoleError> {
         let slot = self.slot_or_error(name)?;
         if slot.mode() == Mode::Disabled {
             return Err(RoleError::Disabled(name.to_string()));
         }
-        self.set_mode(&slot, Mode::Paused)
+        self.set_mode(&slot, if paused { Mode::Paused } else { Mode::Active })
             .await
-            .map_err(|reason| RoleError::NotLoaded {
-                name: name.into(),
-                reason,
-            })
-    }
-
-    pub async fn resume(&self, name: &str) -> Result<(), RoleError> {
-        let slot = self.slot_or_error(name)?;
-        if slot.mode() == Mode::Disabled {
-            return Err(RoleError::Disabled(name.to_string()));
-        }
-        self.set_mode(&slot, Mode::Active)
-            .await
-            .map_err(|reason| RoleError::NotLoaded {
-                name: name.into(),
-                reason,
-            })
     }
 
     /// Stops the role and frees its instances and listeners; it stays
@@ -608,12 +595,7 @@ impl RoleManager {
     pub async fn disable(&self, name: &str) -> Result<(), RoleError> {
         let slot = self.slot_or_error(name)?;
         let _serialized = slot.load_lock.lock().await;
-        self.set_mode(&slot, Mode::Disabled)
-            .await
-            .map_err(|reason| RoleError::NotLoaded {
-                name: name.into(),
-                reason,
-            })?;
+        self.set_mode(&slot, Mode::Disabled).await?;
         slot.stop_tasks();
         slot.listeners.lock().unwrap().clear();
         *slot.current.write().unwrap() = None;
@@ -624,12 +606,7 @@ impl RoleManager {
 
     pub async fn enable(self: &Arc<Self>, name: &str) -> Result<(), RoleError> {
         let slot = self.slot_or_error(name)?;
-        self.set_mode(&slot, Mode::Active)
-            .await
-            .map_err(|reason| RoleError::NotLoaded {
-                name: name.into(),
-                reason,
-            })?;
+        self.set_mode(&slot, Mode::Active).await?;
         if slot.current().is_none() {
             self.load(name, true).await.map_err(|reason| RoleError::NotLoaded {
                 name: name.into(),
