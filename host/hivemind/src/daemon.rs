@@ -166,10 +166,10 @@ impl Daemon {
     /// Stops the host and waits for all its tasks.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        self.manager.stop();
         for task in self.tasks {
             let _ = task.await;
         }
+        self.manager.stop().await;
         tracing::info!("hivemind stopped");
     }
 }

@@ -64,7 +64,7 @@ pub(crate) fn commit(slot: &Arc<RoleSlot>, prepared: Vec<(String, SocketAddr, Ar
     let mut next = Vec::with_capacity(prepared.len());
     for (name, address, socket) in prepared {
         let local_addr = socket.local_addr().unwrap_or(address);
-        let task = tokio::spawn(receive(slot.clone(), name.clone(), socket.clone()));
+        let task = slot.tracker.spawn(receive(slot.clone(), name.clone(), socket.clone()));
         next.push(Listener {
             name,
             address,
@@ -82,7 +82,11 @@ async fn receive(slot: Arc<RoleSlot>, name: String, socket: Arc<UdpSocket>) {
     let mut buffer = vec![0u8; MAX_DATAGRAM];
     let name: Arc<str> = name.into();
     loop {
-        let (length, peer) = match socket.recv_from(&mut buffer).await {
+        let received = tokio::select! {
+            _ = slot.shutdown.cancelled() => return,
+            received = socket.recv_from(&mut buffer) => received,
+        };
+        let (length, peer) = match received {
             Ok(received) => received,
             Err(error) => {
                 // ICMP errors from earlier sends surface here; keep serving.
@@ -94,7 +98,7 @@ async fn receive(slot: Arc<RoleSlot>, name: String, socket: Arc<UdpSocket>) {
         let data = buffer[..length].to_vec();
         let socket = socket.clone();
         let name = name.clone();
-        tokio::spawn(async move {
+        slot.tracker.spawn(async move {
             match role.on_packet(&name, &peer.to_string(), &data).await {
                 Ok(Some(reply)) => {
                     if let Err(error) = socket.send_to(&reply, peer).await {

@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::roles::delivery;
 use crate::roles::listeners::Listener;
@@ -94,11 +95,16 @@ pub struct RoleSlot {
     listeners: Mutex<Vec<Listener>>,
     /// Bumped whenever `current` or `mode` changes; tasks wait on it.
     changed: watch::Sender<u64>,
+    /// Delivery and tick tasks, aborted when the role is unloaded or disabled.
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Every task working for this slot is spawned here, so shutdown can
+    /// wait for all of them.
+    pub(crate) tracker: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
 }
 
 impl RoleSlot {
-    fn new(name: &str, mode: Mode) -> RoleSlot {
+    fn new(name: &str, mode: Mode, tracker: TaskTracker, shutdown: CancellationToken) -> RoleSlot {
         RoleSlot {
             name: name.to_string(),
             current: RwLock::new(None),
@@ -115,6 +121,8 @@ impl RoleSlot {
             listeners: Mutex::new(Vec::new()),
             changed: watch::Sender::new(0),
             tasks: Mutex::new(Vec::new()),
+            tracker,
+            shutdown,
         }
     }
 
@@ -260,6 +268,9 @@ pub struct RoleManager {
     roles_dir: PathBuf,
     slots: RwLock<BTreeMap<String, Arc<RoleSlot>>>,
     shutdown: CancellationToken,
+    /// Every task the manager spawns (loads, delivery, ticks, listeners,
+    /// datagram handlers), so [`RoleManager::stop`] can wait for all.
+    tasks: TaskTracker,
 }
 
 fn now_ms() -> u64 {
@@ -291,6 +302,7 @@ impl RoleManager {
             roles_dir,
             slots: RwLock::new(BTreeMap::new()),
             shutdown,
+            tasks: TaskTracker::new(),
         })
     }
 
@@ -331,7 +343,7 @@ impl RoleManager {
                 slot.status.lock().unwrap().fingerprint = Some(fingerprint.clone());
                 let manager = self.clone();
                 let name = name.clone();
-                tokio::spawn(async move { manager.load(&name, false).await });
+                self.tasks.spawn(async move { manager.load(&name, false).await });
             }
         }
         let gone: Vec<String> = self
@@ -365,7 +377,7 @@ impl RoleManager {
             .write()
             .unwrap()
             .entry(name.to_string())
-            .or_insert_with(|| Arc::new(RoleSlot::new(name, mode)))
+            .or_insert_with(|| Arc::new(RoleSlot::new(name, mode, self.tasks.clone(), self.shutdown.clone())))
             .clone()
     }
 
@@ -526,13 +538,16 @@ impl RoleManager {
         let mut tasks = slot.tasks.lock().unwrap();
         tasks.retain(|task| !task.is_finished());
         if tasks.is_empty() {
-            tasks.push(tokio::spawn(delivery::deliver_events(
+            tasks.push(self.tasks.spawn(delivery::deliver_events(
                 slot.clone(),
                 self.parts.log.clone(),
                 self.parts.store.clone(),
                 self.shutdown.clone(),
             )));
-            tasks.push(tokio::spawn(delivery::run_ticks(slot.clone(), self.shutdown.clone())));
+            tasks.push(
+                self.tasks
+                    .spawn(delivery::run_ticks(slot.clone(), self.shutdown.clone())),
+            );
         }
     }
 
@@ -704,11 +719,17 @@ impl RoleManager {
         self.names().iter().filter_map(|name| self.info(name)).collect()
     }
 
-    /// Stops every role's tasks and listeners (daemon shutdown).
-    pub fn stop(&self) {
-        for slot in self.slots.read().unwrap().values() {
-            slot.stop_tasks();
-            slot.listeners.lock().unwrap().clear();
+    /// Daemon shutdown, after the shutdown token was cancelled: waits for
+    /// every task the manager spawned, then drops every role version, so no
+    /// instance, socket or store handle outlives this call.
+    pub async fn stop(&self) {
+        // Tasks see the cancelled token and end on their own; aborting them
+        // instead could leave a store operation running on a blocking thread.
+        self.tasks.close();
+        self.tasks.wait().await;
+        let slots = std::mem::take(&mut *self.slots.write().unwrap());
+        for slot in slots.values() {
+            *slot.current.write().unwrap() = None;
         }
     }
 
