@@ -59,11 +59,13 @@ fn main() {
     ] {
         build.env_remove(var);
     }
-    // Guests ship without DWARF (it would make a small role megabytes); the
-    // name section stays, so traps still name the role's functions.
+    // Guests ship without DWARF (it would make a small role megabytes) and
+    // are optimized for size, which also makes the host compile them faster;
+    // the name section stays, so traps still name the role's functions.
     build
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
+        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo")
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s");
     let status = build
         .status()
         .expect("could not run cargo to build the roles for wasm32-wasip2");
