@@ -306,6 +306,7 @@ async fn emit_event(
     match state.log.append(event).await {
         Ok(seq) => Ok(Json(json!({ "seq": seq }))),
         Err(LogError::Invalid(message)) => Err(ApiError::new(400, message)),
+        Err(error @ LogError::Unavailable(_)) => Err(ApiError::new(503, error.to_string())),
         Err(error) => Err(ApiError::new(500, error.to_string())),
     }
 }

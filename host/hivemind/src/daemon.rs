@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiState};
 use crate::cluster::Cluster;
 use crate::config::HostConfig;
-use crate::log::LocalLog;
 use crate::notify::Notifier;
+use crate::quorum::{NodeAddress, QuorumLog, Timing};
 use crate::roles::manager::RoleManager;
 use crate::roles::services::HostParts;
 use crate::roles::watcher;
@@ -41,6 +41,7 @@ pub struct Daemon {
     pub data_dir: PathBuf,
     pub token: String,
     pub manager: Arc<RoleManager>,
+    quorum: Arc<QuorumLog>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -80,7 +81,22 @@ impl Daemon {
         let api_addr = listener.local_addr()?;
         std::fs::write(data_dir.join(API_ADDR_FILE), api_addr.to_string())?;
 
-        let log = Arc::new(LocalLog::open(store.clone())?);
+        let raft_id = u64::from_str_radix(&node_id, 16).with_context(|| {
+            format!(
+                "the node id in {} is not 16 hex digits; remove the file to get a new one",
+                data_dir.join("node-id").display()
+            )
+        })?;
+        let address = NodeAddress {
+            name: config.node_name.clone(),
+            transport: String::new(),
+            api: api_addr.to_string(),
+        };
+        let log = Arc::new(
+            QuorumLog::start_single(store.clone(), raft_id, address, &Timing::default())
+                .await
+                .context("cannot start the cluster log")?,
+        );
         let cluster = Arc::new(Cluster::single(
             node_id.clone(),
             config.node_name.clone(),
@@ -88,7 +104,7 @@ impl Daemon {
         ));
         let notifier = Arc::new(Notifier::new(node_id, config.webhook.clone()));
         let parts = HostParts {
-            log: log.clone(),
+            log: log.clone() as Arc<dyn crate::log::EventLog>,
             store,
             cluster: cluster.clone(),
             notifier: notifier.clone(),
@@ -104,7 +120,7 @@ impl Daemon {
         )));
         let app = api::router(ApiState {
             manager: manager.clone(),
-            log,
+            log: log.clone(),
             cluster,
             notifier,
             token: token.clone().into(),
@@ -125,6 +141,7 @@ impl Daemon {
             data_dir,
             token,
             manager,
+            quorum: log,
             shutdown,
             tasks,
         })
@@ -170,6 +187,7 @@ impl Daemon {
             let _ = task.await;
         }
         self.manager.stop().await;
+        self.quorum.shutdown().await;
         tracing::info!("hivemind stopped");
     }
 }

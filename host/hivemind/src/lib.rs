@@ -9,6 +9,7 @@
 //! - `daemon`: start-up and the shutdown protocol.
 //! - `store`: the redb database (events, role state, cursors, settings).
 //! - `log`: the event log seam ([`log::EventLog`]) and the local backing.
+//! - `quorum`: the Raft-replicated event log (openraft over the store).
 //! - `cluster`: the node table seam (one node for now).
 //! - `roles`: manifests, the role manager, watcher, listeners, delivery, and
 //!   the services behind a role's imports.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod daemon;
 pub mod log;
 pub mod notify;
+pub mod quorum;
 pub mod roles;
 pub mod scaffold;
 pub mod store;

@@ -1,17 +1,14 @@
 //! The event log as the rest of the host sees it: append, read after a seq,
 //! and watch the newest seq.
 //!
-//! [`EventLog`] is the seam the quorum log replaces: today [`LocalLog`] keeps
-//! the log in this node's [`Store`]; roles, the API and delivery only use the
-//! trait.
-
-use std::time::{SystemTime, UNIX_EPOCH};
+//! [`EventLog`] is what roles, the API and delivery use; the quorum log
+//! (`crate::quorum::QuorumLog`) implements it.
 
 use hivemind_runtime::Event;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 /// Largest payload accepted for one event: events describe changes, they do
 /// not carry bulk data.
@@ -61,6 +58,9 @@ pub struct NewEvent {
 pub enum LogError {
     #[error("invalid event: {0}")]
     Invalid(String),
+    /// The log cannot take writes now (no quorum, no leader); retry later.
+    #[error("the cluster log is unavailable: {0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -100,89 +100,7 @@ pub trait EventLog: Send + Sync + 'static {
     /// Up to `limit` events after `after` whose kind starts with `kind_prefix`.
     async fn since(&self, after: u64, kind_prefix: &str, limit: usize) -> Result<Vec<StoredEvent>, LogError>;
 
-    /// The newest seq, updated after every append.
+    /// A position that grows whenever new events may be readable (the last
+    /// applied log index); a wake-up for readers, not an event seq.
     fn watch_last(&self) -> watch::Receiver<u64>;
-}
-
-/// The single-node log: events in this node's store, epoch 1.
-pub struct LocalLog {
-    store: Store,
-    last: watch::Sender<u64>,
-}
-
-/// The only epoch a single node has.
-const LOCAL_EPOCH: u64 = 1;
-
-impl LocalLog {
-    pub fn open(store: Store) -> Result<LocalLog, StoreError> {
-        let last = store.last_seq()?;
-        Ok(LocalLog {
-            store,
-            last: watch::Sender::new(last),
-        })
-    }
-}
-
-#[async_trait::async_trait]
-impl EventLog for LocalLog {
-    async fn append(&self, event: NewEvent) -> Result<u64, LogError> {
-        validate(&event)?;
-        let timestamp_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|elapsed| elapsed.as_millis() as u64)
-            .unwrap_or(0);
-        let payload = serde_json::from_slice(&event.payload)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&event.payload).into_owned()));
-        let seq = self
-            .store
-            .blocking(move |store| {
-                store.append_event(|seq| {
-                    let stored = StoredEvent {
-                        seq,
-                        epoch: LOCAL_EPOCH,
-                        kind: event.kind,
-                        key: event.key,
-                        source: event.source,
-                        timestamp_ms,
-                        payload,
-                    };
-                    serde_json::to_vec(&stored).expect("events encode as JSON")
-                })
-            })
-            .await?;
-        self.last.send_if_modified(|last| {
-            let newer = seq > *last;
-            if newer {
-                *last = seq;
-            }
-            newer
-        });
-        Ok(seq)
-    }
-
-    async fn since(&self, after: u64, kind_prefix: &str, limit: usize) -> Result<Vec<StoredEvent>, LogError> {
-        let prefix = kind_prefix.to_string();
-        let found = self
-            .store
-            .blocking(move |store| {
-                store.events_after(after, limit, |bytes| {
-                    prefix.is_empty()
-                        || serde_json::from_slice::<KindOnly>(bytes).is_ok_and(|event| event.kind.starts_with(&prefix))
-                })
-            })
-            .await?;
-        Ok(found
-            .into_iter()
-            .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
-            .collect())
-    }
-
-    fn watch_last(&self) -> watch::Receiver<u64> {
-        self.last.subscribe()
-    }
-}
-
-#[derive(Deserialize)]
-struct KindOnly {
-    kind: String,
 }

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
 
 fn run_daemon(data_dir: Option<std::path::PathBuf>, args: UpArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tower_http=info")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn")))
         .init();
     let mut config = HostConfig::load(args.config.as_deref())?;
     if let Some(dir) = data_dir {

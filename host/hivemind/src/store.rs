@@ -13,7 +13,7 @@ use std::sync::Arc;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 /// Events by seq; the value is the JSON of [`crate::log::StoredEvent`].
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// Role state; the key is `ROLE\0KEY`, so one role's keys are one range.
 const ROLE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("role_state");
 /// Seq of the last event each role's `on-event` accepted.
@@ -59,6 +59,12 @@ impl Store {
             Ok(())
         })?;
         Ok(store)
+    }
+
+    /// The database, for subsystems that keep their own tables in it (the
+    /// quorum log).
+    pub(crate) fn database(&self) -> Arc<Database> {
+        self.db.clone()
     }
 
     /// Runs blocking store work on the blocking thread pool.

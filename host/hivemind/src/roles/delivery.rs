@@ -42,6 +42,10 @@ pub async fn deliver_events(slot: Arc<RoleSlot>, log: Arc<dyn EventLog>, store: 
                 _ = changes.changed() => continue,
             }
         }
+        // Read the newest applied index before the events: if the read
+        // finds nothing, nothing up to `observed` is left to deliver, and
+        // `changed` fires for anything applied since.
+        newest.borrow_and_update();
         let batch = match log.since(cursor, "", BATCH).await {
             Ok(batch) => batch,
             Err(error) => {
@@ -51,10 +55,6 @@ pub async fn deliver_events(slot: Arc<RoleSlot>, log: Arc<dyn EventLog>, store: 
             }
         };
         if batch.is_empty() {
-            newest.mark_unchanged();
-            if *newest.borrow() > cursor {
-                continue;
-            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = newest.changed() => {}

@@ -96,6 +96,7 @@ impl RoleHost for RoleServices {
             .await
             .map_err(|error| match error {
                 LogError::Invalid(text) => HostError::Invalid(text),
+                LogError::Unavailable(text) => HostError::Unavailable(text),
                 LogError::Store(error) => HostError::Failed(error.to_string()),
             })
     }

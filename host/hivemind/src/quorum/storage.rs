@@ -1,0 +1,577 @@
+//! Raft's durable state on redb: the log and vote ([`LogStore`]) and the
+//! state machine ([`StateMachine`]).
+//!
+//! Every log append and vote is a durable redb commit before openraft hears
+//! it is done; losing either would allow two leaders in one term or lose
+//! acknowledged entries. State machine writes are not forced to disk on their
+//! own: the next log append (always durable) carries them, and after a crash
+//! the state machine resumes from its last durable `applied` and replays the
+//! log, which is kept at least back to the last snapshot. Snapshots are
+//! written durably before the log behind them may be purged.
+//!
+//! The state machine's events live in the store's `events` table keyed by
+//! their seq, which is the Raft log index of the entry that carried them.
+
+// openraft's traits fix `StorageError` as the error type; its size is theirs.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{ClusterState, Command, CommandResult, NodeAddress, NodeId, TypeConfig};
+use crate::log::StoredEvent;
+use crate::store::{EVENTS, Store};
+
+/// Raft log entries by index, JSON-encoded.
+const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// `vote`, `committed`, `last_purged`.
+const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+/// `applied`, `membership`, `cluster`, `snapshot`.
+const MACHINE: TableDefinition<&str, &[u8]> = TableDefinition::new("state_machine");
+/// Latest event seq per `KIND\0KEY`, for compaction.
+const LATEST: TableDefinition<&str, u64> = TableDefinition::new("latest_events");
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+fn io_error(subject: ErrorSubject<NodeId>, verb: ErrorVerb, error: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::new(subject, verb, AnyError::error(error.to_string())).into()
+}
+
+fn read_error(error: impl std::fmt::Display) -> StorageError<NodeId> {
+    io_error(ErrorSubject::Store, ErrorVerb::Read, error)
+}
+
+fn write_error(error: impl std::fmt::Display) -> StorageError<NodeId> {
+    io_error(ErrorSubject::Store, ErrorVerb::Write, error)
+}
+
+/// Runs blocking redb work off the async threads.
+async fn blocking<T: Send + 'static>(
+    db: &Arc<Database>,
+    work: impl FnOnce(&Database) -> StorageResult<T> + Send + 'static,
+) -> StorageResult<T> {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || work(&db))
+        .await
+        .map_err(write_error)?
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> StorageResult<Option<T>> {
+    match table.get(key).map_err(read_error)? {
+        None => Ok(None),
+        Some(value) => serde_json::from_slice(value.value()).map(Some).map_err(read_error),
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> StorageResult<Vec<u8>> {
+    serde_json::to_vec(value).map_err(write_error)
+}
+
+/// Opens the Raft tables in `store` and returns the log, the state machine
+/// and a watch of the last applied index.
+pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Receiver<u64>)> {
+    let db = store.database();
+    let txn = db.begin_write()?;
+    txn.open_table(RAFT_LOG)?;
+    txn.open_table(RAFT_META)?;
+    txn.open_table(MACHINE)?;
+    txn.open_table(LATEST)?;
+    txn.commit()?;
+    let applied: Option<LogId<NodeId>> = {
+        let read = db.begin_read()?;
+        let table = read.open_table(MACHINE)?;
+        get_json(&table, "applied").map_err(|error| anyhow::anyhow!("{error}"))?
+    };
+    let (sender, receiver) = watch::channel(applied.map(|log_id| log_id.index).unwrap_or(0));
+    Ok((
+        LogStore { db: db.clone() },
+        StateMachine {
+            db,
+            applied: Arc::new(sender),
+        },
+        receiver,
+    ))
+}
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let range = (range.start_bound().cloned(), range.end_bound().cloned());
+        blocking(&self.db, move |db| {
+            let read = db.begin_read().map_err(read_error)?;
+            let table = read.open_table(RAFT_LOG).map_err(read_error)?;
+            let mut entries = Vec::new();
+            for item in table.range::<u64>(range).map_err(read_error)? {
+                let (_, value) = item.map_err(read_error)?;
+                entries.push(serde_json::from_slice(value.value()).map_err(read_error)?);
+            }
+            Ok(entries)
+        })
+        .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        blocking(&self.db, |db| {
+            let read = db.begin_read().map_err(read_error)?;
+            let meta = read.open_table(RAFT_META).map_err(read_error)?;
+            let last_purged: Option<LogId<NodeId>> = get_json(&meta, "last_purged")?;
+            let log = read.open_table(RAFT_LOG).map_err(read_error)?;
+            let last = match log.last().map_err(read_error)? {
+                Some((_, value)) => Some(
+                    serde_json::from_slice::<Entry<TypeConfig>>(value.value())
+                        .map_err(read_error)?
+                        .log_id,
+                ),
+                None => last_purged,
+            };
+            Ok(LogState {
+                last_purged_log_id: last_purged,
+                last_log_id: last,
+            })
+        })
+        .await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        let bytes = to_json(vote)?;
+        blocking(&self.db, move |db| {
+            let txn = db.begin_write().map_err(write_error)?;
+            txn.open_table(RAFT_META)
+                .map_err(write_error)?
+                .insert("vote", bytes.as_slice())
+                .map_err(write_error)?;
+            txn.commit()
+                .map_err(|error| io_error(ErrorSubject::Vote, ErrorVerb::Write, error))
+        })
+        .await
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        blocking(&self.db, |db| {
+            let read = db.begin_read().map_err(read_error)?;
+            get_json(&read.open_table(RAFT_META).map_err(read_error)?, "vote")
+        })
+        .await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        let bytes = to_json(&committed)?;
+        blocking(&self.db, move |db| {
+            let mut txn = db.begin_write().map_err(write_error)?;
+            // Losing the committed index only means re-learning it from the
+            // leader; no need to wait for the disk.
+            txn.set_durability(Durability::None).map_err(write_error)?;
+            txn.open_table(RAFT_META)
+                .map_err(write_error)?
+                .insert("committed", bytes.as_slice())
+                .map_err(write_error)?;
+            txn.commit().map_err(write_error)
+        })
+        .await
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        blocking(&self.db, |db| {
+            let read = db.begin_read().map_err(read_error)?;
+            Ok(
+                get_json::<Option<LogId<NodeId>>>(&read.open_table(RAFT_META).map_err(read_error)?, "committed")?
+                    .flatten(),
+            )
+        })
+        .await
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let encoded: Vec<(u64, Vec<u8>)> = entries
+            .into_iter()
+            .map(|entry| Ok((entry.log_id.index, to_json(&entry)?)))
+            .collect::<StorageResult<_>>()?;
+        let result = blocking(&self.db, move |db| {
+            let txn = db.begin_write().map_err(write_error)?;
+            {
+                let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
+                for (index, bytes) in &encoded {
+                    table.insert(index, bytes.as_slice()).map_err(write_error)?;
+                }
+            }
+            // Durable when commit returns: only then may openraft count it.
+            txn.commit()
+                .map_err(|error| io_error(ErrorSubject::Logs, ErrorVerb::Write, error))
+        })
+        .await;
+        match &result {
+            Ok(()) => callback.log_io_completed(Ok(())),
+            Err(error) => callback.log_io_completed(Err(std::io::Error::other(error.to_string()))),
+        }
+        result
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        blocking(&self.db, move |db| {
+            let txn = db.begin_write().map_err(write_error)?;
+            {
+                let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
+                table.retain_in(log_id.index.., |_, _| false).map_err(write_error)?;
+            }
+            txn.commit().map_err(write_error)
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let bytes = to_json(&Some(log_id))?;
+        blocking(&self.db, move |db| {
+            let txn = db.begin_write().map_err(write_error)?;
+            {
+                txn.open_table(RAFT_META)
+                    .map_err(write_error)?
+                    .insert("last_purged", bytes.as_slice())
+                    .map_err(write_error)?;
+                let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
+                table.retain_in(..=log_id.index, |_, _| false).map_err(write_error)?;
+            }
+            txn.commit().map_err(write_error)
+        })
+        .await
+    }
+}
+
+/// A snapshot: the cluster facts and the latest event of every kind+key.
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    cluster: ClusterState,
+    events: Vec<StoredEvent>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, NodeAddress>,
+    data: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<Database>,
+    applied: Arc<watch::Sender<u64>>,
+}
+
+fn latest_key(kind: &str, key: &str) -> String {
+    format!("{kind}\0{key}")
+}
+
+impl StateMachine {
+    fn notify_applied(&self, index: u64) {
+        self.applied.send_if_modified(|last| {
+            let newer = index > *last;
+            if newer {
+                *last = index;
+            }
+            newer
+        });
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeAddress>)> {
+        blocking(&self.db, |db| {
+            let read = db.begin_read().map_err(read_error)?;
+            let table = read.open_table(MACHINE).map_err(read_error)?;
+            let applied = get_json(&table, "applied")?;
+            let membership = get_json(&table, "membership")?.unwrap_or_default();
+            Ok((applied, membership))
+        })
+        .await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<CommandResult>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let (results, last) = blocking(&self.db, move |db| {
+            let mut txn = db.begin_write().map_err(write_error)?;
+            txn.set_durability(Durability::None).map_err(write_error)?;
+            let mut results = Vec::with_capacity(entries.len());
+            let mut last = None;
+            {
+                let mut machine = txn.open_table(MACHINE).map_err(write_error)?;
+                let mut events = txn.open_table(EVENTS).map_err(write_error)?;
+                let mut latest = txn.open_table(LATEST).map_err(write_error)?;
+                let mut cluster: ClusterState = get_json(&machine, "cluster")?.unwrap_or_default();
+                for entry in entries {
+                    last = Some(entry.log_id);
+                    match entry.payload {
+                        EntryPayload::Blank => results.push(CommandResult::Nothing),
+                        EntryPayload::Normal(Command::Event {
+                            kind,
+                            key,
+                            source,
+                            timestamp_ms,
+                            payload,
+                        }) => {
+                            let seq = entry.log_id.index;
+                            let event = StoredEvent {
+                                seq,
+                                epoch: cluster.epoch,
+                                kind,
+                                key,
+                                source,
+                                timestamp_ms,
+                                payload,
+                            };
+                            events.insert(seq, to_json(&event)?.as_slice()).map_err(write_error)?;
+                            latest
+                                .insert(latest_key(&event.kind, &event.key).as_str(), seq)
+                                .map_err(write_error)?;
+                            results.push(CommandResult::Event { seq });
+                        }
+                        EntryPayload::Membership(membership) => {
+                            let voters: Vec<NodeId> = membership.voter_ids().collect();
+                            if cluster.cluster_id.is_empty() {
+                                cluster.cluster_id = format!("{:016x}", rand::random::<u64>());
+                            }
+                            if voters != cluster.voters {
+                                cluster.epoch += 1;
+                                cluster.voters = voters;
+                            }
+                            let stored = StoredMembership::new(Some(entry.log_id), membership);
+                            machine
+                                .insert("membership", to_json(&stored)?.as_slice())
+                                .map_err(write_error)?;
+                            results.push(CommandResult::Nothing);
+                        }
+                    }
+                }
+                machine
+                    .insert("cluster", to_json(&cluster)?.as_slice())
+                    .map_err(write_error)?;
+                machine
+                    .insert("applied", to_json(&last)?.as_slice())
+                    .map_err(write_error)?;
+            }
+            txn.commit().map_err(write_error)?;
+            Ok((results, last))
+        })
+        .await?;
+        if let Some(last) = last {
+            self.notify_applied(last.index);
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeAddress>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot.into_inner(),
+        };
+        let applied = meta.last_log_id;
+        blocking(&self.db, move |db| {
+            let data: SnapshotData = serde_json::from_slice(&stored.data)
+                .map_err(|error| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, error))?;
+            let txn = db.begin_write().map_err(write_error)?;
+            {
+                let mut events = txn.open_table(EVENTS).map_err(write_error)?;
+                events.retain(|_, _| false).map_err(write_error)?;
+                let mut latest = txn.open_table(LATEST).map_err(write_error)?;
+                latest.retain(|_, _| false).map_err(write_error)?;
+                for event in &data.events {
+                    events
+                        .insert(event.seq, to_json(event)?.as_slice())
+                        .map_err(write_error)?;
+                    latest
+                        .insert(latest_key(&event.kind, &event.key).as_str(), event.seq)
+                        .map_err(write_error)?;
+                }
+                let mut machine = txn.open_table(MACHINE).map_err(write_error)?;
+                machine
+                    .insert("cluster", to_json(&data.cluster)?.as_slice())
+                    .map_err(write_error)?;
+                machine
+                    .insert("applied", to_json(&stored.meta.last_log_id)?.as_slice())
+                    .map_err(write_error)?;
+                machine
+                    .insert("membership", to_json(&stored.meta.last_membership)?.as_slice())
+                    .map_err(write_error)?;
+                machine
+                    .insert("snapshot", to_json(&stored)?.as_slice())
+                    .map_err(write_error)?;
+            }
+            txn.commit().map_err(write_error)
+        })
+        .await?;
+        if let Some(applied) = applied {
+            self.notify_applied(applied.index);
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        blocking(&self.db, |db| {
+            let read = db.begin_read().map_err(read_error)?;
+            let stored: Option<StoredSnapshot> = get_json(&read.open_table(MACHINE).map_err(read_error)?, "snapshot")?;
+            Ok(stored.map(|stored| Snapshot {
+                meta: stored.meta,
+                snapshot: Box::new(Cursor::new(stored.data)),
+            }))
+        })
+        .await
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// Compacts the event stream to the latest event per kind+key, then
+    /// stores that, with the cluster facts, as the current snapshot.
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        blocking(&self.db, |db| {
+            let txn = db.begin_write().map_err(write_error)?;
+            let stored = {
+                let mut machine = txn.open_table(MACHINE).map_err(write_error)?;
+                let applied: Option<LogId<NodeId>> = get_json(&machine, "applied")?;
+                let membership: StoredMembership<NodeId, NodeAddress> =
+                    get_json(&machine, "membership")?.unwrap_or_default();
+                let cluster: ClusterState = get_json(&machine, "cluster")?.unwrap_or_default();
+                let latest = txn.open_table(LATEST).map_err(write_error)?;
+                let mut keep = std::collections::BTreeSet::new();
+                for item in latest.iter().map_err(read_error)? {
+                    keep.insert(item.map_err(read_error)?.1.value());
+                }
+                let mut events_table = txn.open_table(EVENTS).map_err(write_error)?;
+                events_table.retain(|seq, _| keep.contains(&seq)).map_err(write_error)?;
+                let mut events = Vec::with_capacity(keep.len());
+                for item in events_table.iter().map_err(read_error)? {
+                    let (_, value) = item.map_err(read_error)?;
+                    events.push(serde_json::from_slice::<StoredEvent>(value.value()).map_err(read_error)?);
+                }
+                let data = to_json(&SnapshotData { cluster, events })?;
+                let snapshot_id = match applied {
+                    Some(log_id) => format!("{}-{}-{}", log_id.leader_id, log_id.index, rand::random::<u32>()),
+                    None => format!("empty-{}", rand::random::<u32>()),
+                };
+                let meta = SnapshotMeta {
+                    last_log_id: applied,
+                    last_membership: membership,
+                    snapshot_id,
+                };
+                let stored = StoredSnapshot { meta, data };
+                machine
+                    .insert("snapshot", to_json(&stored)?.as_slice())
+                    .map_err(write_error)?;
+                stored
+            };
+            // Durable before openraft may purge the log behind it.
+            txn.commit()
+                .map_err(|error| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, error))?;
+            Ok(Snapshot {
+                meta: stored.meta,
+                snapshot: Box::new(Cursor::new(stored.data)),
+            })
+        })
+        .await
+    }
+}
+
+/// The network of a cluster that has only this node: nothing to reach.
+pub struct NoNetwork;
+
+pub struct Unreachable;
+
+impl openraft::network::RaftNetworkFactory<TypeConfig> for NoNetwork {
+    type Network = Unreachable;
+
+    async fn new_client(&mut self, _target: NodeId, _node: &NodeAddress) -> Self::Network {
+        Unreachable
+    }
+}
+
+fn unreachable<E: std::error::Error>() -> openraft::error::RPCError<NodeId, NodeAddress, E> {
+    openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(&std::io::Error::other(
+        "this node has no transport to other nodes",
+    )))
+}
+
+impl openraft::network::RaftNetwork<TypeConfig> for Unreachable {
+    async fn append_entries(
+        &mut self,
+        _rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::AppendEntriesResponse<NodeId>,
+        openraft::error::RPCError<NodeId, NodeAddress, openraft::error::RaftError<NodeId>>,
+    > {
+        Err(unreachable())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: openraft::raft::InstallSnapshotRequest<TypeConfig>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::InstallSnapshotResponse<NodeId>,
+        openraft::error::RPCError<
+            NodeId,
+            NodeAddress,
+            openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
+        >,
+    > {
+        Err(unreachable())
+    }
+
+    async fn vote(
+        &mut self,
+        _rpc: openraft::raft::VoteRequest<NodeId>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::VoteResponse<NodeId>,
+        openraft::error::RPCError<NodeId, NodeAddress, openraft::error::RaftError<NodeId>>,
+    > {
+        Err(unreachable())
+    }
+}
