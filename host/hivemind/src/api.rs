@@ -38,6 +38,7 @@ pub const ROLE_ACTIONS: [&str; 5] = ["enable", "disable", "pause", "resume", "re
 pub struct ApiState {
     pub manager: Arc<RoleManager>,
     pub log: Arc<dyn EventLog>,
+    pub quorum: Arc<crate::quorum::QuorumLog>,
     pub cluster: Arc<Cluster>,
     pub notifier: Arc<Notifier>,
     pub token: Arc<str>,
@@ -126,7 +127,7 @@ async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
     let node = state.cluster.self_node();
     Json(json!({
         "node": { "id": node.id, "name": node.name, "address": node.address },
-        "cluster": { "mode": "single-node", "health": "healthy", "members": 1 },
+        "cluster": cluster_status(&state),
         "version": env!("CARGO_PKG_VERSION"),
         "contract": hivemind_runtime::CONTRACT,
         "uptime_ms": state.started.elapsed().as_millis() as u64,
@@ -142,6 +143,24 @@ async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
         "last_seq": *state.log.watch_last().borrow(),
         "recent_failures": state.notifier.recent(),
     }))
+}
+
+fn cluster_status(state: &ApiState) -> serde_json::Value {
+    let quorum = state.quorum.status();
+    let mode = if quorum.voters.len() == 1 {
+        "single-node"
+    } else {
+        "cluster"
+    };
+    let health = if quorum.leader.is_some() { "healthy" } else { "degraded" };
+    json!({
+        "mode": mode,
+        "health": health,
+        "leader": quorum.leader,
+        "term": quorum.term,
+        "last_applied": quorum.last_applied,
+        "voters": quorum.voters,
+    })
 }
 
 async fn list_roles(State(state): State<ApiState>) -> Json<serde_json::Value> {

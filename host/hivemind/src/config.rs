@@ -25,6 +25,15 @@
 //! pool_instances = 256
 //! # Largest memory any role may be granted, in MiB.
 //! max_role_memory_mb = 1024
+//!
+//! [raft]
+//! # Leader heartbeat and election timeout range, ms (LAN defaults).
+//! heartbeat_ms = 50
+//! election_min_ms = 300
+//! election_max_ms = 600
+//! # Log entries between snapshots; a snapshot compacts the event stream to
+//! # the latest event per kind+key and lets the log behind it be purged.
+//! snapshot_every = 10000
 //! ```
 
 use std::net::SocketAddr;
@@ -53,6 +62,39 @@ pub struct FileConfig {
     pub notify: NotifyConfig,
     #[serde(default)]
     pub runtime: RuntimeSection,
+    #[serde(default)]
+    pub raft: RaftSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaftSection {
+    pub heartbeat_ms: Option<u64>,
+    pub election_min_ms: Option<u64>,
+    pub election_max_ms: Option<u64>,
+    pub snapshot_every: Option<u64>,
+}
+
+impl RaftSection {
+    fn timing(&self) -> anyhow::Result<crate::quorum::Timing> {
+        let defaults = crate::quorum::Timing::default();
+        let ms = |value: Option<u64>, default: Duration| value.map(Duration::from_millis).unwrap_or(default);
+        let timing = crate::quorum::Timing {
+            heartbeat: ms(self.heartbeat_ms, defaults.heartbeat),
+            election_min: ms(self.election_min_ms, defaults.election_min),
+            election_max: ms(self.election_max_ms, defaults.election_max),
+            snapshot_every: self.snapshot_every.unwrap_or(defaults.snapshot_every),
+        };
+        anyhow::ensure!(
+            timing.heartbeat < timing.election_min && timing.election_min < timing.election_max,
+            "config [raft]: need heartbeat_ms < election_min_ms < election_max_ms"
+        );
+        anyhow::ensure!(
+            timing.snapshot_every > 0,
+            "config [raft]: snapshot_every must be at least 1"
+        );
+        Ok(timing)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -80,6 +122,8 @@ pub struct HostConfig {
     pub webhook: Option<String>,
     pub pool_instances: u32,
     pub max_role_memory_bytes: u64,
+    /// Raft timing and snapshot threshold.
+    pub raft: crate::quorum::Timing,
 }
 
 impl HostConfig {
@@ -96,6 +140,7 @@ impl HostConfig {
             webhook: None,
             pool_instances: 64,
             max_role_memory_bytes: hivemind_runtime::RuntimeConfig::new("").pool_max_memory_bytes,
+            raft: crate::quorum::Timing::default(),
         }
     }
 
@@ -130,6 +175,7 @@ impl HostConfig {
                 .max_role_memory_mb
                 .map(|mb| mb << 20)
                 .unwrap_or(runtime_defaults.pool_max_memory_bytes),
+            raft: file.raft.timing()?,
         })
     }
 }

@@ -22,7 +22,7 @@ use crate::api::{self, ApiState};
 use crate::cluster::Cluster;
 use crate::config::HostConfig;
 use crate::notify::Notifier;
-use crate::quorum::{NodeAddress, QuorumLog, Timing};
+use crate::quorum::{NodeAddress, QuorumLog};
 use crate::roles::manager::RoleManager;
 use crate::roles::services::HostParts;
 use crate::roles::watcher;
@@ -42,6 +42,7 @@ pub struct Daemon {
     pub token: String,
     pub manager: Arc<RoleManager>,
     quorum: Arc<QuorumLog>,
+    store: Store,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -92,8 +93,9 @@ impl Daemon {
             transport: String::new(),
             api: api_addr.to_string(),
         };
+        let store_handle = store.clone();
         let log = Arc::new(
-            QuorumLog::start_single(store.clone(), raft_id, address, &Timing::default())
+            QuorumLog::start_single(store.clone(), raft_id, address, &config.raft)
                 .await
                 .context("cannot start the cluster log")?,
         );
@@ -121,6 +123,7 @@ impl Daemon {
         let app = api::router(ApiState {
             manager: manager.clone(),
             log: log.clone(),
+            quorum: log.clone(),
             cluster,
             notifier,
             token: token.clone().into(),
@@ -142,6 +145,7 @@ impl Daemon {
             token,
             manager,
             quorum: log,
+            store: store_handle,
             shutdown,
             tasks,
         })
@@ -182,12 +186,24 @@ impl Daemon {
 
     /// Stops the host and waits for all its tasks.
     pub async fn shutdown(self) {
-        self.shutdown.cancel();
-        for task in self.tasks {
+        let Daemon {
+            manager,
+            quorum,
+            store,
+            shutdown,
+            tasks,
+            ..
+        } = self;
+        shutdown.cancel();
+        for task in tasks {
             let _ = task.await;
         }
-        self.manager.stop().await;
-        self.quorum.shutdown().await;
+        manager.stop().await;
+        quorum.shutdown().await;
+        drop((manager, quorum));
+        if !store.wait_last_handle(Duration::from_secs(5)).await {
+            tracing::warn!("the store is still in use 5 s after shutdown; a restart may find it locked");
+        }
         tracing::info!("hivemind stopped");
     }
 }

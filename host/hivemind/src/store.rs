@@ -67,6 +67,21 @@ impl Store {
         self.db.clone()
     }
 
+    /// Waits until this handle is the last one to the database, so that
+    /// dropping it closes the file (a restart in the same process can then
+    /// open it again). Tasks that finish shortly after a shutdown (openraft's
+    /// state machine worker, say) may still hold one for a moment.
+    pub async fn wait_last_handle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while Arc::strong_count(&self.db) > 1 {
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+
     /// Runs blocking store work on the blocking thread pool.
     pub async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
     where

@@ -116,6 +116,15 @@ impl Default for Timing {
 
 pub type HivemindRaft = Raft<TypeConfig>;
 
+/// What `/v1/status` shows of the quorum.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuorumStatus {
+    pub leader: Option<String>,
+    pub term: u64,
+    pub last_applied: u64,
+    pub voters: Vec<String>,
+}
+
 /// The quorum log as the host's [`EventLog`].
 pub struct QuorumLog {
     raft: HivemindRaft,
@@ -150,11 +159,38 @@ impl QuorumLog {
             members.insert(id, address);
             raft.initialize(members).await?;
         }
+        // A lone voter elects itself within one election timeout; serve only
+        // once writes can succeed.
+        raft.wait(Some(timing.election_max * 10))
+            .metrics(
+                |metrics| metrics.current_leader == Some(id),
+                "this node leads its one-voter cluster",
+            )
+            .await
+            .map_err(|error| anyhow::anyhow!("the cluster log did not elect this node as leader: {error}"))?;
         Ok(QuorumLog { raft, store, applied })
     }
 
     pub fn raft(&self) -> &HivemindRaft {
         &self.raft
+    }
+
+    /// Leader, term and voters as this node sees them (node ids in hex,
+    /// as everywhere users see them).
+    pub fn status(&self) -> QuorumStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let voters: Vec<String> = metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .map(|id| format!("{id:016x}"))
+            .collect();
+        QuorumStatus {
+            leader: metrics.current_leader.map(|id| format!("{id:016x}")),
+            term: metrics.current_term,
+            last_applied: metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0),
+            voters,
+        }
     }
 
     pub async fn shutdown(&self) {
