@@ -13,6 +13,7 @@
 //! - `cluster`: the node table seam (one node for now).
 //! - `roles`: manifests, the role manager, watcher, listeners, delivery, and
 //!   the services behind a role's imports.
+//! - `transport`: node-to-node TCP + mutual TLS under a cluster CA, framed.
 //! - `notify`: the failure notification sink (log + webhook).
 //! - `api`: the HTTP API.
 //! - `cli`, `scaffold`: the command line.
@@ -28,6 +29,7 @@ pub mod quorum;
 pub mod roles;
 pub mod scaffold;
 pub mod store;
+pub mod transport;
 
 pub use config::HostConfig;
 pub use daemon::Daemon;

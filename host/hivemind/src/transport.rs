@@ -1,0 +1,479 @@
+//! The node-to-node transport: TCP with mutual TLS under a cluster CA, and
+//! length-prefixed, versioned frames with a maximum size.
+//!
+//! It owns the cluster's certificates ([`ClusterCa`], [`NodeIdentity`]), the
+//! frame format and a request/response server and client. It does not know
+//! what the frames mean: Raft RPCs, joins and role calls are its users.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes: the
+//! protocol version, the message kind, then the body. A length above
+//! [`MAX_FRAME_BYTES`] ends the connection before anything is allocated, and
+//! so does a peer whose certificate was not issued by the cluster CA or that
+//! does not finish its TLS handshake in time. Every dropped connection is
+//! logged and counted; none can take the host down.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+
+/// Largest frame accepted: a Raft append of many entries or a snapshot
+/// chunk fits; a hostile length prefix cannot make the host allocate more.
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
+
+/// The frame format's version; a peer speaking another one is refused.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// A peer has this long to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The name every node certificate carries and every client verifies: the
+/// cluster CA, not DNS, is what makes a peer a member.
+const NODE_SERVER_NAME: &str = "node.hivemind";
+
+/// The cluster's certificate authority, created when a cluster is formed.
+pub struct ClusterCa {
+    params: CertificateParams,
+    key: KeyPair,
+    cert_pem: String,
+}
+
+fn ca_params(cluster_id: &str) -> anyhow::Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, format!("Hivemind cluster CA {cluster_id}"));
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+impl ClusterCa {
+    /// A new CA for the cluster `cluster_id`.
+    pub fn generate(cluster_id: &str) -> anyhow::Result<ClusterCa> {
+        let params = ca_params(cluster_id)?;
+        let key = KeyPair::generate()?;
+        let cert_pem = params.self_signed(&key)?.pem();
+        Ok(ClusterCa { params, key, cert_pem })
+    }
+
+    /// Loads a CA written by [`ClusterCa::save`].
+    pub fn load(dir: &Path, cluster_id: &str) -> anyhow::Result<ClusterCa> {
+        let cert_pem = std::fs::read_to_string(dir.join("ca.pem"))
+            .with_context(|| format!("read {}", dir.join("ca.pem").display()))?;
+        let key_pem = std::fs::read_to_string(dir.join("ca.key"))
+            .with_context(|| format!("read {}", dir.join("ca.key").display()))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .with_context(|| format!("{}: not a private key", dir.join("ca.key").display()))?;
+        Ok(ClusterCa {
+            params: ca_params(cluster_id)?,
+            key,
+            cert_pem,
+        })
+    }
+
+    /// Writes `ca.pem` and `ca.key` (owner-only) into `dir`.
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("ca.pem"), &self.cert_pem)?;
+        write_private(&dir.join("ca.key"), &self.key.serialize_pem())?;
+        Ok(())
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A certificate for node `node_id`, signed by this CA.
+    pub fn issue(&self, node_id: &str) -> anyhow::Result<NodeIdentity> {
+        let mut params = CertificateParams::new(vec![NODE_SERVER_NAME.to_string()])?;
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, node_id);
+        params.distinguished_name = name;
+        let key = KeyPair::generate()?;
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(NodeIdentity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            ca_pem: self.cert_pem.clone(),
+        })
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
+}
+
+/// A node's certificate, key and the CA that signed it.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+fn parse_certs(pem: &str, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    use rustls_pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{what}: not PEM certificates"))?;
+    anyhow::ensure!(!certs.is_empty(), "{what}: no certificate");
+    Ok(certs)
+}
+
+impl NodeIdentity {
+    fn key(&self) -> anyhow::Result<PrivateKeyDer<'static>> {
+        use rustls_pki_types::pem::PemObject;
+        Ok(PrivateKeyDer::Pkcs8(
+            PrivatePkcs8KeyDer::from_pem_slice(self.key_pem.as_bytes()).context("node key: not a PKCS#8 PEM key")?,
+        ))
+    }
+
+    fn roots(&self) -> anyhow::Result<Arc<RootCertStore>> {
+        let mut roots = RootCertStore::empty();
+        for cert in parse_certs(&self.ca_pem, "cluster CA")? {
+            roots.add(cert)?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// Server side: present our certificate, require one from the same CA.
+    pub fn acceptor(&self) -> anyhow::Result<TlsAcceptor> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider()).build()?;
+        let config = rustls::ServerConfig::builder_with_provider(Self::provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(parse_certs(&self.cert_pem, "node certificate")?, self.key()?)?;
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+
+    /// Client side: trust only the cluster CA, present our certificate.
+    pub fn connector(&self) -> anyhow::Result<TlsConnector> {
+        let config = rustls::ClientConfig::builder_with_provider(Self::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(parse_certs(&self.cert_pem, "node certificate")?, self.key()?)?;
+        Ok(TlsConnector::from(Arc::new(config)))
+    }
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME_BYTES)
+        .new_codec()
+}
+
+/// Builds a frame body: version, kind, payload.
+fn encode(kind: u8, payload: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(2 + payload.len());
+    frame.extend_from_slice(&[PROTOCOL_VERSION, kind]);
+    frame.extend_from_slice(payload);
+    frame.freeze()
+}
+
+/// Splits a frame body into kind and payload, refusing other versions.
+fn decode(frame: &[u8]) -> anyhow::Result<(u8, &[u8])> {
+    match frame {
+        [PROTOCOL_VERSION, kind, payload @ ..] => Ok((*kind, payload)),
+        [version, ..] => anyhow::bail!("protocol version {version} is not {PROTOCOL_VERSION}"),
+        [] => anyhow::bail!("empty frame"),
+    }
+}
+
+/// What a server does with one request frame.
+#[async_trait::async_trait]
+pub trait FrameHandler: Send + Sync + 'static {
+    /// Answers `payload` of message `kind` with a reply of some kind.
+    async fn handle(&self, kind: u8, payload: Bytes) -> (u8, Vec<u8>);
+}
+
+/// Connections the server refused or dropped, by reason.
+#[derive(Debug, Default)]
+pub struct TransportCounters {
+    pub accepted: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub bad_frames: AtomicU64,
+}
+
+/// Serves frames on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    handler: Arc<dyn FrameHandler>,
+    counters: Arc<TransportCounters>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "transport accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, handler, counters, shutdown) =
+            (acceptor.clone(), handler.clone(), counters.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = serve_connection(stream, peer, acceptor, handler, counters) => {}
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    handler: Arc<dyn FrameHandler>,
+    counters: Arc<TransportCounters>,
+) {
+    let _ = stream.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            counters.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, %error, "transport: TLS handshake refused; connection dropped");
+            return;
+        }
+        Err(_) => {
+            counters.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "transport: no TLS handshake within {} s; connection dropped", HANDSHAKE_TIMEOUT.as_secs());
+            return;
+        }
+    };
+    counters.accepted.fetch_add(1, Ordering::Relaxed);
+    let mut framed = Framed::new(tls, codec());
+    while let Some(frame) = framed.next().await {
+        let reply = match frame.map_err(anyhow::Error::from).and_then(|frame| {
+            let (kind, payload) = decode(&frame)?;
+            Ok((kind, Bytes::copy_from_slice(payload)))
+        }) {
+            Ok((kind, payload)) => handler.handle(kind, payload).await,
+            Err(error) => {
+                counters.bad_frames.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, %error, "transport: bad frame; connection dropped");
+                return;
+            }
+        };
+        if let Err(error) = framed.send(encode(reply.0, &reply.1)).await {
+            tracing::debug!(%peer, %error, "transport: reply not sent");
+            return;
+        }
+    }
+}
+
+/// One TLS connection to a peer, carrying one request at a time.
+pub struct Connection<S> {
+    framed: Framed<S, LengthDelimitedCodec>,
+}
+
+/// Opens a connection to `address` and verifies it is a cluster member.
+pub async fn connect(
+    address: &str,
+    connector: &TlsConnector,
+    timeout: Duration,
+) -> anyhow::Result<Connection<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let connect = async {
+        let stream = TcpStream::connect(address)
+            .await
+            .with_context(|| format!("connect to {address}"))?;
+        let _ = stream.set_nodelay(true);
+        let name = ServerName::try_from(NODE_SERVER_NAME)?;
+        let tls = connector
+            .connect(name, stream)
+            .await
+            .with_context(|| format!("TLS with {address}"))?;
+        anyhow::Ok(Connection {
+            framed: Framed::new(tls, codec()),
+        })
+    };
+    tokio::time::timeout(timeout, connect)
+        .await
+        .with_context(|| format!("connect to {address}: timed out"))?
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Sends a request and waits for its reply.
+    pub async fn request(&mut self, kind: u8, payload: &[u8]) -> anyhow::Result<(u8, Bytes)> {
+        self.framed.send(encode(kind, payload)).await?;
+        let frame = self.framed.next().await.context("the peer closed the connection")??;
+        let (kind, payload) = decode(&frame)?;
+        Ok((kind, Bytes::copy_from_slice(payload)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    struct Echo;
+
+    #[async_trait::async_trait]
+    impl FrameHandler for Echo {
+        async fn handle(&self, kind: u8, payload: Bytes) -> (u8, Vec<u8>) {
+            (kind + 1, payload.to_vec())
+        }
+    }
+
+    struct Server {
+        address: SocketAddr,
+        counters: Arc<TransportCounters>,
+        shutdown: CancellationToken,
+    }
+
+    async fn start_server(identity: &NodeIdentity) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let counters = Arc::new(TransportCounters::default());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            identity.acceptor().unwrap(),
+            Arc::new(Echo),
+            counters.clone(),
+            shutdown.clone(),
+        ));
+        Server {
+            address,
+            counters,
+            shutdown,
+        }
+    }
+
+    async fn round_trip(server: &Server, identity: &NodeIdentity) -> anyhow::Result<(u8, Bytes)> {
+        let mut connection = connect(
+            &server.address.to_string(),
+            &identity.connector()?,
+            Duration::from_secs(5),
+        )
+        .await?;
+        connection.request(7, b"hello").await
+    }
+
+    /// Two nodes of one CA exchange frames over mutual TLS.
+    #[tokio::test]
+    async fn members_exchange_frames() {
+        let ca = ClusterCa::generate("test").unwrap();
+        let server = start_server(&ca.issue("a").unwrap()).await;
+        let (kind, payload) = round_trip(&server, &ca.issue("b").unwrap()).await.unwrap();
+        assert_eq!((kind, payload.as_ref()), (8, b"hello".as_ref()));
+        server.shutdown.cancel();
+    }
+
+    /// A peer with a certificate from another CA is refused at the handshake,
+    /// and the server keeps serving members.
+    #[tokio::test]
+    async fn a_certificate_from_another_ca_is_refused() {
+        let ca = ClusterCa::generate("test").unwrap();
+        let server = start_server(&ca.issue("a").unwrap()).await;
+        let stranger = ClusterCa::generate("other").unwrap().issue("x").unwrap();
+        assert!(round_trip(&server, &stranger).await.is_err());
+        assert!(round_trip(&server, &ca.issue("b").unwrap()).await.is_ok());
+        assert_eq!(server.counters.handshake_failures.load(Ordering::Relaxed), 1);
+        server.shutdown.cancel();
+    }
+
+    /// Random bytes instead of a TLS handshake are dropped and counted.
+    #[tokio::test]
+    async fn random_bytes_are_dropped() {
+        let ca = ClusterCa::generate("test").unwrap();
+        let server = start_server(&ca.issue("a").unwrap()).await;
+        let mut raw = TcpStream::connect(server.address).await.unwrap();
+        let junk: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
+        let _ = raw.write_all(&junk).await;
+        let mut buffer = [0u8; 64];
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(&mut raw, &mut buffer),
+        )
+        .await;
+        assert!(
+            matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+            "the server closes the connection"
+        );
+        assert!(round_trip(&server, &ca.issue("b").unwrap()).await.is_ok());
+        assert_eq!(server.counters.handshake_failures.load(Ordering::Relaxed), 1);
+        server.shutdown.cancel();
+    }
+
+    /// A member announcing a 4 GB frame is disconnected without the server
+    /// allocating it; the server keeps serving.
+    #[tokio::test]
+    async fn a_huge_length_prefix_is_refused() {
+        let ca = ClusterCa::generate("test").unwrap();
+        let server = start_server(&ca.issue("a").unwrap()).await;
+        let member = ca.issue("b").unwrap();
+        let name = ServerName::try_from(NODE_SERVER_NAME).unwrap();
+        let stream = TcpStream::connect(server.address).await.unwrap();
+        let mut tls = member.connector().unwrap().connect(name, stream).await.unwrap();
+        tls.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        tls.write_all(&[PROTOCOL_VERSION, 1, 2, 3]).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut buffer = [0u8; 16];
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(&mut tls, &mut buffer),
+        )
+        .await
+        .expect("the server ends the connection");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert_eq!(server.counters.bad_frames.load(Ordering::Relaxed), 1);
+        assert!(round_trip(&server, &member).await.is_ok());
+        server.shutdown.cancel();
+    }
+
+    /// A frame of another protocol version is refused.
+    #[test]
+    fn other_versions_are_refused() {
+        assert!(decode(&[PROTOCOL_VERSION + 1, 1]).is_err());
+        assert!(decode(&[]).is_err());
+        assert_eq!(decode(&[PROTOCOL_VERSION, 3, 9]).unwrap(), (3, &[9u8][..]));
+    }
+
+    /// A saved CA loads back and issues certificates the original's members trust.
+    #[tokio::test]
+    async fn a_saved_ca_keeps_issuing_trusted_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::generate("test").unwrap();
+        ca.save(dir.path()).unwrap();
+        let server = start_server(&ca.issue("a").unwrap()).await;
+        let reloaded = ClusterCa::load(dir.path(), "test").unwrap();
+        assert!(round_trip(&server, &reloaded.issue("c").unwrap()).await.is_ok());
+        server.shutdown.cancel();
+    }
+}
