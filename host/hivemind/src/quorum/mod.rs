@@ -9,8 +9,10 @@
 //! # Layout
 //! - `storage`: the Raft log and the state machine on redb, durable before
 //!   openraft is told they are.
+//! - `network`: Raft RPCs over the node-to-node transport.
 //! - this file: types, commands, start-up and the `EventLog` implementation.
 
+pub mod network;
 pub mod storage;
 
 use std::collections::BTreeMap;
@@ -141,6 +143,33 @@ impl QuorumLog {
         address: NodeAddress,
         timing: &Timing,
     ) -> anyhow::Result<QuorumLog> {
+        let mut members = BTreeMap::new();
+        members.insert(id, address);
+        let log = Self::start(store, id, timing, storage::NoNetwork, Some(members)).await?;
+        // A lone voter elects itself within one election timeout; serve only
+        // once writes can succeed.
+        log.raft
+            .wait(Some(timing.election_max * 10))
+            .metrics(
+                |metrics| metrics.current_leader == Some(id),
+                "this node leads its one-voter cluster",
+            )
+            .await
+            .map_err(|error| anyhow::anyhow!("the cluster log did not elect this node as leader: {error}"))?;
+        Ok(log)
+    }
+
+    /// Starts Raft for this node with `network`. `initial_members`, if
+    /// given and the store has no Raft state yet, forms the cluster with
+    /// those voters (one node of a new cluster does this, the others wait
+    /// to be contacted).
+    pub async fn start<N: openraft::network::RaftNetworkFactory<TypeConfig>>(
+        store: Store,
+        id: NodeId,
+        timing: &Timing,
+        network: N,
+        initial_members: Option<BTreeMap<NodeId, NodeAddress>>,
+    ) -> anyhow::Result<QuorumLog> {
         let config = openraft::Config {
             cluster_name: "hivemind".into(),
             heartbeat_interval: timing.heartbeat.as_millis() as u64,
@@ -152,22 +181,12 @@ impl QuorumLog {
         };
         let config = Arc::new(config.validate()?);
         let (log_store, state_machine, applied) = storage::open(&store)?;
-        let network = storage::NoNetwork;
         let raft = Raft::new(id, config, network, log_store, state_machine).await?;
-        if !raft.is_initialized().await? {
-            let mut members = BTreeMap::new();
-            members.insert(id, address);
+        if let Some(members) = initial_members
+            && !raft.is_initialized().await?
+        {
             raft.initialize(members).await?;
         }
-        // A lone voter elects itself within one election timeout; serve only
-        // once writes can succeed.
-        raft.wait(Some(timing.election_max * 10))
-            .metrics(
-                |metrics| metrics.current_leader == Some(id),
-                "this node leads its one-voter cluster",
-            )
-            .await
-            .map_err(|error| anyhow::anyhow!("the cluster log did not elect this node as leader: {error}"))?;
         Ok(QuorumLog { raft, store, applied })
     }
 
@@ -258,4 +277,148 @@ impl EventLog for QuorumLog {
 #[derive(Deserialize)]
 struct KindOnly {
     kind: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{ClusterCa, TransportCounters, serve};
+    use tokio_util::sync::CancellationToken;
+
+    struct TestNode {
+        id: NodeId,
+        log: QuorumLog,
+        shutdown: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    /// Three nodes on loopback, each with its own store and transport
+    /// server, under one cluster CA; node 1 forms the cluster.
+    async fn three_nodes() -> Vec<TestNode> {
+        let ca = ClusterCa::generate("test").unwrap();
+        let timing = Timing {
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(200),
+            election_max: Duration::from_millis(400),
+            snapshot_every: 10_000,
+        };
+        let mut listeners = Vec::new();
+        let mut members = BTreeMap::new();
+        for id in 1..=3u64 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = NodeAddress {
+                name: format!("n{id}"),
+                transport: listener.local_addr().unwrap().to_string(),
+                api: String::new(),
+            };
+            members.insert(id, address);
+            listeners.push((id, listener));
+        }
+        let mut nodes = Vec::new();
+        for (id, listener) in listeners {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("hivemind.redb")).unwrap();
+            let identity = ca.issue(&format!("{id:016x}")).unwrap();
+            let network = network::TransportNetwork::new(identity.connector().unwrap());
+            let initial = (id == 1).then(|| members.clone());
+            let log = QuorumLog::start(store, id, &timing, network, initial).await.unwrap();
+            let shutdown = CancellationToken::new();
+            let handler = Arc::new(network::RaftFrames {
+                raft: log.raft().clone(),
+            });
+            tokio::spawn(serve(
+                listener,
+                identity.acceptor().unwrap(),
+                handler,
+                Arc::new(TransportCounters::default()),
+                shutdown.clone(),
+            ));
+            nodes.push(TestNode {
+                id,
+                log,
+                shutdown,
+                _dir: dir,
+            });
+        }
+        nodes
+    }
+
+    /// The leader all `nodes` agree on, other than `not`.
+    async fn leader_of(nodes: &[TestNode], not: Option<NodeId>) -> NodeId {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let leaders: Vec<Option<NodeId>> = nodes
+                .iter()
+                .map(|node| node.log.raft().metrics().borrow().current_leader)
+                .collect();
+            if let Some(Some(leader)) = leaders.first()
+                && leaders.iter().all(|seen| *seen == Some(*leader))
+                && not != Some(*leader)
+            {
+                return *leader;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no agreed leader: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn event(key: &str) -> NewEvent {
+        NewEvent {
+            kind: "test.replicated".into(),
+            key: key.into(),
+            source: "test".into(),
+            payload: b"{}".to_vec(),
+        }
+    }
+
+    async fn wait_for_events(node: &TestNode, count: usize) -> Vec<(u64, String)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let events = node.log.since(0, "test.", 100).await.unwrap();
+            if events.len() >= count {
+                return events.into_iter().map(|event| (event.seq, event.key)).collect();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} has {} of {count} events",
+                node.id,
+                events.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Writes through the leader of three voters over TLS reach every node in
+    /// the same order; when the leader stops, the other two elect a new one
+    /// and take writes, and both keep every acknowledged event exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_voters_replicate_and_survive_the_leader() {
+        let mut nodes = three_nodes().await;
+        let leader = leader_of(&nodes, None).await;
+        let leader_node = nodes.iter().find(|node| node.id == leader).unwrap();
+        let mut acknowledged = Vec::new();
+        for key in ["a", "b", "c"] {
+            acknowledged.push((leader_node.log.append(event(key)).await.unwrap(), key.to_string()));
+        }
+        for node in &nodes {
+            assert_eq!(wait_for_events(node, 3).await, acknowledged, "node {}", node.id);
+        }
+
+        let position = nodes.iter().position(|node| node.id == leader).unwrap();
+        let old = nodes.remove(position);
+        old.shutdown.cancel();
+        old.log.shutdown().await;
+        drop(old);
+
+        let new_leader = leader_of(&nodes, Some(leader)).await;
+        let survivor = nodes.iter().find(|node| node.id == new_leader).unwrap();
+        acknowledged.push((survivor.log.append(event("d")).await.unwrap(), "d".to_string()));
+        for node in &nodes {
+            assert_eq!(wait_for_events(node, 4).await, acknowledged, "node {}", node.id);
+        }
+        for node in nodes {
+            node.shutdown.cancel();
+            node.log.shutdown().await;
+        }
+    }
 }
