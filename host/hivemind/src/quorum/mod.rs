@@ -421,4 +421,37 @@ mod tests {
             node.log.shutdown().await;
         }
     }
+
+    /// A node left without a quorum refuses writes with a clear error (after
+    /// the write timeout, not forever) and still serves what was committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_without_quorum_refuses_writes_and_keeps_reads() {
+        let mut nodes = three_nodes().await;
+        let leader = leader_of(&nodes, None).await;
+        let leader_node = nodes.iter().find(|node| node.id == leader).unwrap();
+        let seq = leader_node.log.append(event("kept")).await.unwrap();
+        for node in &nodes {
+            wait_for_events(node, 1).await;
+        }
+        // Stop both followers: the leader is alone.
+        let followers: Vec<TestNode> = {
+            let (alone, others): (Vec<_>, Vec<_>) = nodes.drain(..).partition(|node| node.id == leader);
+            nodes = alone;
+            others
+        };
+        for node in followers {
+            node.shutdown.cancel();
+            node.log.shutdown().await;
+        }
+        let alone = &nodes[0];
+        let error = alone.log.append(event("lost")).await.unwrap_err();
+        assert!(matches!(error, LogError::Unavailable(_)), "{error}");
+        assert!(
+            error.to_string().contains("quorum") || error.to_string().contains("not committed"),
+            "{error}"
+        );
+        assert_eq!(wait_for_events(alone, 1).await, [(seq, "kept".to_string())]);
+        alone.shutdown.cancel();
+        alone.log.shutdown().await;
+    }
 }
