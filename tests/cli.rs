@@ -277,3 +277,50 @@ async fn install_shows_progress_while_loading() {
     assert!(stdout(&output).contains("is running"), "{}", stdout(&output));
     host.stop().await;
 }
+
+/// `events tail --follow` prints committed events, then new ones as they
+/// commit, over the server-sent event stream; the host still stops cleanly
+/// with the stream open.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_tail_follows_new_events() {
+    use std::io::BufRead;
+    let host = TestHost::start().await;
+    let before = host.api().emit("test.follow", "before").await;
+    let mut tail = Command::new(hivemind_bin())
+        .args([
+            "--data-dir",
+            host.data_dir().to_str().unwrap(),
+            "events",
+            "tail",
+            "--follow",
+            "--json",
+            "--kind",
+            "test.",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .take(2)
+            .map(|line| line.unwrap())
+            .collect::<Vec<String>>()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.api().emit("other.kind", "skipped").await;
+    let after = host.api().emit("test.follow", "after").await;
+    let lines = tokio::task::spawn_blocking(move || lines.join().unwrap())
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = lines
+        .iter()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [before, after], "{lines:?}");
+    host.stop().await;
+    let _ = tail.kill();
+    let _ = tail.wait();
+}

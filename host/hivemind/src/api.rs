@@ -43,6 +43,8 @@ pub struct ApiState {
     pub notifier: Arc<Notifier>,
     pub token: Arc<str>,
     pub started: Instant,
+    /// Ends long-lived responses (event streams) when the host stops.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -61,6 +63,7 @@ pub fn router(state: ApiState) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_ROLE_FILE_BYTES)),
         )
         .route("/v1/events", post(emit_event).get(list_events))
+        .route("/v1/events/stream", get(stream_events))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(TraceLayer::new_for_http());
@@ -352,4 +355,68 @@ async fn list_events(
         .await
         .map_err(|error| ApiError::new(500, error.to_string()))?;
     Ok(Json(json!(events)))
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    #[serde(default)]
+    since: u64,
+    #[serde(default)]
+    kind: String,
+}
+
+/// Committed events after `since` (kind prefix `kind`) as server-sent
+/// events, then new ones as they commit, until the client or the host goes.
+async fn stream_events(
+    State(state): State<ApiState>,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<
+    axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>,
+    ApiError,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let Query(query) =
+        query.map_err(|error| ApiError::new(400, format!("query: {error} (use ?since=SEQ&kind=PREFIX)")))?;
+    struct Cursor {
+        log: Arc<dyn EventLog>,
+        newest: tokio::sync::watch::Receiver<u64>,
+        after: u64,
+        kind: String,
+        pending: std::collections::VecDeque<crate::log::StoredEvent>,
+        shutdown: tokio_util::sync::CancellationToken,
+    }
+    let start = Cursor {
+        newest: state.log.watch_last(),
+        log: state.log.clone(),
+        after: query.since,
+        kind: query.kind,
+        pending: Default::default(),
+        shutdown: state.shutdown.clone(),
+    };
+    let stream = futures::stream::unfold(start, |mut cursor| async move {
+        loop {
+            if let Some(event) = cursor.pending.pop_front() {
+                cursor.after = event.seq;
+                let data = serde_json::to_string(&event).unwrap_or_default();
+                let item = Event::default()
+                    .id(event.seq.to_string())
+                    .event(event.kind.clone())
+                    .data(data);
+                return Some((Ok(item), cursor));
+            }
+            cursor.newest.borrow_and_update();
+            match cursor.log.since(cursor.after, &cursor.kind, 256).await {
+                Ok(batch) if !batch.is_empty() => cursor.pending.extend(batch),
+                Ok(_) => tokio::select! {
+                    _ = cursor.shutdown.cancelled() => return None,
+                    changed = cursor.newest.changed() => if changed.is_err() { return None },
+                },
+                Err(error) => {
+                    tracing::warn!(%error, "event stream ended: cannot read the log");
+                    return None;
+                }
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

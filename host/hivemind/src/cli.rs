@@ -175,10 +175,13 @@ pub enum EventsCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Print events after a seq.
+    /// Print events after a seq; with --follow, keep printing new ones.
     Tail {
         #[arg(long, default_value_t = 0)]
         since: u64,
+        /// Keep the connection open and print events as they commit.
+        #[arg(long)]
+        follow: bool,
         /// Only kinds starting with this.
         #[arg(long, default_value = "")]
         kind: String,
@@ -262,6 +265,32 @@ impl Client {
         let status = response.status().as_u16();
         let body = response.body_mut().with_config().limit(64 << 20).read_to_vec()?;
         Ok((status, body))
+    }
+
+    /// GETs a streaming response and calls `on_line` for each line until
+    /// the host ends it.
+    pub fn stream_lines(&self, path: &str, mut on_line: impl FnMut(&str) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        use std::io::BufRead;
+        let mut request = self.agent.get(format!("{}{path}", self.base));
+        if !self.token.is_empty() {
+            request = request.header("authorization", format!("Bearer {}", self.token));
+        }
+        let response = request.call().map_err(|error| {
+            anyhow::anyhow!(
+                "cannot reach the host at {} (GET {path}): {error}; is `hivemind up` running?",
+                self.base
+            )
+        })?;
+        let status = response.status().as_u16();
+        let mut body = response.into_body();
+        if !(200..300).contains(&status) {
+            json_or_error(status, &body.read_to_vec().unwrap_or_default())?;
+        }
+        let reader = std::io::BufReader::new(body.into_reader());
+        for line in reader.lines() {
+            on_line(&line?)?;
+        }
+        Ok(())
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
@@ -349,20 +378,35 @@ pub fn run_client(data_dir: Option<&Path>, command: Command) -> anyhow::Result<(
                     println!("appended as seq {}", reply["seq"]);
                 }
             }
-            EventsCommand::Tail { since, kind, client } => {
+            EventsCommand::Tail {
+                since,
+                follow,
+                kind,
+                client,
+            } => {
                 let api = Client::resolve(data_dir, &client)?;
+                if follow {
+                    api.stream_lines(&format!("/v1/events/stream?since={since}&kind={kind}"), |line| {
+                        let Some(data) = line.strip_prefix("data:") else {
+                            return Ok(());
+                        };
+                        let event: Value = serde_json::from_str(data.trim())?;
+                        if client.json {
+                            println!("{event}");
+                        } else {
+                            print_event(&event);
+                        }
+                        std::io::stdout().flush()?;
+                        Ok(())
+                    })?;
+                    return Ok(());
+                }
                 let events = api.get_json(&format!("/v1/events?since={since}&kind={kind}"))?;
                 if client.json {
                     print_json(&events);
                 } else {
                     for event in events.as_array().into_iter().flatten() {
-                        println!(
-                            "{:>6}  {:<20} {:<24} {}",
-                            event["seq"],
-                            text(&event["kind"]),
-                            text(&event["key"]),
-                            event["payload"]
-                        );
+                        print_event(event);
                     }
                 }
             }
@@ -542,6 +586,16 @@ fn clear_progress(interactive: bool) {
     if interactive {
         eprint!("\r\x1b[K");
     }
+}
+
+fn print_event(event: &Value) {
+    println!(
+        "{:>6}  {:<20} {:<24} {}",
+        event["seq"],
+        text(&event["kind"]),
+        text(&event["key"]),
+        event["payload"]
+    );
 }
 
 fn print_json(value: &Value) {

@@ -128,6 +128,7 @@ impl Daemon {
             notifier,
             token: token.clone().into(),
             started,
+            shutdown: shutdown.clone(),
         });
         let api_shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
