@@ -225,8 +225,8 @@ fn read_or_create_random(path: &Path, bytes: usize, what: &str) -> anyhow::Resul
     Ok(value)
 }
 
-/// Writes `text` to a file only its owner can read.
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+/// Writes `text` to a file only its owner can read (temp file, fsync, rename).
+pub(crate) fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let temp = path.with_extension("tmp");

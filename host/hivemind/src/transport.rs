@@ -90,7 +90,7 @@ impl ClusterCa {
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("ca.pem"), &self.cert_pem)?;
-        write_private(&dir.join("ca.key"), &self.key.serialize_pem())?;
+        crate::daemon::write_private(&dir.join("ca.key"), &self.key.serialize_pem())?;
         Ok(())
     }
 
