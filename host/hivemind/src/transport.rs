@@ -115,18 +115,6 @@ impl ClusterCa {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(text.as_bytes())
-}
-
 /// A node's certificate, key and the CA that signed it.
 #[derive(Clone)]
 pub struct NodeIdentity {
