@@ -109,3 +109,46 @@ async fn a_lone_host_is_a_one_voter_cluster() {
     assert_eq!(cluster["voters"], json!([status["node"]["id"]]), "{status:#}");
     host.stop().await;
 }
+
+/// A corrupt or truncated store file stops start-up with an error naming
+/// the file and what to do; the file is left as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_store_is_reported_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = hivemind::HostConfig::for_tests(dir.path());
+    let store = dir.path().join("hivemind.redb");
+
+    std::fs::write(&store, b"this is not a database, it is a sandwich").unwrap();
+    let error = hivemind::Daemon::start(config.clone())
+        .await
+        .err()
+        .expect("start-up refuses a corrupt store");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("hivemind.redb") && message.contains("corrupt"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read(&store).unwrap(),
+        b"this is not a database, it is a sandwich"
+    );
+
+    // A real store cut in half.
+    std::fs::remove_file(&store).unwrap();
+    let host = TestHost::start_with(tempfile::tempdir().unwrap(), config.clone()).await;
+    host.api().emit("test.kept", "a").await;
+    host.stop().await;
+    let bytes = std::fs::read(&store).unwrap();
+    std::fs::write(&store, &bytes[..bytes.len() / 2]).unwrap();
+    match hivemind::Daemon::start(config).await {
+        Err(error) => assert!(format!("{error:#}").contains("hivemind.redb"), "{error:#}"),
+        // redb may recover a file cut after its last durable commit; then
+        // the acknowledged event must still be there.
+        Ok(daemon) => {
+            let api = Api::new(&daemon.api_addr.to_string(), &daemon.token);
+            let events = api.get("/v1/events?kind=test.kept").await.json();
+            assert_eq!(events.as_array().map(Vec::len), Some(1), "{events}");
+            daemon.shutdown().await;
+        }
+    }
+}

@@ -62,12 +62,7 @@ impl Daemon {
         }
 
         let store_path = data_dir.join("hivemind.redb");
-        let store = Store::open(&store_path).map_err(|error| {
-            anyhow::anyhow!(
-                "{error}\n(is another hivemind running with the data directory {}?)",
-                data_dir.display()
-            )
-        })?;
+        let store = Store::open(&store_path)?;
         let mut runtime_config = RuntimeConfig::new(data_dir.join("cache"));
         runtime_config.pool_instances = config.pool_instances;
         runtime_config.pool_max_memory_bytes = config.max_role_memory_bytes;

@@ -31,6 +31,17 @@ pub enum StoreError {
     },
     #[error("data store: the operation was cancelled because the host is shutting down")]
     Cancelled,
+    #[error("data store {path} is in use by another process (is another hivemind running with this data directory?)")]
+    InUse { path: String },
+    #[error(
+        "data store {path} cannot be opened: {source}. The file may be truncated or corrupt; restore it from a \
+         backup, or move it away to start this node empty (it then catches up from the cluster, or starts a new log)"
+    )]
+    Unreadable {
+        path: String,
+        #[source]
+        source: redb::Error,
+    },
 }
 
 #[derive(Clone)]
@@ -43,9 +54,12 @@ impl Store {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let name: Arc<str> = path.display().to_string().into();
-        let db = Database::create(path).map_err(|error| StoreError::Database {
-            path: name.to_string(),
-            source: error.into(),
+        let db = Database::create(path).map_err(|error| match error {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: name.to_string() },
+            other => StoreError::Unreadable {
+                path: name.to_string(),
+                source: other.into(),
+            },
         })?;
         let store = Store {
             db: Arc::new(db),
