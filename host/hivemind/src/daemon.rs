@@ -147,39 +147,6 @@ impl Daemon {
         })
     }
 
-    /// Waits until every role file present at start has been loaded or
-    /// rejected (no role is `loading`), up to `timeout`.
-    pub async fn wait_roles_settled(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            let files = std::fs::read_dir(self.manager.roles_dir())
-                .map(|entries| {
-                    entries
-                        .flatten()
-                        .filter(|entry| {
-                            let name = entry.file_name();
-                            let name = name.to_string_lossy();
-                            name.ends_with(".wasm") && !name.starts_with('.')
-                        })
-                        .count()
-                })
-                .unwrap_or(0);
-            let roles = self.manager.list();
-            let settled = roles.len() >= files
-                && roles.iter().all(|role| {
-                    role.loading.is_none()
-                        && (role.digest.is_some()
-                            || role.last_error.is_some()
-                            || role.mode != crate::roles::manager::Mode::Active)
-                });
-            if settled {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        false
-    }
-
     /// Stops the host and waits for all its tasks.
     pub async fn shutdown(self) {
         let Daemon {

@@ -74,6 +74,8 @@ pub(crate) struct CallClock {
     started: Instant,
     in_host: Duration,
     budget: Duration,
+    /// The manifest key that sets `budget`, for the error message.
+    budget_key: &'static str,
     pub(crate) exceeded: bool,
 }
 
@@ -83,15 +85,17 @@ impl CallClock {
             started: Instant::now(),
             in_host: Duration::ZERO,
             budget: Duration::MAX,
+            budget_key: "",
             exceeded: false,
         }
     }
 
-    pub(crate) fn start(&mut self, budget: Duration) {
+    pub(crate) fn start(&mut self, budget: Duration, budget_key: &'static str) {
         *self = CallClock {
             started: Instant::now(),
             in_host: Duration::ZERO,
             budget,
+            budget_key,
             exceeded: false,
         };
     }
@@ -104,8 +108,9 @@ impl CallClock {
         self.guest_time() > self.budget
     }
 
-    pub(crate) fn budget(&self) -> Duration {
-        self.budget
+    /// Why the call was cut off, in an operator's words.
+    pub(crate) fn exceeded_message(&self) -> String {
+        error::cpu_exceeded(self.budget, self.budget_key)
     }
 }
 

@@ -52,9 +52,9 @@ pub enum CallError {
 }
 
 /// How a trapped call ended, in words for operators.
-pub(crate) fn cpu_exceeded(limit: Duration) -> String {
+pub(crate) fn cpu_exceeded(limit: Duration, manifest_key: &str) -> String {
     format!(
-        "exceeded its CPU time limit of {} ms per call (limits.cpu_ms in the manifest)",
+        "exceeded its CPU time limit of {} ms ({manifest_key} in the manifest)",
         limit.as_millis()
     )
 }

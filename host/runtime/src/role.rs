@@ -110,7 +110,11 @@ impl LoadedRole {
             .await
             .map_err(|error| LoadError::Link(format!("{error:#}")))?;
 
-        worker.store.data_mut().clock.start(limits.cpu_per_init);
+        worker
+            .store
+            .data_mut()
+            .clock
+            .start(limits.cpu_per_init, "limits.init_cpu_ms");
         worker.store.set_epoch_deadline(1);
         let description = worker
             .role
@@ -162,10 +166,6 @@ impl LoadedRole {
 
     pub fn limits(&self) -> &RoleLimits {
         &self.limits
-    }
-
-    pub fn host(&self) -> &Arc<dyn RoleHost> {
-        &self.host
     }
 
     pub fn stats(&self) -> RoleStats {
@@ -257,7 +257,11 @@ impl LoadedRole {
             Ok(worker) => worker,
             Err(error) => return Err(error),
         };
-        worker.store.data_mut().clock.start(self.limits.cpu_per_call);
+        worker
+            .store
+            .data_mut()
+            .clock
+            .start(self.limits.cpu_per_call, "limits.cpu_ms");
         worker.store.data().stderr.clear_tail();
         worker.store.set_epoch_deadline(1);
         let result = match call {
@@ -384,13 +388,13 @@ async fn instantiate(
         let clock = &mut context.data_mut().clock;
         if clock.over_budget() {
             clock.exceeded = true;
-            return Err(wasmtime::Error::msg(error::cpu_exceeded(clock.budget())));
+            return Err(wasmtime::Error::msg(clock.exceeded_message()));
         }
         // Yield so a busy role cannot hold a runtime thread for its whole budget.
         Ok(UpdateDeadline::Yield(1))
     });
     // Instantiation runs start functions; give them the init budget.
-    store.data_mut().clock.start(limits.cpu_per_init);
+    store.data_mut().clock.start(limits.cpu_per_init, "limits.init_cpu_ms");
     store.set_epoch_deadline(1);
     let role = pre.instantiate_async(&mut store).await?;
     Ok(Worker { store, role })
@@ -401,7 +405,7 @@ async fn instantiate(
 fn explain_trap(store: &Store<InstanceState>, error: &wasmtime::Error) -> String {
     let state = store.data();
     if state.clock.exceeded {
-        return error::cpu_exceeded(state.clock.budget());
+        return state.clock.exceeded_message();
     }
     if let Some(wanted) = state.memory.denied {
         return error::memory_exceeded(state.memory.limit, wanted);
