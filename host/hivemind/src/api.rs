@@ -64,6 +64,9 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/events", post(emit_event).get(list_events))
         .route("/v1/events/stream", get(stream_events))
+        .route("/v1/cluster/members", get(list_members))
+        .route("/v1/cluster/members/{node}/{action}", post(change_member))
+        .route("/v1/cluster/tokens", post(issue_token))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(TraceLayer::new_for_http());
@@ -130,7 +133,7 @@ async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
     let node = state.cluster.self_node();
     Json(json!({
         "node": { "id": node.id, "name": node.name, "address": node.address },
-        "cluster": cluster_status(&state),
+        "cluster": cluster_status(&state).await,
         "version": env!("CARGO_PKG_VERSION"),
         "contract": hivemind_runtime::CONTRACT,
         "uptime_ms": state.started.elapsed().as_millis() as u64,
@@ -148,22 +151,87 @@ async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
     }))
 }
 
-fn cluster_status(state: &ApiState) -> serde_json::Value {
-    let quorum = state.quorum.status();
-    let mode = if quorum.voters.len() == 1 {
+async fn cluster_status(state: &ApiState) -> serde_json::Value {
+    let quorum = state.quorum.status().await;
+    let mode = if quorum.members.len() == 1 {
         "single-node"
     } else {
         "cluster"
     };
-    let health = if quorum.leader.is_some() { "healthy" } else { "degraded" };
-    json!({
-        "mode": mode,
-        "health": health,
-        "leader": quorum.leader,
-        "term": quorum.term,
-        "last_applied": quorum.last_applied,
-        "voters": quorum.voters,
-    })
+    let mut status = serde_json::to_value(&quorum).unwrap_or_default();
+    status["mode"] = json!(mode);
+    status
+}
+
+async fn list_members(State(state): State<ApiState>) -> Json<serde_json::Value> {
+    Json(json!(state.quorum.status().await.members))
+}
+
+/// `POST /v1/cluster/members/{node}/{promote|demote|remove}`; `node` is a
+/// node id (hex) or a member's name.
+async fn change_member(
+    State(state): State<ApiState>,
+    Path((node, action)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use crate::quorum::MemberChange;
+    let members = state.quorum.status().await.members;
+    let matches: Vec<_> = members
+        .iter()
+        .filter(|member| member.id == node || member.name == node)
+        .collect();
+    let member = match matches.as_slice() {
+        [member] => member,
+        [] => {
+            return Err(ApiError::new(
+                404,
+                format!("no member {node:?}: `hivemind members` lists them by id and name"),
+            ));
+        }
+        _ => {
+            return Err(ApiError::new(
+                409,
+                format!("{} members are named {node:?}; give the node id instead", matches.len()),
+            ));
+        }
+    };
+    let id = u64::from_str_radix(&member.id, 16).map_err(|_| ApiError::new(500, "bad member id"))?;
+    let change = match action.as_str() {
+        "promote" => MemberChange::Promote(id),
+        "demote" => MemberChange::Demote(id),
+        "remove" => MemberChange::Remove(id),
+        other => {
+            return Err(ApiError::new(
+                404,
+                format!("no member action {other:?}: use promote, demote or remove"),
+            ));
+        }
+    };
+    match state.quorum.change_member(change).await {
+        Ok(message) => Ok(Json(json!({ "node": member.id, "name": member.name, "message": message }))),
+        Err(LogError::Invalid(message)) => Err(ApiError::new(409, message)),
+        Err(error) => Err(ApiError::new(503, error.to_string())),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct TokenBody {
+    /// Seconds the token stays valid; default one hour.
+    ttl_secs: Option<u64>,
+}
+
+/// `POST /v1/cluster/tokens`: a single-use join token.
+async fn issue_token(
+    State(state): State<ApiState>,
+    body: Option<Json<TokenBody>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let ttl = body.and_then(|Json(body)| body.ttl_secs).unwrap_or(3600);
+    if ttl == 0 || ttl > 7 * 24 * 3600 {
+        return Err(ApiError::new(400, "ttl_secs must be between 1 and 604800 (a week)"));
+    }
+    match state.quorum.issue_token(std::time::Duration::from_secs(ttl)).await {
+        Ok((token, expires_ms)) => Ok(Json(json!({ "token": token, "expires_ms": expires_ms }))),
+        Err(error) => Err(ApiError::new(503, error.to_string())),
+    }
 }
 
 async fn list_roles(State(state): State<ApiState>) -> Json<serde_json::Value> {

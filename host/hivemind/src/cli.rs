@@ -85,6 +85,51 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Cluster members: list, promote/demote voters, remove, join tokens.
+    Members {
+        #[command(subcommand)]
+        command: Option<MembersCommand>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MembersCommand {
+    /// List members: id, name, voter or learner, reachable, addresses.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make a learner a voter (bumps the epoch).
+    Promote {
+        /// Node id (hex) or name.
+        node: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make a voter a learner (bumps the epoch).
+    Demote {
+        /// Node id (hex) or name.
+        node: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a member from the cluster.
+    Remove {
+        /// Node id (hex) or name.
+        node: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a single-use join token for `hivemind up --join ADDR --join-token TOKEN`.
+    Token {
+        /// How long the token stays valid, in seconds.
+        #[arg(long, default_value_t = 3600, value_name = "SECS")]
+        ttl: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +146,29 @@ pub struct UpArgs {
     /// This node's name [default: the host name]
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
+    /// Address the node-to-node transport listens on [default: 127.0.0.1:7481]
+    #[arg(long, value_name = "ADDR")]
+    pub transport: Option<String>,
+    /// Transport address other nodes dial, when not the one listened on.
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// Form a new cluster of 3 or 5 voters with --peers (first start only).
+    #[arg(long, requires = "peers")]
+    pub bootstrap: bool,
+    /// The bootstrap voters' transport addresses, this node's among them;
+    /// the same list on every peer.
+    #[arg(long, value_name = "ADDR,ADDR,ADDR", value_delimiter = ',', requires = "bootstrap")]
+    pub peers: Vec<String>,
+    /// Join the cluster of the node at this transport address, as a learner.
+    #[arg(long, value_name = "ADDR", conflicts_with = "bootstrap")]
+    pub join: Option<String>,
+    /// A join token from `hivemind members token`, for --join.
+    #[arg(long, value_name = "TOKEN", env = "HIVEMIND_JOIN_TOKEN", hide_env_values = true, requires = "join")]
+    pub join_token: Option<String>,
+    /// The cluster secret: bootstrap peers prove it to each other, and --join
+    /// without a token proves it.
+    #[arg(long, value_name = "SECRET", env = "HIVEMIND_CLUSTER_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
     /// Do not write the bundled roles into the roles directory on first start.
     #[arg(long)]
     pub no_bundled_roles: bool,
@@ -360,6 +428,7 @@ pub fn run_client(data_dir: Option<&Path>, command: Command) -> anyhow::Result<(
                 stdout.write_all(b"\n")?;
             }
         }
+        Command::Members { command, client } => members(data_dir, command, client)?,
         Command::Events { command } => match command {
             EventsCommand::Emit {
                 kind,
@@ -636,6 +705,73 @@ fn print_roles(roles: &Value) {
     }
 }
 
+fn members(data_dir: Option<&Path>, command: Option<MembersCommand>, client: ClientArgs) -> anyhow::Result<()> {
+    let (action, node, client) = match command {
+        None => (None, String::new(), client),
+        Some(MembersCommand::List { client }) => (None, String::new(), client),
+        Some(MembersCommand::Promote { node, client }) => (Some("promote"), node, client),
+        Some(MembersCommand::Demote { node, client }) => (Some("demote"), node, client),
+        Some(MembersCommand::Remove { node, client }) => (Some("remove"), node, client),
+        Some(MembersCommand::Token { ttl, client }) => {
+            let api = Client::resolve(data_dir, &client)?;
+            let reply = api.post_json("/v1/cluster/tokens", &json!({ "ttl_secs": ttl }))?;
+            if client.json {
+                print_json(&reply);
+            } else {
+                println!("{}", text(&reply["token"]));
+            }
+            return Ok(());
+        }
+    };
+    let api = Client::resolve(data_dir, &client)?;
+    match action {
+        None => {
+            let members = api.get_json("/v1/cluster/members")?;
+            if client.json {
+                print_json(&members);
+            } else {
+                print_members(&members);
+            }
+        }
+        Some(action) => {
+            let reply = api.post_json(&format!("/v1/cluster/members/{node}/{action}"), &json!({}))?;
+            if client.json {
+                print_json(&reply);
+            } else {
+                println!("{}", text(&reply["message"]));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_members(members: &Value) {
+    println!(
+        "{:<16}  {:<14}  {:<8}  {:<9}  {:<21}  API",
+        "ID", "NAME", "ROLE", "REACHABLE", "TRANSPORT"
+    );
+    for member in members.as_array().into_iter().flatten() {
+        let mut role = text(&member["role"]);
+        if member["leader"] == json!(true) {
+            role.push('*');
+        }
+        let name = if member["self"] == json!(true) {
+            format!("{} (this)", text(&member["name"]))
+        } else {
+            text(&member["name"])
+        };
+        println!(
+            "{:<16}  {:<14}  {:<8}  {:<9}  {:<21}  {}",
+            text(&member["id"]),
+            name,
+            role,
+            if member["reachable"] == json!(true) { "yes" } else { "NO" },
+            text(&member["transport"]),
+            text(&member["api"])
+        );
+    }
+}
+
 fn print_status(status: &Value, roles: &Value) {
     let node = &status["node"];
     println!(
@@ -644,10 +780,31 @@ fn print_status(status: &Value, roles: &Value) {
         text(&node["id"]),
         text(&node["address"])
     );
+    let cluster = &status["cluster"];
     println!(
-        "cluster   {} ({})",
-        text(&status["cluster"]["mode"]),
-        text(&status["cluster"]["health"])
+        "cluster   {} {}, {}, epoch {}, term {}",
+        text(&cluster["mode"]),
+        text(&cluster["cluster_id"]),
+        text(&cluster["health"]),
+        cluster["epoch"],
+        cluster["term"]
+    );
+    if let Some(problem) = cluster["problem"].as_str() {
+        println!("          {problem}");
+    }
+    let members = cluster["members"].as_array().cloned().unwrap_or_default();
+    let leader = members
+        .iter()
+        .find(|member| member["leader"] == json!(true))
+        .map(|member| format!("{} ({})", text(&member["name"]), text(&member["id"])))
+        .unwrap_or_else(|| "none".into());
+    let voters = members.iter().filter(|member| member["role"] == json!("voter")).count();
+    println!(
+        "members   {} ({} voters, {} learners), leader {}",
+        members.len(),
+        voters,
+        members.len() - voters,
+        leader
     );
     println!(
         "uptime    {:.0} s",

@@ -9,12 +9,30 @@
 //! roles_dir = "/var/lib/hivemind/roles"   # default: DATA_DIR/roles
 //! # HTTP API address; keep it on loopback unless a proxy adds TLS.
 //! api = "127.0.0.1:7480"
+//! # Node-to-node transport (Raft, joins; mutual TLS under the cluster CA).
+//! transport = "127.0.0.1:7481"
+//! # The transport address other nodes use, when it differs from the one
+//! # bound (binding 0.0.0.0, or behind NAT).
+//! advertise = "10.0.0.5:7481"
 //! # This node's name in the cluster.
 //! node_name = "web-1"                     # default: the host name
 //! # Write the bundled roles into roles_dir on first start.
 //! install_bundled_roles = true
 //! # Seconds between full rescans of roles_dir (inotify can miss events).
 //! rescan_secs = 2
+//!
+//! [cluster]
+//! # Proves a node may join (bootstrap peers, or `--join` without a token).
+//! # Prefer HIVEMIND_CLUSTER_SECRET in the environment to a file.
+//! secret = "a long random string"
+//! # Form a cluster of these voters (transport addresses, this node's among
+//! # them); every peer gets the same list and secret. The first address in
+//! # sorted order forms the cluster; the others ask it to join.
+//! bootstrap_peers = ["10.0.0.5:7481", "10.0.0.6:7481", "10.0.0.7:7481"]
+//! # Or: join the cluster of the node at this transport address, as a learner.
+//! join = "10.0.0.5:7481"
+//! # A join token from `hivemind members token` (instead of the secret).
+//! join_token = "hm1...."
 //!
 //! [notify]
 //! # Role failures are always logged; also POST them as JSON here.
@@ -44,6 +62,8 @@ use serde::Deserialize;
 
 /// The API's default address: loopback, a port unlikely to be taken.
 pub const DEFAULT_API: &str = "127.0.0.1:7480";
+/// The node-to-node transport's default address: the port after the API's.
+pub const DEFAULT_TRANSPORT: &str = "127.0.0.1:7481";
 
 /// Periodic rescans catch what the file watcher missed (inotify drops events
 /// under load); two seconds bounds that delay without measurable cost.
@@ -55,9 +75,13 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub roles_dir: Option<PathBuf>,
     pub api: Option<String>,
+    pub transport: Option<String>,
+    pub advertise: Option<String>,
     pub node_name: Option<String>,
     pub install_bundled_roles: Option<bool>,
     pub rescan_secs: Option<u64>,
+    #[serde(default)]
+    pub cluster: ClusterSection,
     #[serde(default)]
     pub notify: NotifyConfig,
     #[serde(default)]
@@ -99,6 +123,59 @@ impl RaftSection {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub bootstrap_peers: Vec<String>,
+    pub join: Option<String>,
+    pub join_token: Option<String>,
+}
+
+/// How this node gets into a cluster the first time it starts (later
+/// starts use the cluster files in the data directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterMode {
+    /// A one-voter cluster of this node; others may join it later.
+    Single,
+    /// Form a cluster of these voters (sorted transport addresses).
+    Bootstrap { peers: Vec<String> },
+    /// Join the cluster of the node at `address` as a learner.
+    Join { address: String, token: Option<String> },
+}
+
+impl ClusterMode {
+    /// Checks a combination of bootstrap peers, join address and token.
+    pub fn from_parts(peers: Vec<String>, join: Option<String>, token: Option<String>) -> anyhow::Result<ClusterMode> {
+        match (peers.is_empty(), join) {
+            (false, Some(_)) => anyhow::bail!("bootstrap peers and --join exclude each other: pick one"),
+            (false, None) => {
+                anyhow::ensure!(token.is_none(), "a join token is for --join, not for bootstrap peers");
+                let mut peers: Vec<String> = peers.into_iter().map(|peer| peer.trim().to_string()).collect();
+                for peer in &peers {
+                    peer.parse::<SocketAddr>().map_err(|error| {
+                        anyhow::anyhow!("bootstrap peer {peer:?} is not an address like 10.0.0.5:7481 ({error})")
+                    })?;
+                }
+                peers.sort();
+                peers.dedup();
+                anyhow::ensure!(
+                    peers.len() == 3 || peers.len() == 5,
+                    "bootstrap peers: give 3 or 5 transport addresses (got {}); a cluster of another size tolerates                      no more failures than the odd one below it",
+                    peers.len()
+                );
+                Ok(ClusterMode::Bootstrap { peers })
+            }
+            (true, Some(address)) => Ok(ClusterMode::Join { address, token }),
+            (true, None) => {
+                anyhow::ensure!(token.is_none(), "a join token needs --join ADDR: the node to ask");
+                Ok(ClusterMode::Single)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NotifyConfig {
     pub webhook: Option<String>,
 }
@@ -116,6 +193,13 @@ pub struct HostConfig {
     pub data_dir: PathBuf,
     pub roles_dir: PathBuf,
     pub api: SocketAddr,
+    /// Node-to-node transport address to bind.
+    pub transport: SocketAddr,
+    /// Transport address other nodes use, when not the bound one.
+    pub advertise: Option<String>,
+    pub cluster: ClusterMode,
+    /// The cluster secret, when given.
+    pub secret: Option<String>,
     pub node_name: String,
     pub install_bundled_roles: bool,
     pub rescan: Duration,
@@ -134,6 +218,10 @@ impl HostConfig {
             data_dir: data_dir.to_path_buf(),
             roles_dir: data_dir.join("roles"),
             api: "127.0.0.1:0".parse().unwrap(),
+            transport: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            cluster: ClusterMode::Single,
+            secret: None,
             node_name: "test-node".into(),
             install_bundled_roles: false,
             rescan: Duration::from_millis(500),
@@ -160,8 +248,18 @@ impl HostConfig {
         let api = api_text.parse().map_err(|error| {
             anyhow::anyhow!("config key `api`: {api_text:?} is not an address like 127.0.0.1:7480 ({error})")
         })?;
+        let transport_text = file.transport.unwrap_or_else(|| DEFAULT_TRANSPORT.to_string());
+        let transport = transport_text.parse().map_err(|error| {
+            anyhow::anyhow!("config key `transport`: {transport_text:?} is not an address like 127.0.0.1:7481 ({error})")
+        })?;
+        let cluster = ClusterMode::from_parts(file.cluster.bootstrap_peers, file.cluster.join, file.cluster.join_token)
+            .map_err(|error| anyhow::anyhow!("config [cluster]: {error}"))?;
         let runtime_defaults = hivemind_runtime::RuntimeConfig::new("");
         Ok(HostConfig {
+            transport,
+            advertise: file.advertise,
+            cluster,
+            secret: file.cluster.secret,
             roles_dir: file.roles_dir.unwrap_or_else(|| data_dir.join("roles")),
             data_dir,
             api,

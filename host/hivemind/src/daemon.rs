@@ -20,9 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
 use crate::cluster::Cluster;
-use crate::config::HostConfig;
+use crate::config::{ClusterMode, HostConfig};
+use crate::enrollment;
 use crate::notify::Notifier;
-use crate::quorum::{NodeAddress, QuorumLog};
+use crate::quorum::frames::ClusterFrames;
+use crate::quorum::{NodeAddress, QuorumLog, QuorumSetup};
+use crate::transport::{self, TransportCounters};
 use crate::roles::manager::RoleManager;
 use crate::roles::services::HostParts;
 use crate::roles::watcher;
@@ -38,6 +41,8 @@ const BUNDLED_MARKER: &str = "bundled-roles-installed";
 
 pub struct Daemon {
     pub api_addr: SocketAddr,
+    /// The transport address other nodes reach this one at.
+    pub transport_addr: String,
     pub data_dir: PathBuf,
     pub token: String,
     pub manager: Arc<RoleManager>,
@@ -53,6 +58,11 @@ impl Daemon {
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+        // The store and the cluster files hold the cluster's secrets.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
+        }
         std::fs::create_dir_all(&config.roles_dir)
             .with_context(|| format!("cannot create the roles directory {}", config.roles_dir.display()))?;
         let token = read_or_create_random(&data_dir.join(TOKEN_FILE), 32, "API token")?;
@@ -83,17 +93,55 @@ impl Daemon {
                 data_dir.join("node-id").display()
             )
         })?;
+        let transport_listener = tokio::net::TcpListener::bind(config.transport).await.with_context(|| {
+            format!(
+                "cannot listen on {} for the node-to-node transport (pass --transport ADDR to pick another)",
+                config.transport
+            )
+        })?;
+        let transport_addr = match &config.advertise {
+            Some(advertise) => advertise.clone(),
+            None => {
+                let bound = transport_listener.local_addr()?;
+                if bound.ip().is_unspecified() && config.cluster != ClusterMode::Single {
+                    anyhow::bail!(
+                        "the transport listens on {bound}, which other nodes cannot dial: pass --advertise ADDR \
+                         with this node's reachable transport address"
+                    );
+                }
+                bound.to_string()
+            }
+        };
         let address = NodeAddress {
             name: config.node_name.clone(),
-            transport: String::new(),
+            transport: transport_addr.clone(),
             api: api_addr.to_string(),
         };
         let store_handle = store.clone();
-        let log = Arc::new(
-            QuorumLog::start_single(store.clone(), raft_id, address, &config.raft)
-                .await
-                .context("cannot start the cluster log")?,
-        );
+        let (files, formation) = enrollment::enroll(&config, &store, raft_id, &address).await?;
+        let identity = files.identity.clone();
+        let log = QuorumLog::start(QuorumSetup {
+            store: store.clone(),
+            id: raft_id,
+            address,
+            timing: config.raft.clone(),
+            files,
+            formation,
+        })
+        .await
+        .context("cannot start the cluster log")?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let transport_counters = Arc::new(TransportCounters::default());
+        tasks.push(tokio::spawn(transport::serve(
+            transport_listener,
+            identity.acceptor().context("the node certificate in DATA_DIR/cluster")?,
+            Arc::new(ClusterFrames { log: log.clone() }),
+            transport_counters,
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(log.clone().watch_peers(shutdown.clone())));
+        tasks.push(tokio::spawn(log.clone().finish_forming(shutdown.clone())));
         let cluster = Arc::new(Cluster::single(
             node_id.clone(),
             config.node_name.clone(),
@@ -106,10 +154,7 @@ impl Daemon {
             cluster: cluster.clone(),
             notifier: notifier.clone(),
         };
-        let shutdown = CancellationToken::new();
         let manager = RoleManager::new(runtime, parts, config.roles_dir.clone(), shutdown.clone());
-
-        let mut tasks = Vec::new();
         tasks.push(tokio::spawn(watcher::watch_roles_dir(
             manager.clone(),
             config.rescan,
@@ -134,9 +179,10 @@ impl Daemon {
                 tracing::error!(%error, "API server stopped");
             }
         }));
-        tracing::info!(api = %api_addr, data_dir = %data_dir.display(), roles_dir = %config.roles_dir.display(), "hivemind is up");
+        tracing::info!(api = %api_addr, transport = %transport_addr, data_dir = %data_dir.display(), roles_dir = %config.roles_dir.display(), "hivemind is up");
         Ok(Daemon {
             api_addr,
+            transport_addr,
             data_dir,
             token,
             manager,

@@ -9,7 +9,9 @@
 //! - `daemon`: start-up and the shutdown protocol.
 //! - `store`: the redb database (events, role state, cursors, settings).
 //! - `log`: the event log seam ([`log::EventLog`]) and the local backing.
-//! - `quorum`: the Raft-replicated event log (openraft over the store).
+//! - `quorum`: the Raft-replicated event log (openraft over the store),
+//!   forwarding to the leader, joins and membership changes.
+//! - `enrollment`: how a node becomes a member at start-up.
 //! - `cluster`: the node table seam (one node for now).
 //! - `roles`: manifests, the role manager, watcher, listeners, delivery, and
 //!   the services behind a role's imports.
@@ -23,6 +25,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod enrollment;
 pub mod log;
 pub mod notify;
 pub mod quorum;

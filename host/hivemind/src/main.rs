@@ -11,7 +11,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up(args) => run_daemon(cli.data_dir, args),
-        command => run_client(cli.data_dir.as_deref(), command),
+        command => {
+            restore_sigpipe();
+            run_client(cli.data_dir.as_deref(), command)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -44,6 +47,20 @@ fn run_daemon(data_dir: Option<std::path::PathBuf>, args: UpArgs) -> anyhow::Res
     if let Some(name) = args.node_name {
         config.node_name = name;
     }
+    if let Some(transport) = args.transport {
+        config.transport = transport.parse().map_err(|error| {
+            anyhow::anyhow!("--transport {transport:?}: {error}; expected an address like 127.0.0.1:7481")
+        })?;
+    }
+    if let Some(advertise) = args.advertise {
+        config.advertise = Some(advertise);
+    }
+    if args.secret.is_some() {
+        config.secret = args.secret;
+    }
+    if args.bootstrap || args.join.is_some() {
+        config.cluster = hivemind::config::ClusterMode::from_parts(args.peers, args.join, args.join_token)?;
+    }
     if args.no_bundled_roles {
         config.install_bundled_roles = false;
     }
@@ -55,6 +72,18 @@ fn run_daemon(data_dir: Option<std::path::PathBuf>, args: UpArgs) -> anyhow::Res
         daemon.shutdown().await;
         anyhow::Ok(())
     })
+}
+
+/// A client piped into `head` should end quietly when the pipe closes, as
+/// other command-line tools do, not panic on the failed write. (The daemon
+/// keeps Rust's default of ignoring SIGPIPE: a closed socket is an error to
+/// handle there, not a reason to exit.)
+fn restore_sigpipe() {
+    // SAFETY: called before any other thread exists; resetting a signal's
+    // disposition to the default has no other effect on this process.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 async fn wait_for_signal() {

@@ -11,6 +11,14 @@
 //! so does a peer whose certificate was not issued by the cluster CA or that
 //! does not finish its TLS handshake in time. Every dropped connection is
 //! logged and counted; none can take the host down.
+//!
+//! A client may also connect without a certificate: that is how a node that
+//! is not a member yet asks to join. Handlers see whether the peer is a
+//! [`Peer::member`] and refuse everything but a join otherwise. Such a
+//! client cannot verify the server either (it has no CA yet); both sides
+//! prove they know the join secret by a MAC over the TLS session's
+//! [`Peer::channel_binding`], which differs on each leg of a relayed
+//! connection, so a man in the middle learns nothing it can use.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -77,13 +85,25 @@ impl ClusterCa {
             .with_context(|| format!("read {}", dir.join("ca.pem").display()))?;
         let key_pem = std::fs::read_to_string(dir.join("ca.key"))
             .with_context(|| format!("read {}", dir.join("ca.key").display()))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .with_context(|| format!("{}: not a private key", dir.join("ca.key").display()))?;
+        Self::from_pem(&cert_pem, &key_pem, cluster_id)
+            .with_context(|| format!("the cluster CA in {}", dir.display()))
+    }
+
+    /// A CA from its certificate and key in PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, cluster_id: &str) -> anyhow::Result<ClusterCa> {
+        let key = KeyPair::from_pem(key_pem).context("ca.key: not a private key")?;
+        parse_certs(cert_pem, "ca.pem")?;
         Ok(ClusterCa {
             params: ca_params(cluster_id)?,
             key,
-            cert_pem,
+            cert_pem: cert_pem.to_string(),
         })
+    }
+
+    /// The CA's private key in PEM (handed to admitted members, so that
+    /// any of them can admit others once it leads).
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
     }
 
     /// Writes `ca.pem` and `ca.key` (owner-only) into `dir`.
@@ -152,9 +172,12 @@ impl NodeIdentity {
         Arc::new(rustls::crypto::ring::default_provider())
     }
 
-    /// Server side: present our certificate, require one from the same CA.
+    /// Server side: present our certificate; a client certificate, if
+    /// presented, must come from the same CA (one without is a joiner).
     pub fn acceptor(&self) -> anyhow::Result<TlsAcceptor> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider()).build()?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
+            .allow_unauthenticated()
+            .build()?;
         let config = rustls::ServerConfig::builder_with_provider(Self::provider())
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
@@ -170,6 +193,68 @@ impl NodeIdentity {
             .with_client_auth_cert(parse_certs(&self.cert_pem, "node certificate")?, self.key()?)?;
         Ok(TlsConnector::from(Arc::new(config)))
     }
+}
+
+/// A client for a node that has no cluster CA yet: it accepts any server
+/// certificate, so whoever answers must prove it knows the join secret over
+/// the session's channel binding before anything it says is trusted.
+pub fn joiner_connector() -> anyhow::Result<TlsConnector> {
+    let provider = NodeIdentity::provider();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServerCertificate(provider)))
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+#[derive(Debug)]
+struct AnyServerCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Label of the keying material both ends export as the channel binding.
+const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-hivemind-channel-binding";
+
+/// 32 bytes only the two ends of this TLS session know.
+fn channel_binding<T>(connection: &rustls::ConnectionCommon<T>) -> [u8; 32] {
+    let mut binding = [0u8; 32];
+    // Fails only before the handshake finished, which never reaches here.
+    let _ = connection.export_keying_material(&mut binding, CHANNEL_BINDING_LABEL, None);
+    binding
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -196,11 +281,21 @@ fn decode(frame: &[u8]) -> anyhow::Result<(u8, &[u8])> {
     }
 }
 
+/// Who sent a request frame.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub address: SocketAddr,
+    /// The peer presented a certificate of the cluster CA.
+    pub member: bool,
+    /// Keying material of this TLS session, the same at both ends.
+    pub channel_binding: [u8; 32],
+}
+
 /// What a server does with one request frame.
 #[async_trait::async_trait]
 pub trait FrameHandler: Send + Sync + 'static {
-    /// Answers `payload` of message `kind` with a reply of some kind.
-    async fn handle(&self, kind: u8, payload: Bytes) -> (u8, Vec<u8>);
+    /// Answers `payload` of message `kind` from `peer` with a reply of some kind.
+    async fn handle(&self, peer: &Peer, kind: u8, payload: Bytes) -> (u8, Vec<u8>);
 }
 
 /// Connections the server refused or dropped, by reason.
@@ -264,21 +359,41 @@ async fn serve_connection(
         }
     };
     counters.accepted.fetch_add(1, Ordering::Relaxed);
+    let session = tls.get_ref().1;
+    let peer = Peer {
+        address: peer,
+        member: session.peer_certificates().is_some_and(|certs| !certs.is_empty()),
+        channel_binding: channel_binding(session),
+    };
     let mut framed = Framed::new(tls, codec());
     while let Some(frame) = framed.next().await {
         let reply = match frame.map_err(anyhow::Error::from).and_then(|frame| {
             let (kind, payload) = decode(&frame)?;
             Ok((kind, Bytes::copy_from_slice(payload)))
         }) {
-            Ok((kind, payload)) => handler.handle(kind, payload).await,
+            Ok((kind, payload)) => handler.handle(&peer, kind, payload).await,
+            // A peer hanging up without TLS close_notify is an ordinary close.
+            Err(error)
+                if error
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|error| error.kind() == std::io::ErrorKind::UnexpectedEof) =>
+            {
+                tracing::debug!(peer = %peer.address, "transport: peer hung up");
+                return;
+            }
             Err(error) => {
                 counters.bad_frames.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, %error, "transport: bad frame; connection dropped");
+                tracing::warn!(peer = %peer.address, %error, "transport: bad frame; connection dropped");
                 return;
             }
         };
         if let Err(error) = framed.send(encode(reply.0, &reply.1)).await {
-            tracing::debug!(%peer, %error, "transport: reply not sent");
+            tracing::debug!(peer = %peer.address, %error, "transport: reply not sent");
+            return;
+        }
+        // A non-member gets one answer (to its join) and the door.
+        if !peer.member {
+            let _ = framed.close().await;
             return;
         }
     }
@@ -314,7 +429,23 @@ pub async fn connect(
         .with_context(|| format!("connect to {address}: timed out"))?
 }
 
+pub type TlsConnection = Connection<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl TlsConnection {
+    /// Keying material of this TLS session, the same the server sees.
+    pub fn channel_binding(&self) -> [u8; 32] {
+        channel_binding(self.framed.get_ref().get_ref().1)
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// True when the peer has closed the connection (checked without
+    /// waiting). Only valid between requests, when no reply is due.
+    pub fn is_closed(&mut self) -> bool {
+        use futures::FutureExt;
+        matches!(self.framed.next().now_or_never(), Some(None | Some(Err(_)) | Some(Ok(_))))
+    }
+
     /// Sends a request and waits for its reply.
     pub async fn request(&mut self, kind: u8, payload: &[u8]) -> anyhow::Result<(u8, Bytes)> {
         self.framed.send(encode(kind, payload)).await?;
@@ -333,8 +464,11 @@ mod tests {
 
     #[async_trait::async_trait]
     impl FrameHandler for Echo {
-        async fn handle(&self, kind: u8, payload: Bytes) -> (u8, Vec<u8>) {
-            (kind + 1, payload.to_vec())
+        async fn handle(&self, peer: &Peer, kind: u8, payload: Bytes) -> (u8, Vec<u8>) {
+            let mut reply = payload.to_vec();
+            reply.push(peer.member as u8);
+            reply.extend_from_slice(&peer.channel_binding);
+            (kind + 1, reply)
         }
     }
 
@@ -363,23 +497,43 @@ mod tests {
         }
     }
 
-    async fn round_trip(server: &Server, identity: &NodeIdentity) -> anyhow::Result<(u8, Bytes)> {
-        let mut connection = connect(
-            &server.address.to_string(),
-            &identity.connector()?,
-            Duration::from_secs(5),
-        )
-        .await?;
-        connection.request(7, b"hello").await
+    async fn round_trip_with(server: &Server, connector: &TlsConnector) -> anyhow::Result<(u8, Bytes, [u8; 32])> {
+        let mut connection = connect(&server.address.to_string(), connector, Duration::from_secs(5)).await?;
+        let (kind, payload) = connection.request(7, b"hello").await?;
+        Ok((kind, payload, connection.channel_binding()))
     }
 
-    /// Two nodes of one CA exchange frames over mutual TLS.
+    async fn round_trip(server: &Server, identity: &NodeIdentity) -> anyhow::Result<(u8, Bytes)> {
+        let (kind, payload, _) = round_trip_with(server, &identity.connector()?).await?;
+        Ok((kind, payload))
+    }
+
+    /// Two nodes of one CA exchange frames over mutual TLS; the server knows
+    /// the client for a member and both ends see the same channel binding.
     #[tokio::test]
     async fn members_exchange_frames() {
         let ca = ClusterCa::generate("test").unwrap();
         let server = start_server(&ca.issue("a").unwrap()).await;
-        let (kind, payload) = round_trip(&server, &ca.issue("b").unwrap()).await.unwrap();
-        assert_eq!((kind, payload.as_ref()), (8, b"hello".as_ref()));
+        let (kind, payload, binding) = round_trip_with(&server, &ca.issue("b").unwrap().connector().unwrap())
+            .await
+            .unwrap();
+        assert_eq!((kind, &payload[..6]), (8, b"hello\x01".as_ref()), "a member");
+        assert_eq!(&payload[6..], &binding, "the same channel binding at both ends");
+        server.shutdown.cancel();
+    }
+
+    /// A client without a certificate (a node asking to join) is served but
+    /// not taken for a member, and each session has its own channel binding.
+    #[tokio::test]
+    async fn a_client_without_certificate_is_not_a_member() {
+        let ca = ClusterCa::generate("test").unwrap();
+        let server = start_server(&ca.issue("a").unwrap()).await;
+        let joiner = joiner_connector().unwrap();
+        let (_, first, first_binding) = round_trip_with(&server, &joiner).await.unwrap();
+        let (_, _, second_binding) = round_trip_with(&server, &joiner).await.unwrap();
+        assert_eq!(first[5], 0, "not a member");
+        assert_eq!(&first[6..], &first_binding);
+        assert_ne!(first_binding, second_binding);
         server.shutdown.cancel();
     }
 

@@ -9,9 +9,16 @@
 //! # Layout
 //! - `storage`: the Raft log and the state machine on redb, durable before
 //!   openraft is told they are.
-//! - `network`: Raft RPCs over the node-to-node transport.
-//! - this file: types, commands, start-up and the `EventLog` implementation.
+//! - `network`: Raft RPCs and peer requests over the node-to-node transport.
+//! - `frames`: the transport's server side: every frame a member answers.
+//! - `join`: credentials, the join request and the cluster files.
+//! - `health`: pings between members, for `status` and degraded mode.
+//! - this file: types, commands, start-up, forwarding to the leader,
+//!   admission, membership changes and the `EventLog` implementation.
 
+pub mod frames;
+mod health;
+pub mod join;
 pub mod network;
 pub mod storage;
 
@@ -27,6 +34,8 @@ use tokio::sync::watch;
 
 use crate::log::{EventLog, LogError, NewEvent, StoredEvent, validate};
 use crate::store::Store;
+use crate::transport::ClusterCa;
+use network::{PeerError, PeerPool};
 
 pub type NodeId = u64;
 
@@ -57,6 +66,22 @@ pub enum Command {
         timestamp_ms: u64,
         payload: serde_json::Value,
     },
+    /// The cluster's identity, written once by the node that formed it.
+    Formed { cluster_id: String, secret: String },
+    /// A single-use join token (see [`join`]).
+    TokenIssued {
+        id: String,
+        secret: String,
+        expires_ms: u64,
+    },
+    /// A node admitted by the quorum: it is added as a learner next.
+    /// Applying it consumes `token`, so a token admits one node only.
+    NodeJoined {
+        id: NodeId,
+        address: NodeAddress,
+        token: Option<String>,
+        timestamp_ms: u64,
+    },
 }
 
 /// What applying a command produced.
@@ -64,7 +89,11 @@ pub enum Command {
 pub enum CommandResult {
     /// The event's seq (its log index).
     Event { seq: u64 },
-    /// Entries without a result (membership, leader blanks).
+    /// The node was admitted; `seq` is its `node.joined` event.
+    Joined { seq: u64, epoch: u64 },
+    /// The command was refused when applied, for this reason.
+    Refused { reason: String },
+    /// Entries without a result (membership, leader blanks, tokens).
     Nothing,
 }
 
@@ -82,13 +111,34 @@ openraft::declare_raft_types!(
 
 /// Cluster-wide facts the state machine keeps beside the events.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ClusterState {
     /// Chosen when the cluster is first formed; never changes.
     pub cluster_id: String,
+    /// Proves a node may join; set when the cluster is formed.
+    pub secret: String,
     /// Generation of the voter set: bumped by every voter change.
     pub epoch: u64,
     /// Voter ids of the current epoch, to detect a voter change.
     pub voters: Vec<NodeId>,
+    /// Every member (voter or learner) and the epoch it joined in.
+    pub members: BTreeMap<NodeId, MemberRecord>,
+    /// Join tokens not yet used or expired.
+    pub tokens: BTreeMap<String, TokenRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub joined_epoch: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub secret: String,
+    pub expires_ms: u64,
+    /// Set when a node joined with it; kept so a replay is told apart
+    /// from a token that never existed.
+    pub used_by: Option<NodeId>,
 }
 
 /// Writes that find no quorum fail after this long instead of hanging.
@@ -118,13 +168,105 @@ impl Default for Timing {
 
 pub type HivemindRaft = Raft<TypeConfig>;
 
+/// How a node that has no Raft state yet gets into a cluster.
+#[derive(Debug, Clone)]
+pub enum Formation {
+    /// Wait to be contacted: this node was admitted (or has state already).
+    Wait,
+    /// Form a one-voter cluster of this node.
+    Single { secret: String },
+    /// This node is the bootstrap seed: collect the other `peers` (sorted
+    /// transport addresses, this node's among them), then form the cluster
+    /// with all of them as voters.
+    Seed { peers: Vec<String>, secret: String },
+}
+
+/// Everything [`QuorumLog::start`] needs.
+pub struct QuorumSetup {
+    pub store: Store,
+    pub id: NodeId,
+    pub address: NodeAddress,
+    pub timing: Timing,
+    pub files: join::ClusterFiles,
+    pub formation: Formation,
+}
+
+/// A change of the voter set or the member list, by the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MemberChange {
+    Promote(NodeId),
+    Demote(NodeId),
+    Remove(NodeId),
+}
+
+/// The leader's answer to a forwarded write.
+#[derive(Debug, Serialize, Deserialize)]
+enum ForwardReply {
+    Done(CommandResult),
+    /// Not the leader (any more): nothing was written, ask again.
+    NotLeader,
+    Failed(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ForwardedJoin {
+    request: join::JoinRequest,
+    channel_binding: [u8; 32],
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ping {
+    pub from: NodeId,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Pong {
+    pub id: NodeId,
+    pub epoch: u64,
+    /// Whether the pinging node is in this node's membership.
+    pub member: bool,
+}
+
+/// A bootstrap seed's peers collected so far.
+struct Bootstrap {
+    peers: Vec<String>,
+    secret: String,
+    collected: std::sync::Mutex<BTreeMap<NodeId, NodeAddress>>,
+}
+
+/// One member as `/v1/status` and `hivemind members` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberStatus {
+    pub id: String,
+    pub name: String,
+    pub transport: String,
+    pub api: String,
+    /// `voter` or `learner`.
+    pub role: &'static str,
+    pub reachable: bool,
+    pub joined_epoch: u64,
+    pub leader: bool,
+    #[serde(rename = "self")]
+    pub is_self: bool,
+}
+
 /// What `/v1/status` shows of the quorum.
 #[derive(Debug, Clone, Serialize)]
 pub struct QuorumStatus {
+    pub cluster_id: String,
+    pub epoch: u64,
+    /// `healthy`, or `degraded` when no quorum of voters is reachable from
+    /// here or no leader is known.
+    pub health: &'static str,
+    /// Why the cluster is degraded, in words.
+    pub problem: Option<String>,
     pub leader: Option<String>,
     pub term: u64,
     pub last_applied: u64,
     pub voters: Vec<String>,
+    /// Voters this node cannot reach, as `name (id)`.
+    pub missing_voters: Vec<String>,
+    pub members: Vec<MemberStatus>,
 }
 
 /// The quorum log as the host's [`EventLog`].
@@ -132,44 +274,36 @@ pub struct QuorumLog {
     raft: HivemindRaft,
     store: Store,
     applied: watch::Receiver<u64>,
+    id: NodeId,
+    ca: ClusterCa,
+    pool: PeerPool,
+    health: health::PeerHealth,
+    bootstrap: Option<Bootstrap>,
+    /// The secret to record when this node formed the cluster.
+    forming_secret: Option<String>,
+    cluster_id: String,
+}
+
+/// How long a membership change may take before it is reported failed.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn hex_id(id: NodeId) -> String {
+    format!("{id:016x}")
 }
 
 impl QuorumLog {
-    /// Starts Raft for this node over `store`. A node whose store has no
-    /// Raft state yet forms a one-voter cluster of itself.
-    pub async fn start_single(
-        store: Store,
-        id: NodeId,
-        address: NodeAddress,
-        timing: &Timing,
-    ) -> anyhow::Result<QuorumLog> {
-        let mut members = BTreeMap::new();
-        members.insert(id, address);
-        let log = Self::start(store, id, timing, storage::NoNetwork, Some(members)).await?;
-        // A lone voter elects itself within one election timeout; serve only
-        // once writes can succeed.
-        log.raft
-            .wait(Some(timing.election_max * 10))
-            .metrics(
-                |metrics| metrics.current_leader == Some(id),
-                "this node leads its one-voter cluster",
-            )
-            .await
-            .map_err(|error| anyhow::anyhow!("the cluster log did not elect this node as leader: {error}"))?;
-        Ok(log)
-    }
-
-    /// Starts Raft for this node with `network`. `initial_members`, if
-    /// given and the store has no Raft state yet, forms the cluster with
-    /// those voters (one node of a new cluster does this, the others wait
-    /// to be contacted).
-    pub async fn start<N: openraft::network::RaftNetworkFactory<TypeConfig>>(
-        store: Store,
-        id: NodeId,
-        timing: &Timing,
-        network: N,
-        initial_members: Option<BTreeMap<NodeId, NodeAddress>>,
-    ) -> anyhow::Result<QuorumLog> {
+    /// Starts Raft for this node. A node forming a one-voter cluster serves
+    /// only once it leads; every other node serves at once (degraded until
+    /// a leader is known).
+    pub async fn start(setup: QuorumSetup) -> anyhow::Result<Arc<QuorumLog>> {
+        let QuorumSetup {
+            store,
+            id,
+            address,
+            timing,
+            files,
+            formation,
+        } = setup;
         let config = openraft::Config {
             cluster_name: "hivemind".into(),
             heartbeat_interval: timing.heartbeat.as_millis() as u64,
@@ -181,34 +315,622 @@ impl QuorumLog {
         };
         let config = Arc::new(config.validate()?);
         let (log_store, state_machine, applied) = storage::open(&store)?;
-        let raft = Raft::new(id, config, network, log_store, state_machine).await?;
-        if let Some(members) = initial_members
-            && !raft.is_initialized().await?
-        {
-            raft.initialize(members).await?;
+        let connector = files.identity.connector()?;
+        let raft = Raft::new(
+            id,
+            config,
+            network::TransportNetwork::new(connector.clone()),
+            log_store,
+            state_machine,
+        )
+        .await?;
+        let initialized = raft.is_initialized().await?;
+        let (bootstrap, forming_secret) = match formation {
+            Formation::Wait => (None, None),
+            Formation::Single { secret } => (None, Some(secret)),
+            Formation::Seed { peers, secret } => {
+                let collected = BTreeMap::from([(id, address.clone())]);
+                let bootstrap = (!initialized).then(|| Bootstrap {
+                    peers,
+                    secret: secret.clone(),
+                    collected: std::sync::Mutex::new(collected),
+                });
+                (bootstrap, Some(secret))
+            }
+        };
+        let single = matches!(forming_secret, Some(_)) && bootstrap.is_none() && !initialized;
+        let log = Arc::new(QuorumLog {
+            raft,
+            store,
+            applied,
+            id,
+            ca: files.ca,
+            pool: PeerPool::new(connector),
+            health: health::PeerHealth::default(),
+            bootstrap,
+            forming_secret,
+            cluster_id: files.cluster_id,
+        });
+        if single {
+            log.raft.initialize(BTreeMap::from([(id, address.clone())])).await?;
         }
-        Ok(QuorumLog { raft, store, applied })
+        let leads_alone = log.raft.metrics().borrow().membership_config.membership().voter_ids().eq([id]);
+        if leads_alone {
+            // A lone voter elects itself within one election timeout; serve
+            // only once writes can succeed.
+            log.raft
+                .wait(Some(timing.election_max * 10))
+                .metrics(
+                    |metrics| metrics.current_leader == Some(id),
+                    "this node leads its one-voter cluster",
+                )
+                .await
+                .map_err(|error| anyhow::anyhow!("the cluster log did not elect this node as leader: {error}"))?;
+            log.ensure_formed().await;
+            // A lone node restarted on other addresses tells its future
+            // joiners where it is now.
+            let listed = log.raft.metrics().borrow().membership_config.membership().get_node(&id).cloned();
+            if listed.as_ref() != Some(&address) {
+                let changes = openraft::ChangeMembers::SetNodes(BTreeMap::from([(id, address)]));
+                if let Err(error) = log.raft.change_membership(changes, true).await {
+                    tracing::warn!(%error, "could not record this node's new addresses");
+                }
+            }
+        }
+        Ok(log)
     }
 
     pub fn raft(&self) -> &HivemindRaft {
         &self.raft
     }
 
-    /// Leader, term and voters as this node sees them (node ids in hex,
-    /// as everywhere users see them).
-    pub fn status(&self) -> QuorumStatus {
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The cluster this node's data belongs to.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// The cluster facts as last applied here.
+    pub async fn cluster_state(&self) -> Result<ClusterState, LogError> {
+        self.store
+            .blocking(|store| Ok(storage::read_cluster(&store.database()).map_err(|error| error.to_string())))
+            .await?
+            .map_err(LogError::Unavailable)
+    }
+
+    /// Records the cluster's identity once this node formed it (no-op when
+    /// it is already recorded or this node did not form the cluster).
+    async fn ensure_formed(&self) {
+        let Some(secret) = &self.forming_secret else { return };
+        if self.cluster_state().await.is_ok_and(|state| !state.cluster_id.is_empty()) {
+            return;
+        }
+        let command = Command::Formed {
+            cluster_id: self.cluster_id.clone(),
+            secret: secret.clone(),
+        };
+        if let Err(error) = self.write(command, WRITE_TIMEOUT).await {
+            tracing::warn!(%error, "the cluster's identity is not recorded yet; trying again");
+        }
+    }
+
+    /// Keeps trying to record the cluster's identity until it is (a task of
+    /// the node that formed a cluster of several voters).
+    pub async fn finish_forming(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        if self.forming_secret.is_none() {
+            return;
+        }
+        loop {
+            if self.raft.is_initialized().await.unwrap_or(false) {
+                self.ensure_formed().await;
+                if self.cluster_state().await.is_ok_and(|state| !state.cluster_id.is_empty()) {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// Pings every other member twice a second; `status` reports who answered.
+    pub async fn watch_peers(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        health::watch(self, shutdown).await
+    }
+
+    /// Commits `command`, on the leader: here if this node leads, else
+    /// forwarded to it. Fails after `timeout` when no quorum commits it.
+    /// Only a write the leader certainly did not take is sent again, so a
+    /// write is never committed twice.
+    async fn write(&self, command: Command, timeout: Duration) -> Result<CommandResult, LogError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                return Err(self.no_quorum(timeout));
+            }
+            let leader = match tokio::time::timeout(remaining, self.raft.client_write(command.clone())).await {
+                Err(_) => return Err(self.no_quorum(timeout)),
+                Ok(Ok(written)) => return Ok(written.data),
+                Ok(Err(error)) => match error.forward_to_leader() {
+                    Some(forward) => forward.leader_node.clone(),
+                    None => return Err(LogError::Unavailable(format!("the write was not committed: {error}"))),
+                },
+            };
+            let Some(leader) = leader else {
+                // An election is under way.
+                tokio::time::sleep(Duration::from_millis(25).min(remaining)).await;
+                continue;
+            };
+            match self
+                .pool
+                .call::<_, ForwardReply>(&leader.transport, network::FORWARD_WRITE, &command, remaining)
+                .await
+            {
+                Ok(ForwardReply::Done(result)) => return Ok(result),
+                Ok(ForwardReply::Failed(reason)) => return Err(LogError::Unavailable(reason)),
+                Ok(ForwardReply::NotLeader) | Err(PeerError::NotSent(_)) => {
+                    tokio::time::sleep(Duration::from_millis(25).min(remaining)).await;
+                }
+                Err(PeerError::NoAnswer(error)) => {
+                    return Err(LogError::Unavailable(format!(
+                        "the leader {} did not answer ({error}); the write may or may not have been committed",
+                        leader.name
+                    )));
+                }
+                Err(PeerError::Refused(reason)) => return Err(LogError::Unavailable(reason)),
+            }
+        }
+    }
+
+    fn no_quorum(&self, timeout: Duration) -> LogError {
+        let missing = self.missing_voters();
+        let who = if missing.is_empty() {
+            String::new()
+        } else {
+            format!(" (unreachable voters: {})", missing.join(", "))
+        };
+        LogError::Unavailable(format!(
+            "the write was not committed within {} s: no quorum of voters is reachable{who}",
+            timeout.as_secs_f32()
+        ))
+    }
+
+    /// A forwarded write, on the leader.
+    async fn write_as_leader(&self, command: Command) -> ForwardReply {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command)).await {
+            Err(_) => ForwardReply::Failed(self.no_quorum(WRITE_TIMEOUT).to_string()),
+            Ok(Ok(written)) => ForwardReply::Done(written.data),
+            Ok(Err(error)) if error.forward_to_leader().is_some() => ForwardReply::NotLeader,
+            Ok(Err(error)) => ForwardReply::Failed(format!("the write was not committed: {error}")),
+        }
+    }
+
+    /// The leader's transport address and name, if one is known.
+    fn leader(&self) -> Option<(NodeId, NodeAddress)> {
         let metrics = self.raft.metrics().borrow().clone();
-        let voters: Vec<String> = metrics
+        let leader = metrics.current_leader?;
+        let node = metrics.membership_config.membership().get_node(&leader)?.clone();
+        Some((leader, node))
+    }
+
+    /// Issues a single-use join token valid for `ttl`.
+    pub async fn issue_token(&self, ttl: Duration) -> Result<(String, u64), LogError> {
+        let id = hex::encode(rand::random::<[u8; 4]>());
+        let secret = hex::encode(rand::random::<[u8; 16]>());
+        let expires_ms = now_ms() + ttl.as_millis() as u64;
+        let command = Command::TokenIssued {
+            id: id.clone(),
+            secret: secret.clone(),
+            expires_ms,
+        };
+        self.write(command, WRITE_TIMEOUT).await?;
+        Ok((join::Credential::token_text(&self.cluster_id, &id, &secret), expires_ms))
+    }
+
+    /// Answers a join request that arrived on this node.
+    pub async fn admit(&self, request: join::JoinRequest, binding: [u8; 32]) -> join::JoinReply {
+        if let Some(bootstrap) = &self.bootstrap
+            && !self.raft.is_initialized().await.unwrap_or(true)
+        {
+            return self.admit_bootstrap_peer(bootstrap, request, binding).await;
+        }
+        match self.leader() {
+            Some((leader, _)) if leader == self.id => self.admit_as_leader(request, binding).await,
+            Some((_, node)) => {
+                let forwarded = ForwardedJoin {
+                    request,
+                    channel_binding: binding,
+                };
+                self.pool
+                    .call(&node.transport, network::FORWARD_JOIN, &forwarded, MEMBERSHIP_TIMEOUT)
+                    .await
+                    .unwrap_or_else(join::unreachable_leader)
+            }
+            None => join::JoinReply::refused(
+                join::Refusal::NotReady,
+                "the cluster has no leader right now (is a quorum of voters up?); try again",
+            ),
+        }
+    }
+
+    async fn admit_bootstrap_peer(
+        &self,
+        bootstrap: &Bootstrap,
+        request: join::JoinRequest,
+        binding: [u8; 32],
+    ) -> join::JoinReply {
+        use join::{JoinReply, Refusal};
+        if !join::proofs_match(&request.proof, &join::client_proof(&bootstrap.secret, &binding, request.id)) {
+            return JoinReply::refused(
+                Refusal::WrongCredential,
+                "wrong cluster secret: give every bootstrap peer the same --secret",
+            );
+        }
+        if request.bootstrap_peers.as_ref() != Some(&bootstrap.peers) {
+            return JoinReply::refused(
+                Refusal::Other,
+                format!(
+                    "this node bootstraps with --peers {} but the joiner was given {}; give every peer the same list",
+                    bootstrap.peers.join(","),
+                    request.bootstrap_peers.map(|peers| peers.join(",")).unwrap_or_else(|| "none".into())
+                ),
+            );
+        }
+        if !bootstrap.peers.contains(&request.address.transport) {
+            return JoinReply::refused(
+                Refusal::Other,
+                format!(
+                    "the joiner's transport address {} is not one of --peers {}",
+                    request.address.transport,
+                    bootstrap.peers.join(",")
+                ),
+            );
+        }
+        let members = {
+            let mut collected = bootstrap.collected.lock().unwrap();
+            collected.insert(request.id, request.address.clone());
+            let complete = bootstrap.peers.iter().all(|peer| {
+                collected.values().any(|address| &address.transport == peer)
+            });
+            complete.then(|| collected.clone())
+        };
+        let admission = match self.admission(request.id, 0, &bootstrap.secret, &binding) {
+            Ok(admission) => admission,
+            Err(reply) => return reply,
+        };
+        if let Some(members) = members {
+            tracing::info!(voters = members.len(), "every bootstrap peer has asked to join; forming the cluster");
+            // The peers start their Raft once they have this answer; the
+            // seed's vote requests are retried until they do.
+            if let Err(error) = self.raft.initialize(members).await {
+                tracing::warn!(%error, "forming the cluster");
+            }
+        }
+        JoinReply::Admitted(Box::new(admission))
+    }
+
+    /// Certificates and proof for an admitted node.
+    fn admission(
+        &self,
+        id: NodeId,
+        epoch: u64,
+        key: &str,
+        binding: &[u8; 32],
+    ) -> Result<join::Admission, join::JoinReply> {
+        let identity = self.ca.issue(&hex_id(id)).map_err(|error| {
+            join::JoinReply::refused(join::Refusal::Other, format!("cannot issue a certificate: {error:#}"))
+        })?;
+        Ok(join::Admission {
+            cluster_id: self.cluster_id.clone(),
+            epoch,
+            ca_cert_pem: self.ca.cert_pem().to_string(),
+            ca_key_pem: self.ca.key_pem(),
+            cert_pem: identity.cert_pem,
+            key_pem: identity.key_pem,
+            server_proof: join::server_proof(key, binding),
+        })
+    }
+
+    /// Decides a join, on the leader: checks cluster id, credential and
+    /// epoch, commits `node.joined` (which consumes a token) and adds the
+    /// node as a learner.
+    async fn admit_as_leader(&self, request: join::JoinRequest, binding: [u8; 32]) -> join::JoinReply {
+        use join::{JoinReply, Refusal};
+        let state = match self.cluster_state().await {
+            Ok(state) => state,
+            Err(error) => return JoinReply::refused(Refusal::NotReady, error.to_string()),
+        };
+        let secret = if state.secret.is_empty() {
+            self.forming_secret.clone().unwrap_or_default()
+        } else {
+            state.secret.clone()
+        };
+        if secret.is_empty() {
+            return JoinReply::refused(Refusal::NotReady, "the cluster is still forming; try again");
+        }
+        if let Some(theirs) = &request.cluster_id
+            && theirs != &self.cluster_id
+        {
+            let hint = if request.epoch.is_some() {
+                "the joining node has data of that cluster: move its data directory away to join this one"
+            } else {
+                "the join token is for another cluster"
+            };
+            return JoinReply::refused(
+                Refusal::UnknownCluster,
+                format!("unknown cluster id {theirs}: this is cluster {}; {hint}", self.cluster_id),
+            );
+        }
+        let key = match &request.token {
+            None => secret,
+            Some(token) => match state.tokens.get(token) {
+                Some(record) => record.secret.clone(),
+                None => {
+                    return JoinReply::refused(
+                        Refusal::WrongCredential,
+                        "the join token is unknown to this cluster (expired long ago, or never issued); \
+                         ask for a new one with `hivemind members token`",
+                    );
+                }
+            },
+        };
+        if !join::proofs_match(&request.proof, &join::client_proof(&key, &binding, request.id)) {
+            let what = if request.token.is_some() {
+                "wrong join token"
+            } else {
+                "wrong cluster secret"
+            };
+            return JoinReply::refused(Refusal::WrongCredential, what);
+        }
+        if let Err(error) = request.address.transport.parse::<std::net::SocketAddr>() {
+            return JoinReply::refused(
+                Refusal::Other,
+                format!("the joiner's transport address {:?} is not ip:port ({error})", request.address.transport),
+            );
+        }
+        let listed = self
+            .raft
+            .metrics()
+            .borrow()
             .membership_config
             .membership()
+            .get_node(&request.id)
+            .is_some();
+        if let Some(epoch) = request.epoch
+            && epoch < state.epoch
+            && !listed
+        {
+            return JoinReply::refused(
+                Refusal::StaleEpoch,
+                format!(
+                    "stale epoch: the joining node's data is from epoch {epoch}, the cluster is at epoch {} and no \
+                     longer lists it; it must drop its cluster state and catch up from a snapshot",
+                    state.epoch
+                ),
+            );
+        }
+        if !listed {
+            let command = Command::NodeJoined {
+                id: request.id,
+                address: request.address.clone(),
+                token: request.token.clone(),
+                timestamp_ms: now_ms(),
+            };
+            match self.write(command, WRITE_TIMEOUT).await {
+                Ok(CommandResult::Refused { reason }) => return JoinReply::refused(Refusal::Other, reason),
+                Ok(_) => {}
+                Err(error) => return JoinReply::refused(Refusal::NotReady, error.to_string()),
+            }
+            match tokio::time::timeout(
+                MEMBERSHIP_TIMEOUT,
+                self.raft.add_learner(request.id, request.address.clone(), false),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return JoinReply::refused(Refusal::NotReady, format!("adding the learner: {error}")),
+                Err(_) => return JoinReply::refused(Refusal::NotReady, "adding the learner timed out; try again"),
+            }
+            tracing::info!(node = %request.address, id = %hex_id(request.id), "admitted a node as learner");
+        }
+        let epoch = self.cluster_state().await.map(|state| state.epoch).unwrap_or(state.epoch);
+        match self.admission(request.id, epoch, &key, &binding) {
+            Ok(admission) => JoinReply::Admitted(Box::new(admission)),
+            Err(reply) => reply,
+        }
+    }
+
+    /// Applies `change` on the leader (forwarded there from any node).
+    pub async fn change_member(&self, change: MemberChange) -> Result<String, LogError> {
+        match self.leader() {
+            Some((leader, _)) if leader == self.id => self.change_as_leader(change).await,
+            Some((_, node)) => self
+                .pool
+                .call::<_, Result<String, String>>(&node.transport, network::FORWARD_ADMIN, &change, MEMBERSHIP_TIMEOUT)
+                .await
+                .map_err(|error| LogError::Unavailable(format!("the leader could not be asked: {error}")))?
+                .map_err(LogError::Unavailable),
+            None => Err(LogError::Unavailable(
+                "the cluster has no leader right now (is a quorum of voters up?)".into(),
+            )),
+        }
+    }
+
+    async fn change_as_leader(&self, change: MemberChange) -> Result<String, LogError> {
+        use openraft::ChangeMembers;
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let name_of = |id: NodeId| {
+            membership
+                .get_node(&id)
+                .map(|node| format!("{} ({})", node.name, hex_id(id)))
+                .unwrap_or_else(|| hex_id(id))
+        };
+        let (target, changes, retain, done) = match change {
+            MemberChange::Promote(id) => {
+                if voters.contains(&id) {
+                    return Ok(format!("{} is already a voter", name_of(id)));
+                }
+                if membership.get_node(&id).is_none() {
+                    return Err(LogError::Invalid(format!("no member {}", hex_id(id))));
+                }
+                (id, ChangeMembers::AddVoterIds([id].into()), true, "is now a voter")
+            }
+            MemberChange::Demote(id) => {
+                if !voters.contains(&id) {
+                    return Err(LogError::Invalid(format!("{} is not a voter", name_of(id))));
+                }
+                if voters.len() == 1 {
+                    return Err(LogError::Invalid(format!(
+                        "{} is the only voter; promote another member first",
+                        name_of(id)
+                    )));
+                }
+                (id, ChangeMembers::RemoveVoters([id].into()), true, "is now a learner")
+            }
+            MemberChange::Remove(id) => {
+                if membership.get_node(&id).is_none() {
+                    return Err(LogError::Invalid(format!("no member {}", hex_id(id))));
+                }
+                if voters.contains(&id) {
+                    if voters.len() == 1 {
+                        return Err(LogError::Invalid(format!(
+                            "{} is the only voter; it cannot be removed",
+                            name_of(id)
+                        )));
+                    }
+                    (id, ChangeMembers::RemoveVoters([id].into()), false, "was removed")
+                } else {
+                    (id, ChangeMembers::RemoveNodes([id].into()), false, "was removed")
+                }
+            }
+        };
+        let name = name_of(target);
+        match tokio::time::timeout(MEMBERSHIP_TIMEOUT, self.raft.change_membership(changes, retain)).await {
+            Err(_) => {
+                return Err(LogError::Unavailable(format!(
+                    "the membership change was not committed within {} s: {}",
+                    MEMBERSHIP_TIMEOUT.as_secs(),
+                    self.no_quorum(MEMBERSHIP_TIMEOUT)
+                )));
+            }
+            Ok(Err(error)) => return Err(LogError::Unavailable(format!("the membership change failed: {error}"))),
+            Ok(Ok(_)) => {}
+        }
+        let epoch = self.cluster_state().await.map(|state| state.epoch).unwrap_or_default();
+        self.compact_after_epoch_change().await;
+        Ok(format!("{name} {done}; the cluster is at epoch {epoch}"))
+    }
+
+    /// After the voter set changed, snapshots and purges the log, so that a
+    /// node still at an older epoch catches up from a snapshot of the
+    /// current state rather than by replaying the old epoch's entries.
+    async fn compact_after_epoch_change(&self) {
+        let applied = self.raft.metrics().borrow().last_applied;
+        if self.raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+        let built = self
+            .raft
+            .wait(Some(MEMBERSHIP_TIMEOUT))
+            .metrics(|metrics| metrics.snapshot >= applied, "snapshot after the epoch change")
+            .await;
+        if let Ok(metrics) = built
+            && let Some(snapshot) = metrics.snapshot
+        {
+            let _ = self.raft.trigger().purge_log(snapshot.index).await;
+        }
+    }
+
+    /// A health ping from another member.
+    async fn pong(&self, ping: Ping) -> Pong {
+        let member = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&ping.from)
+            .is_some();
+        Pong {
+            id: self.id,
+            epoch: self.cluster_state().await.map(|state| state.epoch).unwrap_or_default(),
+            member,
+        }
+    }
+
+    fn missing_voters(&self) -> Vec<String> {
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        membership
             .voter_ids()
-            .map(|id| format!("{id:016x}"))
+            .filter(|id| *id != self.id && !self.health.reachable(*id))
+            .map(|id| match membership.get_node(&id) {
+                Some(node) => format!("{} ({})", node.name, hex_id(id)),
+                None => hex_id(id),
+            })
+            .collect()
+    }
+
+    /// Leader, term, members and health as this node sees them (node ids
+    /// in hex, as everywhere users see them).
+    pub async fn status(&self) -> QuorumStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let state = self.cluster_state().await.unwrap_or_default();
+        let membership = metrics.membership_config.membership();
+        let voter_ids: Vec<NodeId> = membership.voter_ids().collect();
+        let members: Vec<MemberStatus> = membership
+            .nodes()
+            .map(|(id, node)| MemberStatus {
+                id: hex_id(*id),
+                name: node.name.clone(),
+                transport: node.transport.clone(),
+                api: node.api.clone(),
+                role: if voter_ids.contains(id) { "voter" } else { "learner" },
+                reachable: *id == self.id || self.health.reachable(*id),
+                joined_epoch: state.members.get(id).map(|member| member.joined_epoch).unwrap_or_default(),
+                leader: metrics.current_leader == Some(*id),
+                is_self: *id == self.id,
+            })
             .collect();
+        let reachable_voters = members
+            .iter()
+            .filter(|member| member.role == "voter" && member.reachable)
+            .count();
+        let missing_voters = self.missing_voters();
+        let problem = if let Some(epoch) = self.health.removed_at_epoch() {
+            Some(format!(
+                "this node was removed from the cluster (the cluster is at epoch {epoch}); to join again, move its \
+                 data directory away and start it with --join"
+            ))
+        } else if voter_ids.is_empty() {
+            Some("this node is not in a cluster yet: it waits to be added by the leader".to_string())
+        } else if reachable_voters <= voter_ids.len() / 2 {
+            Some(format!(
+                "no quorum: {reachable_voters} of {} voters reachable; unreachable: {}",
+                voter_ids.len(),
+                missing_voters.join(", ")
+            ))
+        } else if metrics.current_leader.is_none() {
+            Some("no leader: an election is under way".to_string())
+        } else {
+            None
+        };
         QuorumStatus {
-            leader: metrics.current_leader.map(|id| format!("{id:016x}")),
+            cluster_id: self.cluster_id.clone(),
+            epoch: state.epoch,
+            health: if problem.is_some() { "degraded" } else { "healthy" },
+            problem,
+            leader: metrics.current_leader.map(hex_id),
             term: metrics.current_term,
             last_applied: metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0),
-            voters,
+            voters: voter_ids.into_iter().map(hex_id).collect(),
+            missing_voters,
+            members,
         }
     }
 
@@ -239,16 +961,9 @@ impl EventLog for QuorumLog {
             timestamp_ms: now_ms(),
             payload,
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command)).await {
-            Err(_) => Err(LogError::Unavailable(format!(
-                "the write was not committed within {} s: no quorum of voters is reachable",
-                WRITE_TIMEOUT.as_secs()
-            ))),
-            Ok(Err(error)) => Err(LogError::Unavailable(format!("the write was not committed: {error}"))),
-            Ok(Ok(written)) => match written.data {
-                CommandResult::Event { seq } => Ok(seq),
-                CommandResult::Nothing => Err(LogError::Unavailable("the log did not return a seq".into())),
-            },
+        match self.write(command, WRITE_TIMEOUT).await? {
+            CommandResult::Event { seq } => Ok(seq),
+            other => Err(LogError::Unavailable(format!("the log answered {other:?} to an event"))),
         }
     }
 
@@ -287,7 +1002,7 @@ mod tests {
 
     struct TestNode {
         id: NodeId,
-        log: QuorumLog,
+        log: Arc<QuorumLog>,
         shutdown: CancellationToken,
         _dir: tempfile::TempDir,
     }
@@ -318,21 +1033,31 @@ mod tests {
         for (id, listener) in listeners {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(&dir.path().join("hivemind.redb")).unwrap();
-            let identity = ca.issue(&format!("{id:016x}")).unwrap();
-            let network = network::TransportNetwork::new(identity.connector().unwrap());
-            let initial = (id == 1).then(|| members.clone());
-            let log = QuorumLog::start(store, id, &timing, network, initial).await.unwrap();
+            let identity = ca.issue(&hex_id(id)).unwrap();
+            let files = join::ClusterFiles {
+                cluster_id: "test".into(),
+                ca: ClusterCa::from_pem(ca.cert_pem(), &ca.key_pem(), "test").unwrap(),
+                identity: identity.clone(),
+            };
+            let log = QuorumLog::start(QuorumSetup {
+                store,
+                id,
+                address: members[&id].clone(),
+                timing: timing.clone(),
+                files,
+                formation: Formation::Wait,
+            })
+            .await
+            .unwrap();
             let shutdown = CancellationToken::new();
-            let handler = Arc::new(network::RaftFrames {
-                raft: log.raft().clone(),
-            });
             tokio::spawn(serve(
                 listener,
                 identity.acceptor().unwrap(),
-                handler,
+                Arc::new(frames::ClusterFrames { log: log.clone() }),
                 Arc::new(TransportCounters::default()),
                 shutdown.clone(),
             ));
+            tokio::spawn(log.clone().watch_peers(shutdown.clone()));
             nodes.push(TestNode {
                 id,
                 log,
@@ -340,6 +1065,7 @@ mod tests {
                 _dir: dir,
             });
         }
+        nodes[0].log.raft().initialize(members).await.unwrap();
         nodes
     }
 

@@ -1,10 +1,14 @@
-//! Raft RPCs over the node-to-node transport.
+//! Raft RPCs and the control plane's other requests over the node-to-node
+//! transport.
 //!
 //! [`TransportNetwork`] is openraft's network: one lazily opened transport
 //! connection per peer, re-opened after any failure, each RPC a request frame
-//! with a JSON body. [`RaftFrames`] is the server side: it decodes a frame,
-//! hands it to the local Raft and encodes the outcome.
+//! with a JSON body. [`PeerPool`] carries everything else (forwarded writes
+//! and joins, membership changes, health pings). The server side of all of
+//! them is `frames::ClusterFrames`.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,20 +22,31 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_rustls::TlsConnector;
 
-use super::{HivemindRaft, NodeAddress, NodeId, TypeConfig};
-use crate::transport::{self, Connection, FrameHandler};
+use super::{NodeAddress, NodeId, TypeConfig};
+use crate::transport::{self, TlsConnection};
 
 /// Frame kinds of Raft requests; a reply carries the request's kind.
 pub const APPEND_ENTRIES: u8 = 10;
 pub const VOTE: u8 = 11;
 pub const INSTALL_SNAPSHOT: u8 = 12;
+/// A node that is not a member yet asks to join (the only frame a peer
+/// without a cluster certificate may send).
+pub const JOIN: u8 = 20;
+/// A write forwarded to the leader.
+pub const FORWARD_WRITE: u8 = 21;
+/// A join forwarded to the leader, with the joiner's channel binding.
+pub const FORWARD_JOIN: u8 = 22;
+/// Health ping between members.
+pub const PING: u8 = 23;
+/// A membership change forwarded to the leader.
+pub const FORWARD_ADMIN: u8 = 24;
+/// Reply kind: the request was understood and refused; the body says why.
+pub const REFUSED: u8 = 254;
 /// Reply kind for a request the server could not decode.
 pub const MALFORMED: u8 = 255;
 
 /// How long opening a connection to a peer may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-type TlsConnection = Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct TransportNetwork {
@@ -137,35 +152,87 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 }
 
-/// The transport's handler for Raft frames.
-pub struct RaftFrames {
-    pub raft: HivemindRaft,
+/// Why a request to a peer got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// Nothing was sent (no connection): trying again is safe.
+    #[error("{0}")]
+    NotSent(String),
+    /// Sent, but no answer came: the peer may or may not have acted on it.
+    #[error("{0}")]
+    NoAnswer(String),
+    /// The peer answered that it refuses the request, saying why.
+    #[error("{0}")]
+    Refused(String),
 }
 
-fn reply<T: Serialize>(kind: u8, outcome: &T) -> (u8, Vec<u8>) {
-    match serde_json::to_vec(outcome) {
-        Ok(body) => (kind, body),
-        Err(error) => (MALFORMED, error.to_string().into_bytes()),
-    }
+/// Idle connections kept per peer; more concurrent requests open more.
+const IDLE_PER_PEER: usize = 16;
+
+/// Connections to peers for requests other than Raft's own, pooled so that
+/// concurrent requests do not queue behind each other on one connection.
+pub struct PeerPool {
+    connector: TlsConnector,
+    idle: Mutex<HashMap<String, Vec<TlsConnection>>>,
 }
 
-#[async_trait::async_trait]
-impl FrameHandler for RaftFrames {
-    async fn handle(&self, kind: u8, payload: Bytes) -> (u8, Vec<u8>) {
-        match kind {
-            APPEND_ENTRIES => match serde_json::from_slice::<AppendEntriesRequest<TypeConfig>>(&payload) {
-                Ok(request) => reply(kind, &self.raft.append_entries(request).await),
-                Err(error) => (MALFORMED, error.to_string().into_bytes()),
-            },
-            VOTE => match serde_json::from_slice::<VoteRequest<NodeId>>(&payload) {
-                Ok(request) => reply(kind, &self.raft.vote(request).await),
-                Err(error) => (MALFORMED, error.to_string().into_bytes()),
-            },
-            INSTALL_SNAPSHOT => match serde_json::from_slice::<InstallSnapshotRequest<TypeConfig>>(&payload) {
-                Ok(request) => reply(kind, &self.raft.install_snapshot(request).await),
-                Err(error) => (MALFORMED, error.to_string().into_bytes()),
-            },
-            other => (MALFORMED, format!("unknown frame kind {other}").into_bytes()),
+impl PeerPool {
+    pub fn new(connector: TlsConnector) -> Self {
+        PeerPool {
+            connector,
+            idle: Mutex::default(),
         }
+    }
+
+    /// Sends one request to `address` and returns the reply's body; the
+    /// reply must be of the request's kind (or [`REFUSED`]).
+    pub async fn request(&self, address: &str, kind: u8, body: &[u8], timeout: Duration) -> Result<Bytes, PeerError> {
+        let mut connection = loop {
+            let pooled = self.idle.lock().unwrap().get_mut(address).and_then(Vec::pop);
+            match pooled {
+                // A connection the peer closed while idle (it restarted, say)
+                // would swallow the request: skip it.
+                Some(mut connection) => {
+                    if !connection.is_closed() {
+                        break connection;
+                    }
+                }
+                None => {
+                    break transport::connect(address, &self.connector, CONNECT_TIMEOUT.min(timeout))
+                        .await
+                        .map_err(|error| PeerError::NotSent(format!("{error:#}")))?;
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, connection.request(kind, body)).await {
+            Ok(Ok((reply_kind, payload))) if reply_kind == kind => {
+                let mut idle = self.idle.lock().unwrap();
+                let list = idle.entry(address.to_string()).or_default();
+                if list.len() < IDLE_PER_PEER {
+                    list.push(connection);
+                }
+                Ok(payload)
+            }
+            Ok(Ok((REFUSED, payload))) => Err(PeerError::Refused(String::from_utf8_lossy(&payload).into_owned())),
+            Ok(Ok((other, payload))) => Err(PeerError::Refused(format!(
+                "{address} answered with frame kind {other}: {}",
+                String::from_utf8_lossy(&payload)
+            ))),
+            Ok(Err(error)) => Err(PeerError::NoAnswer(format!("{address}: {error:#}"))),
+            Err(_) => Err(PeerError::NoAnswer(format!("{address}: no answer within {timeout:?}"))),
+        }
+    }
+
+    /// [`PeerPool::request`] with JSON bodies both ways.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        address: &str,
+        kind: u8,
+        request: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        let body = serde_json::to_vec(request).map_err(|error| PeerError::NotSent(error.to_string()))?;
+        let reply = self.request(address, kind, &body, timeout).await?;
+        serde_json::from_slice(&reply).map_err(|error| PeerError::NoAnswer(format!("{address}: bad reply: {error}")))
     }
 }

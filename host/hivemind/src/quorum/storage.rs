@@ -15,6 +15,7 @@
 // openraft's traits fix `StorageError` as the error type; its size is theirs.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -29,7 +30,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{ClusterState, Command, CommandResult, NodeAddress, NodeId, TypeConfig};
+use super::{ClusterState, Command, CommandResult, MemberRecord, NodeAddress, NodeId, TokenRecord, TypeConfig};
 use crate::log::StoredEvent;
 use crate::store::{EVENTS, Store};
 
@@ -269,6 +270,44 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// How long a used or expired token is remembered, so that a replay is
+/// refused as such rather than as unknown.
+const TOKEN_MEMORY_MS: u64 = 24 * 3600 * 1000;
+
+/// Drops tokens that expired long before `now_ms` (a time carried by the
+/// entry being applied, so every node drops the same ones).
+fn forget_old_tokens(cluster: &mut ClusterState, now_ms: u64) {
+    cluster
+        .tokens
+        .retain(|_, token| token.expires_ms.saturating_add(TOKEN_MEMORY_MS) > now_ms);
+}
+
+/// Drops all Raft state and the events it produced: the node then knows
+/// nothing of any cluster and catches up from the leader's snapshot.
+pub fn reset(db: &Database) -> anyhow::Result<()> {
+    let txn = db.begin_write()?;
+    txn.delete_table(RAFT_LOG)?;
+    txn.delete_table(RAFT_META)?;
+    txn.delete_table(MACHINE)?;
+    txn.delete_table(LATEST)?;
+    txn.open_table(EVENTS)?.retain(|_, _| false)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// The cluster facts as last applied on this node.
+pub fn read_cluster(db: &Database) -> anyhow::Result<ClusterState> {
+    let read = db.begin_read()?;
+    let table = match read.open_table(MACHINE) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(ClusterState::default()),
+        Err(error) => return Err(error.into()),
+    };
+    Ok(get_json(&table, "cluster")
+        .map_err(|error| anyhow::anyhow!("{error}"))?
+        .unwrap_or_default())
+}
+
 /// A snapshot: the cluster facts and the latest event of every kind+key.
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
@@ -361,14 +400,92 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 .map_err(write_error)?;
                             results.push(CommandResult::Event { seq });
                         }
+                        EntryPayload::Normal(Command::Formed { cluster_id, secret }) => {
+                            // Only the first one counts: a cluster's identity never changes.
+                            if cluster.cluster_id.is_empty() {
+                                cluster.cluster_id = cluster_id;
+                                cluster.secret = secret;
+                            }
+                            results.push(CommandResult::Nothing);
+                        }
+                        EntryPayload::Normal(Command::TokenIssued { id, secret, expires_ms }) => {
+                            forget_old_tokens(&mut cluster, expires_ms);
+                            cluster.tokens.insert(
+                                id,
+                                TokenRecord {
+                                    secret,
+                                    expires_ms,
+                                    used_by: None,
+                                },
+                            );
+                            results.push(CommandResult::Nothing);
+                        }
+                        EntryPayload::Normal(Command::NodeJoined {
+                            id,
+                            address,
+                            token,
+                            timestamp_ms,
+                        }) => {
+                            let refusal = token.as_ref().and_then(|token| match cluster.tokens.get_mut(token) {
+                                None => Some("the join token is unknown to this cluster".to_string()),
+                                Some(record) => match record.used_by {
+                                    Some(user) if user != id => Some(format!(
+                                        "the join token was already used (by node {user:016x}); ask for a new one \
+                                         with `hivemind members token`"
+                                    )),
+                                    _ if timestamp_ms > record.expires_ms => Some(
+                                        "the join token has expired; ask for a new one with `hivemind members token`"
+                                            .to_string(),
+                                    ),
+                                    _ => {
+                                        record.used_by = Some(id);
+                                        None
+                                    }
+                                },
+                            });
+                            if let Some(reason) = refusal {
+                                results.push(CommandResult::Refused { reason });
+                                continue;
+                            }
+                            let seq = entry.log_id.index;
+                            cluster.members.entry(id).or_insert(MemberRecord {
+                                joined_epoch: cluster.epoch,
+                            });
+                            let event = StoredEvent {
+                                seq,
+                                epoch: cluster.epoch,
+                                kind: "node.joined".into(),
+                                key: format!("{id:016x}"),
+                                source: format!("{id:016x}"),
+                                timestamp_ms,
+                                payload: serde_json::json!({
+                                    "name": address.name,
+                                    "transport": address.transport,
+                                    "api": address.api,
+                                    "epoch": cluster.epoch,
+                                }),
+                            };
+                            events.insert(seq, to_json(&event)?.as_slice()).map_err(write_error)?;
+                            latest
+                                .insert(latest_key(&event.kind, &event.key).as_str(), seq)
+                                .map_err(write_error)?;
+                            results.push(CommandResult::Joined {
+                                seq,
+                                epoch: cluster.epoch,
+                            });
+                        }
                         EntryPayload::Membership(membership) => {
                             let voters: Vec<NodeId> = membership.voter_ids().collect();
-                            if cluster.cluster_id.is_empty() {
-                                cluster.cluster_id = format!("{:016x}", rand::random::<u64>());
-                            }
                             if voters != cluster.voters {
                                 cluster.epoch += 1;
                                 cluster.voters = voters;
+                            }
+                            let listed: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+                            cluster.members.retain(|id, _| listed.contains(id));
+                            for id in listed {
+                                cluster.members.entry(id).or_insert(MemberRecord {
+                                    joined_epoch: cluster.epoch,
+                                });
                             }
                             let stored = StoredMembership::new(Some(entry.log_id), membership);
                             machine

@@ -1,0 +1,92 @@
+//! The transport's server side: every frame a node answers.
+//!
+//! A peer without a cluster certificate may only ask to join; everything
+//! else (Raft RPCs, forwarded writes, joins and membership changes, pings)
+//! needs one.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::network::{
+    APPEND_ENTRIES, FORWARD_ADMIN, FORWARD_JOIN, FORWARD_WRITE, INSTALL_SNAPSHOT, JOIN, MALFORMED, PING, REFUSED,
+    VOTE,
+};
+use super::{Command, ForwardedJoin, MemberChange, NodeId, Ping, QuorumLog, TypeConfig, join};
+use crate::transport::{FrameHandler, Peer};
+
+pub struct ClusterFrames {
+    pub log: Arc<QuorumLog>,
+}
+
+fn reply<T: Serialize>(kind: u8, outcome: &T) -> (u8, Vec<u8>) {
+    match serde_json::to_vec(outcome) {
+        Ok(body) => (kind, body),
+        Err(error) => (MALFORMED, error.to_string().into_bytes()),
+    }
+}
+
+fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, (u8, Vec<u8>)> {
+    serde_json::from_slice(payload).map_err(|error| (MALFORMED, error.to_string().into_bytes()))
+}
+
+#[async_trait::async_trait]
+impl FrameHandler for ClusterFrames {
+    async fn handle(&self, peer: &Peer, kind: u8, payload: Bytes) -> (u8, Vec<u8>) {
+        if !peer.member && kind != JOIN {
+            tracing::warn!(peer = %peer.address, kind, "transport: a non-member sent a member-only request; refused");
+            return (REFUSED, b"this request needs a cluster certificate; join the cluster first".to_vec());
+        }
+        let raft = self.log.raft();
+        match kind {
+            APPEND_ENTRIES => match decode::<AppendEntriesRequest<TypeConfig>>(&payload) {
+                Ok(request) => reply(kind, &raft.append_entries(request).await),
+                Err(error) => error,
+            },
+            VOTE => match decode::<VoteRequest<NodeId>>(&payload) {
+                Ok(request) => reply(kind, &raft.vote(request).await),
+                Err(error) => error,
+            },
+            INSTALL_SNAPSHOT => match decode::<InstallSnapshotRequest<TypeConfig>>(&payload) {
+                Ok(request) => reply(kind, &raft.install_snapshot(request).await),
+                Err(error) => error,
+            },
+            JOIN => match decode::<join::JoinRequest>(&payload) {
+                Ok(request) => {
+                    let answer = self.log.admit(request.clone(), peer.channel_binding).await;
+                    if let join::JoinReply::Refused { reason, .. } = &answer {
+                        tracing::warn!(peer = %peer.address, node = %request.address, %reason, "join refused");
+                    }
+                    reply(kind, &answer)
+                }
+                Err(error) => error,
+            },
+            FORWARD_JOIN => match decode::<ForwardedJoin>(&payload) {
+                Ok(forwarded) => {
+                    let answer = self.log.admit_as_leader(forwarded.request, forwarded.channel_binding).await;
+                    reply(kind, &answer)
+                }
+                Err(error) => error,
+            },
+            FORWARD_WRITE => match decode::<Command>(&payload) {
+                Ok(command) => reply(kind, &self.log.write_as_leader(command).await),
+                Err(error) => error,
+            },
+            FORWARD_ADMIN => match decode::<MemberChange>(&payload) {
+                Ok(change) => {
+                    let outcome = self.log.change_as_leader(change).await.map_err(|error| error.to_string());
+                    reply(kind, &outcome)
+                }
+                Err(error) => error,
+            },
+            PING => match decode::<Ping>(&payload) {
+                Ok(ping) => reply(kind, &self.log.pong(ping).await),
+                Err(error) => error,
+            },
+            other => (MALFORMED, format!("unknown frame kind {other}").into_bytes()),
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Which members this node can reach: a ping to every other member twice a
+//! second. `status` turns it into `healthy` or `degraded` with the missing
+//! voters named, and failed writes name them too.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::network::PING;
+use super::{NodeId, Ping, Pong, QuorumLog};
+
+const PING_EVERY: Duration = Duration::from_millis(500);
+/// A member not heard from for this long is unreachable.
+const REACHABLE_WITHIN: Duration = Duration::from_millis(2000);
+
+#[derive(Default)]
+pub struct PeerHealth {
+    last_answer: Mutex<HashMap<NodeId, Instant>>,
+    /// Set when a member answered that this node is not in its membership
+    /// while this node's epoch is older: it was removed.
+    removed_at_epoch: Mutex<Option<u64>>,
+}
+
+impl PeerHealth {
+    pub fn reachable(&self, id: NodeId) -> bool {
+        self.last_answer
+            .lock()
+            .unwrap()
+            .get(&id)
+            .is_some_and(|seen| seen.elapsed() < REACHABLE_WITHIN)
+    }
+
+    pub fn removed_at_epoch(&self) -> Option<u64> {
+        *self.removed_at_epoch.lock().unwrap()
+    }
+}
+
+pub async fn watch(log: Arc<QuorumLog>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(PING_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let peers: Vec<(NodeId, String)> = log
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != log.id)
+            .map(|(id, node)| (*id, node.transport.clone()))
+            .collect();
+        for (id, address) in peers {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let ping = Ping { from: log.id };
+                if let Ok(pong) = log.pool.call::<_, Pong>(&address, PING, &ping, REACHABLE_WITHIN / 2).await
+                    && pong.id == id
+                {
+                    log.health.last_answer.lock().unwrap().insert(id, Instant::now());
+                    let ours = log.cluster_state().await.map(|state| state.epoch).unwrap_or_default();
+                    let removed = (!pong.member && pong.epoch > ours).then_some(pong.epoch);
+                    let mut flag = log.health.removed_at_epoch.lock().unwrap();
+                    if removed.is_some() && flag.is_none() {
+                        tracing::error!(
+                            epoch = pong.epoch,
+                            "the cluster no longer lists this node (removed at a later epoch); it takes no part in \
+                             the quorum. To join again, move its data directory away and start it with --join"
+                        );
+                    }
+                    if removed.is_some() || pong.member {
+                        *flag = removed;
+                    }
+                }
+            });
+        }
+    }
+}
