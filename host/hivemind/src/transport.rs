@@ -393,7 +393,7 @@ async fn serve_connection(
         }
         // A non-member gets one answer (to its join) and the door.
         if !peer.member {
-            let _ = framed.close().await;
+            let _ = SinkExt::<Bytes>::close(&mut framed).await;
             return;
         }
     }
