@@ -164,6 +164,7 @@ fn up_starts_with_no_config_and_stops_on_sigterm() {
     .unwrap();
     let mut daemon = Command::new(hivemind_bin())
         .args(["--data-dir", data.to_str().unwrap(), "up", "--api", "127.0.0.1:0"])
+        .args(["--transport", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -82,6 +82,8 @@ impl HostProcess {
                 "up",
                 "--api",
                 "127.0.0.1:0",
+                "--transport",
+                "127.0.0.1:0",
             ])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())

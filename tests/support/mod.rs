@@ -244,3 +244,278 @@ pub fn stdout(output: &Output) -> String {
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// A free loopback port (bound, read, released: another process could
+/// take it in between, which tests accept).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The cluster secret the process tests use.
+pub const TEST_SECRET: &str = "test-cluster-secret-0123456789";
+
+/// One `hivemind up` process of a multi-node test, with its own data
+/// directory and ports; killed when dropped.
+pub struct NodeProcess {
+    pub name: String,
+    pub dir: PathBuf,
+    pub api: String,
+    pub transport: String,
+    /// Arguments after the common ones (`--bootstrap --peers ...`, `--join ...`).
+    pub args: Vec<String>,
+    child: Option<std::process::Child>,
+}
+
+impl NodeProcess {
+    pub fn new(root: &Path, name: &str, args: Vec<String>) -> NodeProcess {
+        NodeProcess {
+            name: name.to_string(),
+            dir: root.join(name),
+            api: format!("127.0.0.1:{}", free_port()),
+            transport: format!("127.0.0.1:{}", free_port()),
+            args,
+            child: None,
+        }
+    }
+
+    /// Starts the process (again); its output is appended to `NAME.log`
+    /// beside its data directory.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(hivemind_bin())
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["up", "--no-bundled-roles", "--node-name", &self.name])
+            .args(["--api", &self.api, "--transport", &self.transport])
+            .args(&self.args)
+            .env("HIVEMIND_CLUSTER_SECRET", TEST_SECRET)
+            .env("RUST_LOG", "info,openraft=error")
+            .env_remove("HIVEMIND_API")
+            .env_remove("HIVEMIND_TOKEN")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("hivemind starts");
+        self.child = Some(child);
+    }
+
+    /// `kill -9`: no shutdown, nothing flushed but what was durable.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit after SIGTERM", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Whether the process exited by itself, and how.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().unwrap();
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// A client of this node's API (the token file appears at start-up).
+    pub fn client(&self) -> hivemind::cli::Client {
+        let token_path = self.dir.join("token");
+        let deadline = Instant::now() + PATIENCE;
+        let token = loop {
+            if let Ok(token) = std::fs::read_to_string(&token_path)
+                && !token.trim().is_empty()
+            {
+                break token.trim().to_string();
+            }
+            assert!(Instant::now() < deadline, "{} wrote no token", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        hivemind::cli::Client::new(&self.api, &token)
+    }
+
+    /// `/v1/status`, or `None` while the API does not answer.
+    pub fn status(&self) -> Option<Value> {
+        if !self.is_running() {
+            return None;
+        }
+        let (status, body) = self.client().send("GET", "/v1/status", b"", "application/json").ok()?;
+        (status == 200).then(|| serde_json::from_slice(&body).ok()).flatten()
+    }
+
+    /// Events of `kind` as (seq, key), in order.
+    pub fn events(&self, kind: &str) -> Vec<(u64, String)> {
+        let mut all = Vec::new();
+        let mut since = 0;
+        loop {
+            let path = format!("/v1/events?kind={kind}&since={since}&limit=10000");
+            let (status, body) = self.client().send("GET", &path, b"", "application/json").unwrap();
+            assert_eq!(status, 200, "{}: {}", self.name, String::from_utf8_lossy(&body));
+            let page: Vec<Value> = serde_json::from_slice(&body).unwrap();
+            if page.is_empty() {
+                return all;
+            }
+            for event in page {
+                since = event["seq"].as_u64().unwrap();
+                all.push((since, event["key"].as_str().unwrap().to_string()));
+            }
+        }
+    }
+
+    /// Appends one event through this node; `Ok(seq)` when acknowledged.
+    pub fn emit(&self, kind: &str, key: &str) -> Result<u64, String> {
+        let body = serde_json::to_vec(&json!({ "kind": kind, "key": key })).unwrap();
+        match self.client().send("POST", "/v1/events", &body, "application/json") {
+            Ok((200, reply)) => Ok(serde_json::from_slice::<Value>(&reply).unwrap()["seq"]
+                .as_u64()
+                .unwrap()),
+            Ok((status, reply)) => Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&reply))),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// Runs a `hivemind` client command against this node.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(hivemind_bin())
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(args)
+            .env_remove("HIVEMIND_API")
+            .env_remove("HIVEMIND_TOKEN")
+            .output()
+            .expect("hivemind runs")
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Several `hivemind up` processes on loopback.
+pub struct ProcessCluster {
+    pub root: tempfile::TempDir,
+    pub nodes: Vec<NodeProcess>,
+}
+
+impl ProcessCluster {
+    /// `count` voters formed with `--bootstrap --peers`, all started.
+    pub fn bootstrap(count: usize) -> ProcessCluster {
+        let root = tempfile::tempdir().unwrap();
+        let mut nodes: Vec<NodeProcess> = (1..=count)
+            .map(|i| NodeProcess::new(root.path(), &format!("n{i}"), Vec::new()))
+            .collect();
+        let peers: Vec<String> = nodes.iter().map(|node| node.transport.clone()).collect();
+        for node in &mut nodes {
+            node.args = vec!["--bootstrap".into(), "--peers".into(), peers.join(",")];
+            node.start();
+        }
+        let cluster = ProcessCluster { root, nodes };
+        cluster.wait_healthy();
+        cluster
+    }
+
+    /// Adds a node that joins through `via` with `extra` arguments (a token,
+    /// say), started.
+    pub fn join(&mut self, via: usize, extra: &[&str]) -> usize {
+        let name = format!("n{}", self.nodes.len() + 1);
+        let mut args = vec!["--join".to_string(), self.nodes[via].transport.clone()];
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        let mut node = NodeProcess::new(self.root.path(), &name, args);
+        node.start();
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Waits until every running node is healthy and they agree on a leader;
+    /// returns the leader's index.
+    pub fn wait_healthy(&self) -> usize {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(leader) = self.agreed_leader() {
+                return leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not become healthy: {:#?}",
+                self.nodes
+                    .iter()
+                    .map(|node| node.status().map(|status| status["cluster"].clone()))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn agreed_leader(&self) -> Option<usize> {
+        let mut leader = None;
+        for node in self.nodes.iter().filter(|node| node.is_running()) {
+            let status = node.status()?;
+            if status["cluster"]["health"] != "healthy" {
+                return None;
+            }
+            let id = status["cluster"]["leader"].as_str()?.to_string();
+            if leader.get_or_insert(id.clone()) != &id {
+                return None;
+            }
+        }
+        let leader = leader?;
+        self.nodes.iter().position(|node| {
+            node.status()
+                .is_some_and(|status| status["node"]["id"].as_str() == Some(leader.as_str()))
+        })
+    }
+
+    /// Waits until every running node has the same events of `kind`, at
+    /// least `count` of them, and returns them.
+    pub fn converged_events(&self, kind: &str, count: usize) -> Vec<(u64, String)> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let seen: Vec<Vec<(u64, String)>> = self
+                .nodes
+                .iter()
+                .filter(|node| node.is_running())
+                .map(|node| node.events(kind))
+                .collect();
+            if seen[0].len() >= count && seen.iter().all(|events| events == &seen[0]) {
+                return seen[0].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the nodes did not converge on {count} events of {kind}: {:?}",
+                seen.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

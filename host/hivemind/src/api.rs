@@ -207,7 +207,9 @@ async fn change_member(
         }
     };
     match state.quorum.change_member(change).await {
-        Ok(message) => Ok(Json(json!({ "node": member.id, "name": member.name, "message": message }))),
+        Ok(message) => Ok(Json(
+            json!({ "node": member.id, "name": member.name, "message": message }),
+        )),
         Err(LogError::Invalid(message)) => Err(ApiError::new(409, message)),
         Err(error) => Err(ApiError::new(503, error.to_string())),
     }

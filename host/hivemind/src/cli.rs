@@ -163,7 +163,13 @@ pub struct UpArgs {
     #[arg(long, value_name = "ADDR", conflicts_with = "bootstrap")]
     pub join: Option<String>,
     /// A join token from `hivemind members token`, for --join.
-    #[arg(long, value_name = "TOKEN", env = "HIVEMIND_JOIN_TOKEN", hide_env_values = true, requires = "join")]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "HIVEMIND_JOIN_TOKEN",
+        hide_env_values = true,
+        requires = "join"
+    )]
     pub join_token: Option<String>,
     /// The cluster secret: bootstrap peers prove it to each other, and --join
     /// without a token proves it.
@@ -765,7 +771,11 @@ fn print_members(members: &Value) {
             text(&member["id"]),
             name,
             role,
-            if member["reachable"] == json!(true) { "yes" } else { "NO" },
+            if member["reachable"] == json!(true) {
+                "yes"
+            } else {
+                "NO"
+            },
             text(&member["transport"]),
             text(&member["api"])
         );

@@ -250,7 +250,9 @@ impl HostConfig {
         })?;
         let transport_text = file.transport.unwrap_or_else(|| DEFAULT_TRANSPORT.to_string());
         let transport = transport_text.parse().map_err(|error| {
-            anyhow::anyhow!("config key `transport`: {transport_text:?} is not an address like 127.0.0.1:7481 ({error})")
+            anyhow::anyhow!(
+                "config key `transport`: {transport_text:?} is not an address like 127.0.0.1:7481 ({error})"
+            )
         })?;
         let cluster = ClusterMode::from_parts(file.cluster.bootstrap_peers, file.cluster.join, file.cluster.join_token)
             .map_err(|error| anyhow::anyhow!("config [cluster]: {error}"))?;

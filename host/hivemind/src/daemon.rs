@@ -25,11 +25,11 @@ use crate::enrollment;
 use crate::notify::Notifier;
 use crate::quorum::frames::ClusterFrames;
 use crate::quorum::{NodeAddress, QuorumLog, QuorumSetup};
-use crate::transport::{self, TransportCounters};
 use crate::roles::manager::RoleManager;
 use crate::roles::services::HostParts;
 use crate::roles::watcher;
 use crate::store::Store;
+use crate::transport::{self, TransportCounters};
 
 /// File in the data directory holding the API token (mode 0600).
 pub const TOKEN_FILE: &str = "token";
@@ -130,12 +130,17 @@ impl Daemon {
         })
         .await
         .context("cannot start the cluster log")?;
+        // Before the leader can reach this node: a node back at a stale
+        // epoch takes the leader's snapshot rather than the old epoch's log.
+        log.resync_if_stale().await;
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let transport_counters = Arc::new(TransportCounters::default());
         tasks.push(tokio::spawn(transport::serve(
             transport_listener,
-            identity.acceptor().context("the node certificate in DATA_DIR/cluster")?,
+            identity
+                .acceptor()
+                .context("the node certificate in DATA_DIR/cluster")?,
             Arc::new(ClusterFrames { log: log.clone() }),
             transport_counters,
             shutdown.clone(),

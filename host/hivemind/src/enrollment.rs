@@ -53,7 +53,10 @@ pub async fn enroll(
     }
     match &config.cluster {
         ClusterMode::Single => {
-            let secret = config.secret.clone().unwrap_or_else(|| hex::encode(rand::random::<[u8; 24]>()));
+            let secret = config
+                .secret
+                .clone()
+                .unwrap_or_else(|| hex::encode(rand::random::<[u8; 24]>()));
             let files = form(store, id, &dir, &secret).await?;
             Ok((files, Formation::Single { secret }))
         }
@@ -197,16 +200,17 @@ async fn join_or_rebootstrap(
     request: JoinRequest,
 ) -> anyhow::Result<join::Admission> {
     match ask_until_admitted(target, credential, request.clone(), JOIN_PATIENCE).await {
-        Err(error) if error.downcast_ref::<JoinRefused>().is_some_and(|refused| refused.kind == Refusal::StaleEpoch) => {
+        Err(error)
+            if error
+                .downcast_ref::<JoinRefused>()
+                .is_some_and(|refused| refused.kind == Refusal::StaleEpoch) =>
+        {
             tracing::warn!(error = %format!("{error:#}"), "dropping this node's cluster state to join afresh");
             store
                 .blocking(|store| Ok(storage::reset(&store.database()).map_err(|error| error.to_string())))
                 .await?
                 .map_err(|error| anyhow::anyhow!("cannot drop the stale cluster state: {error}"))?;
-            let fresh = JoinRequest {
-                epoch: None,
-                ..request
-            };
+            let fresh = JoinRequest { epoch: None, ..request };
             ask_until_admitted(target, credential, fresh, JOIN_PATIENCE).await
         }
         other => other,

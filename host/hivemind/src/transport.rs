@@ -85,8 +85,7 @@ impl ClusterCa {
             .with_context(|| format!("read {}", dir.join("ca.pem").display()))?;
         let key_pem = std::fs::read_to_string(dir.join("ca.key"))
             .with_context(|| format!("read {}", dir.join("ca.key").display()))?;
-        Self::from_pem(&cert_pem, &key_pem, cluster_id)
-            .with_context(|| format!("the cluster CA in {}", dir.display()))
+        Self::from_pem(&cert_pem, &key_pem, cluster_id).with_context(|| format!("the cluster CA in {}", dir.display()))
     }
 
     /// A CA from its certificate and key in PEM.
@@ -443,7 +442,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// waiting). Only valid between requests, when no reply is due.
     pub fn is_closed(&mut self) -> bool {
         use futures::FutureExt;
-        matches!(self.framed.next().now_or_never(), Some(None | Some(Err(_)) | Some(Ok(_))))
+        matches!(
+            self.framed.next().now_or_never(),
+            Some(None | Some(Err(_)) | Some(Ok(_)))
+        )
     }
 
     /// Sends a request and waits for its reply.

@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::network::{
-    APPEND_ENTRIES, FORWARD_ADMIN, FORWARD_JOIN, FORWARD_WRITE, INSTALL_SNAPSHOT, JOIN, MALFORMED, PING, REFUSED,
-    VOTE,
+    APPEND_ENTRIES, FETCH_SNAPSHOT, FORWARD_ADMIN, FORWARD_JOIN, FORWARD_WRITE, INSTALL_SNAPSHOT, JOIN, MALFORMED,
+    PING, REFUSED, VOTE,
 };
 use super::{Command, ForwardedJoin, MemberChange, NodeId, Ping, QuorumLog, TypeConfig, join};
 use crate::transport::{FrameHandler, Peer};
@@ -38,7 +38,10 @@ impl FrameHandler for ClusterFrames {
     async fn handle(&self, peer: &Peer, kind: u8, payload: Bytes) -> (u8, Vec<u8>) {
         if !peer.member && kind != JOIN {
             tracing::warn!(peer = %peer.address, kind, "transport: a non-member sent a member-only request; refused");
-            return (REFUSED, b"this request needs a cluster certificate; join the cluster first".to_vec());
+            return (
+                REFUSED,
+                b"this request needs a cluster certificate; join the cluster first".to_vec(),
+            );
         }
         let raft = self.log.raft();
         match kind {
@@ -66,7 +69,10 @@ impl FrameHandler for ClusterFrames {
             },
             FORWARD_JOIN => match decode::<ForwardedJoin>(&payload) {
                 Ok(forwarded) => {
-                    let answer = self.log.admit_as_leader(forwarded.request, forwarded.channel_binding).await;
+                    let answer = self
+                        .log
+                        .admit_as_leader(forwarded.request, forwarded.channel_binding)
+                        .await;
                     reply(kind, &answer)
                 }
                 Err(error) => error,
@@ -77,7 +83,11 @@ impl FrameHandler for ClusterFrames {
             },
             FORWARD_ADMIN => match decode::<MemberChange>(&payload) {
                 Ok(change) => {
-                    let outcome = self.log.change_as_leader(change).await.map_err(|error| error.to_string());
+                    let outcome = self
+                        .log
+                        .change_as_leader(change)
+                        .await
+                        .map_err(|error| error.to_string());
                     reply(kind, &outcome)
                 }
                 Err(error) => error,
@@ -85,6 +95,10 @@ impl FrameHandler for ClusterFrames {
             PING => match decode::<Ping>(&payload) {
                 Ok(ping) => reply(kind, &self.log.pong(ping).await),
                 Err(error) => error,
+            },
+            FETCH_SNAPSHOT => match self.log.snapshot_for_peer().await {
+                Ok(snapshot) => reply(kind, &snapshot),
+                Err(reason) => (REFUSED, reason.into_bytes()),
             },
             other => (MALFORMED, format!("unknown frame kind {other}").into_bytes()),
         }

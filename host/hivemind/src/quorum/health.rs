@@ -18,8 +18,8 @@ const REACHABLE_WITHIN: Duration = Duration::from_millis(2000);
 #[derive(Default)]
 pub struct PeerHealth {
     last_answer: Mutex<HashMap<NodeId, Instant>>,
-    /// Set when a member answered that this node is not in its membership
-    /// while this node's epoch is older: it was removed.
+    /// Set when the leader answered that this node is not in its
+    /// membership: it was removed (at the leader's epoch).
     removed_at_epoch: Mutex<Option<u64>>,
 }
 
@@ -59,22 +59,25 @@ pub async fn watch(log: Arc<QuorumLog>, shutdown: CancellationToken) {
             let log = log.clone();
             tokio::spawn(async move {
                 let ping = Ping { from: log.id };
-                if let Ok(pong) = log.pool.call::<_, Pong>(&address, PING, &ping, REACHABLE_WITHIN / 2).await
+                if let Ok(pong) = log
+                    .pool
+                    .call::<_, Pong>(&address, PING, &ping, REACHABLE_WITHIN / 2)
+                    .await
                     && pong.id == id
                 {
                     log.health.last_answer.lock().unwrap().insert(id, Instant::now());
-                    let ours = log.cluster_state().await.map(|state| state.epoch).unwrap_or_default();
-                    let removed = (!pong.member && pong.epoch > ours).then_some(pong.epoch);
-                    let mut flag = log.health.removed_at_epoch.lock().unwrap();
-                    if removed.is_some() && flag.is_none() {
-                        tracing::error!(
-                            epoch = pong.epoch,
-                            "the cluster no longer lists this node (removed at a later epoch); it takes no part in \
-                             the quorum. To join again, move its data directory away and start it with --join"
-                        );
-                    }
-                    if removed.is_some() || pong.member {
-                        *flag = removed;
+                    // Only the leader's membership is surely the latest.
+                    if pong.leader {
+                        let mut flag = log.health.removed_at_epoch.lock().unwrap();
+                        if !pong.member && flag.is_none() {
+                            tracing::error!(
+                                epoch = pong.epoch,
+                                "the leader no longer lists this node: it was removed from the cluster and takes no \
+                                 part in the quorum. To join again, move its data directory away and start it with \
+                                 --join"
+                            );
+                        }
+                        *flag = (!pong.member).then_some(pong.epoch);
                     }
                 }
             });

@@ -201,7 +201,10 @@ pub async fn request_join(
         .with_context(|| format!("{address} did not answer the join within {timeout:?}"))?
         .with_context(|| format!("join through {address}"))?;
     if kind != JOIN {
-        bail!("{address} answered the join with frame kind {kind}: {}", String::from_utf8_lossy(&reply));
+        bail!(
+            "{address} answered the join with frame kind {kind}: {}",
+            String::from_utf8_lossy(&reply)
+        );
     }
     match serde_json::from_slice::<JoinReply>(&reply).with_context(|| format!("{address}: bad join reply"))? {
         JoinReply::Refused { kind, reason } => Err(JoinRefused {

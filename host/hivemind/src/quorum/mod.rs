@@ -225,6 +225,18 @@ pub struct Pong {
     pub epoch: u64,
     /// Whether the pinging node is in this node's membership.
     pub member: bool,
+    /// Whether the answering node leads (its membership is the latest).
+    pub leader: bool,
+}
+
+/// The leader's current snapshot, for a node that comes back at a stale
+/// epoch (frame `FETCH_SNAPSHOT`).
+#[derive(Serialize, Deserialize)]
+struct FetchedSnapshot {
+    vote: openraft::Vote<NodeId>,
+    meta: openraft::SnapshotMeta<NodeId, NodeAddress>,
+    /// The snapshot's bytes (JSON text, see `storage`).
+    data: String,
 }
 
 /// A bootstrap seed's peers collected so far.
@@ -263,6 +275,9 @@ pub struct QuorumStatus {
     pub leader: Option<String>,
     pub term: u64,
     pub last_applied: u64,
+    /// Last log index covered by this node's snapshot (built here or
+    /// installed from the leader).
+    pub snapshot: Option<u64>,
     pub voters: Vec<String>,
     /// Voters this node cannot reach, as `name (id)`.
     pub missing_voters: Vec<String>,
@@ -338,7 +353,7 @@ impl QuorumLog {
                 (bootstrap, Some(secret))
             }
         };
-        let single = matches!(forming_secret, Some(_)) && bootstrap.is_none() && !initialized;
+        let single = forming_secret.is_some() && bootstrap.is_none() && !initialized;
         let log = Arc::new(QuorumLog {
             raft,
             store,
@@ -354,7 +369,17 @@ impl QuorumLog {
         if single {
             log.raft.initialize(BTreeMap::from([(id, address.clone())])).await?;
         }
-        let leads_alone = log.raft.metrics().borrow().membership_config.membership().voter_ids().eq([id]);
+        // (Metrics lag `initialize`: a node that just formed its cluster
+        // is a lone voter whatever they say yet.)
+        let leads_alone = single
+            || log
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .eq([id]);
         if leads_alone {
             // A lone voter elects itself within one election timeout; serve
             // only once writes can succeed.
@@ -369,7 +394,14 @@ impl QuorumLog {
             log.ensure_formed().await;
             // A lone node restarted on other addresses tells its future
             // joiners where it is now.
-            let listed = log.raft.metrics().borrow().membership_config.membership().get_node(&id).cloned();
+            let listed = log
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .cloned();
             if listed.as_ref() != Some(&address) {
                 let changes = openraft::ChangeMembers::SetNodes(BTreeMap::from([(id, address)]));
                 if let Err(error) = log.raft.change_membership(changes, true).await {
@@ -405,7 +437,11 @@ impl QuorumLog {
     /// it is already recorded or this node did not form the cluster).
     async fn ensure_formed(&self) {
         let Some(secret) = &self.forming_secret else { return };
-        if self.cluster_state().await.is_ok_and(|state| !state.cluster_id.is_empty()) {
+        if self
+            .cluster_state()
+            .await
+            .is_ok_and(|state| !state.cluster_id.is_empty())
+        {
             return;
         }
         let command = Command::Formed {
@@ -426,7 +462,11 @@ impl QuorumLog {
         loop {
             if self.raft.is_initialized().await.unwrap_or(false) {
                 self.ensure_formed().await;
-                if self.cluster_state().await.is_ok_and(|state| !state.cluster_id.is_empty()) {
+                if self
+                    .cluster_state()
+                    .await
+                    .is_ok_and(|state| !state.cluster_id.is_empty())
+                {
                     return;
                 }
             }
@@ -565,7 +605,10 @@ impl QuorumLog {
         binding: [u8; 32],
     ) -> join::JoinReply {
         use join::{JoinReply, Refusal};
-        if !join::proofs_match(&request.proof, &join::client_proof(&bootstrap.secret, &binding, request.id)) {
+        if !join::proofs_match(
+            &request.proof,
+            &join::client_proof(&bootstrap.secret, &binding, request.id),
+        ) {
             return JoinReply::refused(
                 Refusal::WrongCredential,
                 "wrong cluster secret: give every bootstrap peer the same --secret",
@@ -577,7 +620,10 @@ impl QuorumLog {
                 format!(
                     "this node bootstraps with --peers {} but the joiner was given {}; give every peer the same list",
                     bootstrap.peers.join(","),
-                    request.bootstrap_peers.map(|peers| peers.join(",")).unwrap_or_else(|| "none".into())
+                    request
+                        .bootstrap_peers
+                        .map(|peers| peers.join(","))
+                        .unwrap_or_else(|| "none".into())
                 ),
             );
         }
@@ -594,9 +640,10 @@ impl QuorumLog {
         let members = {
             let mut collected = bootstrap.collected.lock().unwrap();
             collected.insert(request.id, request.address.clone());
-            let complete = bootstrap.peers.iter().all(|peer| {
-                collected.values().any(|address| &address.transport == peer)
-            });
+            let complete = bootstrap
+                .peers
+                .iter()
+                .all(|peer| collected.values().any(|address| &address.transport == peer));
             complete.then(|| collected.clone())
         };
         let admission = match self.admission(request.id, 0, &bootstrap.secret, &binding) {
@@ -604,7 +651,10 @@ impl QuorumLog {
             Err(reply) => return reply,
         };
         if let Some(members) = members {
-            tracing::info!(voters = members.len(), "every bootstrap peer has asked to join; forming the cluster");
+            tracing::info!(
+                voters = members.len(),
+                "every bootstrap peer has asked to join; forming the cluster"
+            );
             // The peers start their Raft once they have this answer; the
             // seed's vote requests are retried until they do.
             if let Err(error) = self.raft.initialize(members).await {
@@ -663,7 +713,10 @@ impl QuorumLog {
             };
             return JoinReply::refused(
                 Refusal::UnknownCluster,
-                format!("unknown cluster id {theirs}: this is cluster {}; {hint}", self.cluster_id),
+                format!(
+                    "unknown cluster id {theirs}: this is cluster {}; {hint}",
+                    self.cluster_id
+                ),
             );
         }
         let key = match &request.token {
@@ -690,7 +743,10 @@ impl QuorumLog {
         if let Err(error) = request.address.transport.parse::<std::net::SocketAddr>() {
             return JoinReply::refused(
                 Refusal::Other,
-                format!("the joiner's transport address {:?} is not ip:port ({error})", request.address.transport),
+                format!(
+                    "the joiner's transport address {:?} is not ip:port ({error})",
+                    request.address.transport
+                ),
             );
         }
         let listed = self
@@ -738,7 +794,11 @@ impl QuorumLog {
             }
             tracing::info!(node = %request.address, id = %hex_id(request.id), "admitted a node as learner");
         }
-        let epoch = self.cluster_state().await.map(|state| state.epoch).unwrap_or(state.epoch);
+        let epoch = self
+            .cluster_state()
+            .await
+            .map(|state| state.epoch)
+            .unwrap_or(state.epoch);
         match self.admission(request.id, epoch, &key, &binding) {
             Ok(admission) => JoinReply::Admitted(Box::new(admission)),
             Err(reply) => reply,
@@ -857,10 +917,103 @@ impl QuorumLog {
             .membership()
             .get_node(&ping.from)
             .is_some();
+        let leader = self.raft.metrics().borrow().current_leader == Some(self.id);
         Pong {
             id: self.id,
             epoch: self.cluster_state().await.map(|state| state.epoch).unwrap_or_default(),
             member,
+            leader,
+        }
+    }
+
+    /// The current snapshot, fresh, on the leader.
+    async fn snapshot_for_peer(&self) -> Result<FetchedSnapshot, String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(self.id) {
+            return Err("not the leader".into());
+        }
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|error| error.to_string())?;
+        self.raft
+            .wait(Some(MEMBERSHIP_TIMEOUT))
+            .metrics(
+                |now| now.snapshot >= metrics.last_applied,
+                "a snapshot of everything applied",
+            )
+            .await
+            .map_err(|error| error.to_string())?;
+        let snapshot = self
+            .raft
+            .get_snapshot()
+            .await
+            .map_err(|error| error.to_string())?
+            .ok_or("no snapshot")?;
+        Ok(FetchedSnapshot {
+            vote: self.raft.metrics().borrow().vote,
+            meta: snapshot.meta,
+            data: String::from_utf8(snapshot.snapshot.into_inner()).map_err(|error| error.to_string())?,
+        })
+    }
+
+    /// Before this node serves its transport: if the members it knows are at
+    /// a later epoch (the voter set changed while it was down), installs the
+    /// leader's snapshot instead of replaying the old epoch's log.
+    pub async fn resync_if_stale(&self) {
+        let ours = self.cluster_state().await.map(|state| state.epoch).unwrap_or_default();
+        let peers: Vec<(NodeId, NodeAddress)> = {
+            let metrics = self.raft.metrics().borrow().clone();
+            metrics
+                .membership_config
+                .membership()
+                .nodes()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, node)| (*id, node.clone()))
+                .collect()
+        };
+        if peers.is_empty() {
+            return;
+        }
+        let ping = Ping { from: self.id };
+        for (_, node) in &peers {
+            let Ok(pong) = self
+                .pool
+                .call::<_, Pong>(&node.transport, network::PING, &ping, Duration::from_secs(1))
+                .await
+            else {
+                continue;
+            };
+            if !(pong.leader && pong.member && pong.epoch > ours) {
+                continue;
+            }
+            tracing::info!(
+                ours,
+                cluster = pong.epoch,
+                leader = %node,
+                "this node's data is from an older epoch; installing the leader's snapshot"
+            );
+            let fetched: Result<FetchedSnapshot, _> = self
+                .pool
+                .call(&node.transport, network::FETCH_SNAPSHOT, &ping, MEMBERSHIP_TIMEOUT)
+                .await;
+            match fetched {
+                Ok(fetched) => {
+                    let snapshot = openraft::storage::Snapshot {
+                        meta: fetched.meta,
+                        snapshot: Box::new(Cursor::new(fetched.data.into_bytes())),
+                    };
+                    match self.raft.install_full_snapshot(fetched.vote, snapshot).await {
+                        Ok(_) => tracing::info!("installed the leader's snapshot"),
+                        Err(error) => tracing::warn!(%error, "installing the leader's snapshot"),
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not fetch the leader's snapshot; catching up from its log instead")
+                }
+            }
+            return;
         }
     }
 
@@ -892,7 +1045,11 @@ impl QuorumLog {
                 api: node.api.clone(),
                 role: if voter_ids.contains(id) { "voter" } else { "learner" },
                 reachable: *id == self.id || self.health.reachable(*id),
-                joined_epoch: state.members.get(id).map(|member| member.joined_epoch).unwrap_or_default(),
+                joined_epoch: state
+                    .members
+                    .get(id)
+                    .map(|member| member.joined_epoch)
+                    .unwrap_or_default(),
                 leader: metrics.current_leader == Some(*id),
                 is_self: *id == self.id,
             })
@@ -928,6 +1085,7 @@ impl QuorumLog {
             leader: metrics.current_leader.map(hex_id),
             term: metrics.current_term,
             last_applied: metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0),
+            snapshot: metrics.snapshot.map(|log_id| log_id.index),
             voters: voter_ids.into_iter().map(hex_id).collect(),
             missing_voters,
             members,

@@ -40,6 +40,8 @@ pub const FORWARD_JOIN: u8 = 22;
 pub const PING: u8 = 23;
 /// A membership change forwarded to the leader.
 pub const FORWARD_ADMIN: u8 = 24;
+/// A node back at a stale epoch asks the leader for its snapshot.
+pub const FETCH_SNAPSHOT: u8 = 25;
 /// Reply kind: the request was understood and refused; the body says why.
 pub const REFUSED: u8 = 254;
 /// Reply kind for a request the server could not decode.

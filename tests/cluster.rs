@@ -1,0 +1,301 @@
+//! Clusters of real `hivemind up` processes on loopback: failover under
+//! `kill -9`, a full stop and restart, joins, membership changes, epochs.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+fn text(output: &std::process::Output) -> String {
+    format!("{}{}", stdout(output), stderr(output))
+}
+
+/// Waits until `node`'s status satisfies `check`.
+fn wait_status(node: &NodeProcess, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = node.status()
+            && check(&status)
+        {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {what}; last status {:#?}",
+            node.name,
+            node.status().map(|status| status["cluster"].clone())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for a process that is expected to give up and returns its log.
+fn wait_exit(node: &mut NodeProcess) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = node.exited() {
+            return (status, node.log());
+        }
+        assert!(Instant::now() < deadline, "{} did not exit: {}", node.name, node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Three voters under steady writes through every node; `kill -9` of the
+/// leader: a new leader is elected and writes resume; once the old leader is
+/// back, every acknowledged write is on every node exactly once, at the seq
+/// it was acknowledged with, in the same order everywhere.
+#[test]
+fn kill_9_of_the_leader_under_steady_writes_loses_no_acknowledged_write() {
+    let mut cluster = ProcessCluster::bootstrap(3);
+    let leader = cluster.wait_healthy();
+    let acknowledged = Arc::new(Mutex::new(Vec::<(u64, String, Instant)>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(writer, node)| {
+            let client = node.client();
+            let (acknowledged, stop) = (acknowledged.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("w{writer}-{n}");
+                    n += 1;
+                    let body = format!(r#"{{"kind":"test.load","key":"{key}"}}"#);
+                    match client.send("POST", "/v1/events", body.as_bytes(), "application/json") {
+                        Ok((200, reply)) => {
+                            let seq = serde_json::from_slice::<Value>(&reply).unwrap()["seq"]
+                                .as_u64()
+                                .unwrap();
+                            acknowledged.lock().unwrap().push((seq, key, Instant::now()));
+                        }
+                        // Refused or unreachable: not acknowledged, so no promise.
+                        _ => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_at = Instant::now();
+    cluster.nodes[leader].kill();
+    let deadline = Instant::now() + PATIENCE;
+    while acknowledged
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, _, at)| *at > killed_at)
+        .count()
+        < 50
+    {
+        assert!(
+            Instant::now() < deadline,
+            "writes did not resume after the leader was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let new_leader = cluster.wait_healthy();
+    assert_ne!(new_leader, leader, "a new leader was elected");
+
+    cluster.nodes[leader].start();
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    cluster.wait_healthy();
+
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 100,
+        "only {} writes acknowledged",
+        acknowledged.len()
+    );
+    let events = cluster.converged_events("test.load", acknowledged.len());
+    let mut occurrences: HashMap<&str, Vec<u64>> = HashMap::new();
+    for (seq, key) in &events {
+        occurrences.entry(key).or_default().push(*seq);
+    }
+    for (seq, key, _) in &acknowledged {
+        assert_eq!(
+            occurrences.get(key.as_str()),
+            Some(&vec![*seq]),
+            "acknowledged write {key} (seq {seq}) is on every node exactly once at its seq"
+        );
+    }
+    assert!(
+        occurrences.values().all(|seqs| seqs.len() == 1),
+        "no write is in the log twice"
+    );
+    assert!(events.windows(2).all(|pair| pair[0].0 < pair[1].0), "in seq order");
+}
+
+/// Stopping all three voters and starting them again keeps the log, the
+/// cluster's identity, its epoch and its members; writes work again.
+#[test]
+fn stopping_and_restarting_all_three_keeps_log_and_state() {
+    let mut cluster = ProcessCluster::bootstrap(3);
+    let mut acknowledged = Vec::new();
+    for n in 0..30 {
+        let node = &cluster.nodes[n % 3];
+        let key = format!("k{n}");
+        acknowledged.push((node.emit("test.restart", &key).unwrap(), key));
+    }
+    let before = cluster.nodes[0].status().unwrap()["cluster"].clone();
+    for node in &mut cluster.nodes {
+        assert!(node.terminate().success(), "{} exits cleanly on SIGTERM", node.name);
+    }
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    cluster.wait_healthy();
+    assert_eq!(cluster.converged_events("test.restart", 30), acknowledged);
+    let after = cluster.nodes[1].status().unwrap()["cluster"].clone();
+    for field in ["cluster_id", "epoch", "voters"] {
+        assert_eq!(after[field], before[field], "{field} survives the restart");
+    }
+    cluster.nodes[2].emit("test.restart", "after").unwrap();
+    assert_eq!(cluster.converged_events("test.restart", 31).len(), 31);
+}
+
+/// A node joins with a token as a learner (a committed `node.joined`), is
+/// promoted to voter (the epoch goes up on every node), demoted and removed;
+/// the same token is refused a second time, and so are a wrong secret and a
+/// token of another cluster, each with its reason.
+#[test]
+fn joins_are_decided_by_the_quorum_and_membership_changes_bump_the_epoch() {
+    let mut cluster = ProcessCluster::bootstrap(3);
+    let token_output = cluster.nodes[0].cli(&["members", "token"]);
+    assert!(token_output.status.success(), "{}", text(&token_output));
+    let token = stdout(&token_output).trim().to_string();
+    let epoch_before = cluster.nodes[0].status().unwrap()["cluster"]["epoch"].as_u64().unwrap();
+
+    let joined = cluster.join(1, &["--join-token", &token]);
+    let id = wait_status(&cluster.nodes[joined], "the joiner serves", |status| {
+        status["node"]["id"].is_string()
+    })["node"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_status(&cluster.nodes[0], "the joiner is a learner", |status| {
+        status["cluster"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|member| member["id"] == id.as_str() && member["role"] == "learner")
+    });
+    let joined_events = cluster.converged_events("node.joined", 1);
+    assert_eq!(
+        joined_events.last().unwrap().1,
+        id,
+        "admission is a committed node.joined"
+    );
+
+    let promote = cluster.nodes[2].cli(&["members", "promote", &cluster.nodes[joined].name]);
+    assert!(promote.status.success(), "{}", text(&promote));
+    assert!(stdout(&promote).contains("is now a voter"), "{}", text(&promote));
+    for node in &cluster.nodes {
+        wait_status(node, "the epoch went up with the new voter", |status| {
+            status["cluster"]["epoch"].as_u64() == Some(epoch_before + 1)
+                && status["cluster"]["voters"].as_array().unwrap().len() == 4
+        });
+    }
+
+    // The same token again, from another node: refused, and why.
+    let replay = cluster.join(0, &["--join-token", &token]);
+    let (status, log) = wait_exit(&mut cluster.nodes[replay]);
+    assert!(!status.success());
+    assert!(log.contains("already used"), "{log}");
+
+    let mut wrong_secret = NodeProcess::new(
+        cluster.root.path(),
+        "wrong-secret",
+        vec![
+            "--join".into(),
+            cluster.nodes[0].transport.clone(),
+            "--secret".into(),
+            "not-the-secret".into(),
+        ],
+    );
+    wrong_secret.start();
+    let (status, log) = wait_exit(&mut wrong_secret);
+    assert!(!status.success());
+    assert!(log.contains("wrong cluster secret"), "{log}");
+
+    let foreign_token = token.replacen(token.split('.').nth(1).unwrap(), "0000000000000000", 1);
+    let mut foreign = NodeProcess::new(
+        cluster.root.path(),
+        "foreign",
+        vec![
+            "--join".into(),
+            cluster.nodes[0].transport.clone(),
+            "--join-token".into(),
+            foreign_token,
+        ],
+    );
+    foreign.start();
+    let (status, log) = wait_exit(&mut foreign);
+    assert!(!status.success());
+    assert!(log.contains("unknown cluster id 0000000000000000"), "{log}");
+
+    let demote = cluster.nodes[0].cli(&["members", "demote", &id]);
+    assert!(demote.status.success(), "{}", text(&demote));
+    wait_status(&cluster.nodes[1], "demoted to learner, epoch up again", |status| {
+        status["cluster"]["epoch"].as_u64() == Some(epoch_before + 2)
+            && status["cluster"]["voters"].as_array().unwrap().len() == 3
+    });
+    let remove = cluster.nodes[1].cli(&["members", "remove", &id]);
+    assert!(remove.status.success(), "{}", text(&remove));
+    wait_status(&cluster.nodes[2], "removed", |status| {
+        status["cluster"]["members"].as_array().unwrap().len() == 3
+    });
+    wait_status(&cluster.nodes[joined], "the removed node knows", |status| {
+        status["cluster"]["problem"]
+            .as_str()
+            .is_some_and(|problem| problem.contains("removed"))
+    });
+}
+
+/// A voter that is down while the voter set changes comes back at a stale
+/// epoch: the log it lacks was compacted away at the epoch change, so it
+/// catches up by installing the leader's snapshot, not by appending.
+#[test]
+fn a_voter_back_at_a_stale_epoch_catches_up_from_a_snapshot() {
+    let mut cluster = ProcessCluster::bootstrap(3);
+    for n in 0..10 {
+        cluster.nodes[0].emit("test.stale", &format!("before{n}")).unwrap();
+    }
+    cluster.converged_events("test.stale", 10);
+    cluster.nodes[2].kill();
+    let token = stdout(&cluster.nodes[0].cli(&["members", "token"])).trim().to_string();
+    let joined = cluster.join(0, &["--join-token", &token]);
+    let name = cluster.nodes[joined].name.clone();
+    wait_status(&cluster.nodes[0], "the joiner is a learner", |status| {
+        status["cluster"]["members"].as_array().unwrap().len() == 4
+    });
+    let promote = cluster.nodes[0].cli(&["members", "promote", &name]);
+    assert!(promote.status.success(), "{}", text(&promote));
+    let epoch = cluster.nodes[0].status().unwrap()["cluster"]["epoch"].as_u64().unwrap();
+    for n in 0..10 {
+        cluster.nodes[1].emit("test.stale", &format!("after{n}")).unwrap();
+    }
+    cluster.nodes[2].start();
+    let status = wait_status(&cluster.nodes[2], "the stale voter caught up", |status| {
+        status["cluster"]["epoch"].as_u64() == Some(epoch)
+    });
+    assert!(
+        status["cluster"]["snapshot"].as_u64().is_some(),
+        "it installed a snapshot: {:#}",
+        status["cluster"]
+    );
+    cluster.wait_healthy();
+    assert_eq!(cluster.converged_events("test.stale", 20).len(), 20);
+}
