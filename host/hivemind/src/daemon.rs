@@ -29,7 +29,7 @@ use crate::roles::manager::RoleManager;
 use crate::roles::services::HostParts;
 use crate::roles::watcher;
 use crate::store::Store;
-use crate::transport::{self, TransportCounters};
+use crate::transport::{self, Isolation, TransportCounters};
 
 /// File in the data directory holding the API token (mode 0600).
 pub const TOKEN_FILE: &str = "token";
@@ -127,6 +127,7 @@ impl Daemon {
             timing: config.raft.clone(),
             files,
             formation,
+            isolation: Isolation::default(),
         })
         .await
         .context("cannot start the cluster log")?;
@@ -143,6 +144,7 @@ impl Daemon {
                 .context("the node certificate in DATA_DIR/cluster")?,
             Arc::new(ClusterFrames { log: log.clone() }),
             transport_counters,
+            Isolation::default(),
             shutdown.clone(),
         )));
         tasks.push(tokio::spawn(log.clone().watch_peers(shutdown.clone())));

@@ -297,6 +297,22 @@ pub trait FrameHandler: Send + Sync + 'static {
     async fn handle(&self, peer: &Peer, kind: u8, payload: Bytes) -> (u8, Vec<u8>);
 }
 
+/// A switch that cuts a node off the network, for fault-injection tests:
+/// while on, its server drops every connection and request, and its
+/// clients fail before sending. Off (and never touched) in normal running.
+#[derive(Clone, Default)]
+pub struct Isolation(Arc<std::sync::atomic::AtomicBool>);
+
+impl Isolation {
+    pub fn set(&self, isolated: bool) {
+        self.0.store(isolated, Ordering::SeqCst);
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// Connections the server refused or dropped, by reason.
 #[derive(Debug, Default)]
 pub struct TransportCounters {
@@ -311,6 +327,7 @@ pub async fn serve(
     acceptor: TlsAcceptor,
     handler: Arc<dyn FrameHandler>,
     counters: Arc<TransportCounters>,
+    isolation: Isolation,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -325,12 +342,20 @@ pub async fn serve(
                 }
             },
         };
-        let (acceptor, handler, counters, shutdown) =
-            (acceptor.clone(), handler.clone(), counters.clone(), shutdown.clone());
+        if isolation.is_on() {
+            continue;
+        }
+        let (acceptor, handler, counters, isolation, shutdown) = (
+            acceptor.clone(),
+            handler.clone(),
+            counters.clone(),
+            isolation.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = serve_connection(stream, peer, acceptor, handler, counters) => {}
+                _ = serve_connection(stream, peer, acceptor, handler, counters, isolation) => {}
             }
         });
     }
@@ -342,6 +367,7 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     handler: Arc<dyn FrameHandler>,
     counters: Arc<TransportCounters>,
+    isolation: Isolation,
 ) {
     let _ = stream.set_nodelay(true);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -366,6 +392,9 @@ async fn serve_connection(
     };
     let mut framed = Framed::new(tls, codec());
     while let Some(frame) = framed.next().await {
+        if isolation.is_on() {
+            return;
+        }
         let reply = match frame.map_err(anyhow::Error::from).and_then(|frame| {
             let (kind, payload) = decode(&frame)?;
             Ok((kind, Bytes::copy_from_slice(payload)))
@@ -490,6 +519,7 @@ mod tests {
             identity.acceptor().unwrap(),
             Arc::new(Echo),
             counters.clone(),
+            Isolation::default(),
             shutdown.clone(),
         ));
         Server {

@@ -189,6 +189,8 @@ pub struct QuorumSetup {
     pub timing: Timing,
     pub files: join::ClusterFiles,
     pub formation: Formation,
+    /// Fault injection: cuts the node off (tests only; off otherwise).
+    pub isolation: crate::transport::Isolation,
 }
 
 /// A change of the voter set or the member list, by the leader.
@@ -318,6 +320,7 @@ impl QuorumLog {
             timing,
             files,
             formation,
+            isolation,
         } = setup;
         let config = openraft::Config {
             cluster_name: "hivemind".into(),
@@ -334,7 +337,7 @@ impl QuorumLog {
         let raft = Raft::new(
             id,
             config,
-            network::TransportNetwork::new(connector.clone()),
+            network::TransportNetwork::new(connector.clone(), isolation.clone()),
             log_store,
             state_machine,
         )
@@ -360,7 +363,7 @@ impl QuorumLog {
             applied,
             id,
             ca: files.ca,
-            pool: PeerPool::new(connector),
+            pool: PeerPool::new(connector, isolation),
             health: health::PeerHealth::default(),
             bootstrap,
             forming_secret,
@@ -1155,12 +1158,13 @@ struct KindOnly {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::{ClusterCa, TransportCounters, serve};
+    use crate::transport::{ClusterCa, Isolation, TransportCounters, serve};
     use tokio_util::sync::CancellationToken;
 
     struct TestNode {
         id: NodeId,
         log: Arc<QuorumLog>,
+        isolation: Isolation,
         shutdown: CancellationToken,
         _dir: tempfile::TempDir,
     }
@@ -1192,6 +1196,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(&dir.path().join("hivemind.redb")).unwrap();
             let identity = ca.issue(&hex_id(id)).unwrap();
+            let isolation = Isolation::default();
             let files = join::ClusterFiles {
                 cluster_id: "test".into(),
                 ca: ClusterCa::from_pem(ca.cert_pem(), &ca.key_pem(), "test").unwrap(),
@@ -1204,6 +1209,7 @@ mod tests {
                 timing: timing.clone(),
                 files,
                 formation: Formation::Wait,
+                isolation: isolation.clone(),
             })
             .await
             .unwrap();
@@ -1213,12 +1219,14 @@ mod tests {
                 identity.acceptor().unwrap(),
                 Arc::new(frames::ClusterFrames { log: log.clone() }),
                 Arc::new(TransportCounters::default()),
+                isolation.clone(),
                 shutdown.clone(),
             ));
             tokio::spawn(log.clone().watch_peers(shutdown.clone()));
             nodes.push(TestNode {
                 id,
                 log,
+                isolation,
                 shutdown,
                 _dir: dir,
             });
@@ -1337,5 +1345,54 @@ mod tests {
         assert_eq!(wait_for_events(alone, 1).await, [(seq, "kept".to_string())]);
         alone.shutdown.cancel();
         alone.log.shutdown().await;
+    }
+
+    /// The leader is cut off (its transport drops everything, both ways):
+    /// it refuses writes with a clear error within the write timeout and
+    /// reports itself degraded, naming the voters it cannot reach; the other
+    /// two elect a leader and carry on; once healed, the cut-off node has
+    /// exactly the majority's events, not its own refused write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_isolated_leader_refuses_writes_while_the_majority_carries_on() {
+        let nodes = three_nodes().await;
+        let leader = leader_of(&nodes, None).await;
+        let cut = nodes.iter().find(|node| node.id == leader).unwrap();
+        let mut acknowledged = vec![(cut.log.append(event("before")).await.unwrap(), "before".to_string())];
+        for node in &nodes {
+            wait_for_events(node, 1).await;
+        }
+
+        cut.isolation.set(true);
+        let started = tokio::time::Instant::now();
+        let error = cut.log.append(event("minority")).await.unwrap_err();
+        assert!(started.elapsed() < WRITE_TIMEOUT + Duration::from_secs(1), "fails fast");
+        assert!(error.to_string().contains("not committed"), "{error}");
+        let majority: Vec<&TestNode> = nodes.iter().filter(|node| node.id != leader).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let new_leader = loop {
+            let seen = majority[0].log.raft().metrics().borrow().current_leader;
+            if let Some(seen) = seen
+                && seen != leader
+                && majority[1].log.raft().metrics().borrow().current_leader == Some(seen)
+            {
+                break seen;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the majority elected no leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let writer = majority.iter().find(|node| node.id == new_leader).unwrap();
+        acknowledged.push((writer.log.append(event("majority")).await.unwrap(), "majority".to_string()));
+        let status = cut.log.status().await;
+        assert_eq!(status.health, "degraded", "{status:?}");
+        assert_eq!(status.missing_voters.len(), 2, "{status:?}");
+
+        cut.isolation.set(false);
+        for node in &nodes {
+            assert_eq!(wait_for_events(node, 2).await, acknowledged, "node {}", node.id);
+        }
+        for node in nodes {
+            node.shutdown.cancel();
+            node.log.shutdown().await;
+        }
     }
 }

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use tokio_rustls::TlsConnector;
 
 use super::{NodeAddress, NodeId, TypeConfig};
-use crate::transport::{self, TlsConnection};
+use crate::transport::{self, Isolation, TlsConnection};
 
 /// Frame kinds of Raft requests; a reply carries the request's kind.
 pub const APPEND_ENTRIES: u8 = 10;
@@ -53,11 +53,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct TransportNetwork {
     connector: TlsConnector,
+    isolation: Isolation,
 }
 
 impl TransportNetwork {
-    pub fn new(connector: TlsConnector) -> Self {
-        TransportNetwork { connector }
+    pub fn new(connector: TlsConnector, isolation: Isolation) -> Self {
+        TransportNetwork { connector, isolation }
     }
 }
 
@@ -69,6 +70,7 @@ impl RaftNetworkFactory<TypeConfig> for TransportNetwork {
             target,
             address: node.transport.clone(),
             connector: self.connector.clone(),
+            isolation: self.isolation.clone(),
             connection: None,
         }
     }
@@ -78,6 +80,7 @@ pub struct PeerClient {
     target: NodeId,
     address: String,
     connector: TlsConnector,
+    isolation: Isolation,
     connection: Option<TlsConnection>,
 }
 
@@ -91,6 +94,12 @@ impl PeerClient {
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, NodeAddress, E>> {
         let body = serde_json::to_vec(request).map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
+        if self.isolation.is_on() {
+            self.connection = None;
+            return Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other(
+                "this node is isolated",
+            ))));
+        }
         let result = tokio::time::timeout(option.hard_ttl(), async {
             if self.connection.is_none() {
                 self.connection = Some(transport::connect(&self.address, &self.connector, CONNECT_TIMEOUT).await?);
@@ -175,13 +184,15 @@ const IDLE_PER_PEER: usize = 16;
 /// concurrent requests do not queue behind each other on one connection.
 pub struct PeerPool {
     connector: TlsConnector,
+    isolation: Isolation,
     idle: Mutex<HashMap<String, Vec<TlsConnection>>>,
 }
 
 impl PeerPool {
-    pub fn new(connector: TlsConnector) -> Self {
+    pub fn new(connector: TlsConnector, isolation: Isolation) -> Self {
         PeerPool {
             connector,
+            isolation,
             idle: Mutex::default(),
         }
     }
@@ -189,6 +200,10 @@ impl PeerPool {
     /// Sends one request to `address` and returns the reply's body; the
     /// reply must be of the request's kind (or [`REFUSED`]).
     pub async fn request(&self, address: &str, kind: u8, body: &[u8], timeout: Duration) -> Result<Bytes, PeerError> {
+        if self.isolation.is_on() {
+            self.idle.lock().unwrap().clear();
+            return Err(PeerError::NotSent("this node is isolated".into()));
+        }
         let mut connection = loop {
             let pooled = self.idle.lock().unwrap().get_mut(address).and_then(Vec::pop);
             match pooled {
