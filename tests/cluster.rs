@@ -299,3 +299,185 @@ fn a_voter_back_at_a_stale_epoch_catches_up_from_a_snapshot() {
     cluster.wait_healthy();
     assert_eq!(cluster.converged_events("test.stale", 20).len(), 20);
 }
+
+/// Network namespaces joined by a bridge, one per node: a real network
+/// between the processes that the test can cut. Removed when dropped.
+struct Namespaces {
+    hub: String,
+    nodes: Vec<String>,
+    subnet: String,
+}
+
+fn ip(args: &[&str]) {
+    let output = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("the `ip` tool (Debian package iproute2) is needed for network-namespace tests");
+    assert!(
+        output.status.success(),
+        "ip {}: {} (network-namespace tests need root and iproute2)",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Namespaces {
+    fn new(count: usize) -> Namespaces {
+        let tag = std::process::id() % 100_000;
+        let subnet = format!("10.{}.{}", 200 + tag % 50, tag % 250);
+        let hub = format!("hm{tag}hub");
+        let namespaces = Namespaces {
+            nodes: (1..=count).map(|i| format!("hm{tag}n{i}")).collect(),
+            hub: hub.clone(),
+            subnet,
+        };
+        ip(&["netns", "add", &hub]);
+        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &hub, "link", "set", "br0", "up"]);
+        for (i, node) in namespaces.nodes.iter().enumerate() {
+            let (port, end) = (format!("port{}", i + 1), "eth0");
+            ip(&["netns", "add", node]);
+            ip(&[
+                "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", end, "netns", node,
+            ]);
+            ip(&["-n", &hub, "link", "set", &port, "master", "br0", "up"]);
+            let address = format!("{}/24", namespaces.address(i));
+            ip(&["-n", node, "addr", "add", &address, "dev", end]);
+            ip(&["-n", node, "link", "set", end, "up"]);
+            ip(&["-n", node, "link", "set", "lo", "up"]);
+        }
+        namespaces
+    }
+
+    fn address(&self, index: usize) -> String {
+        format!("{}.{}", self.subnet, index + 1)
+    }
+
+    /// Takes node `index` off the bridge (or puts it back).
+    fn connect(&self, index: usize, connected: bool) {
+        let port = format!("port{}", index + 1);
+        ip(&[
+            "-n",
+            &self.hub,
+            "link",
+            "set",
+            &port,
+            if connected { "up" } else { "down" },
+        ]);
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for namespace in self.nodes.iter().chain([&self.hub]) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", namespace])
+                .status();
+        }
+    }
+}
+
+fn cli_json(node: &NodeProcess, args: &[&str]) -> Option<Value> {
+    let output = node.cli(args);
+    output
+        .status
+        .success()
+        .then(|| serde_json::from_slice(&output.stdout).ok())
+        .flatten()
+}
+
+fn ns_status(node: &NodeProcess) -> Option<Value> {
+    cli_json(node, &["status", "--json"]).map(|both| both["status"].clone())
+}
+
+fn ns_events(node: &NodeProcess) -> Vec<String> {
+    cli_json(node, &["events", "tail", "--kind", "test.partition", "--json"])
+        .and_then(|events| {
+            events.as_array().map(|events| {
+                events
+                    .iter()
+                    .map(|event| event["key"].as_str().unwrap().to_string())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+fn ns_wait(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Three nodes in their own network namespaces on a bridge; the leader's
+/// link is cut. The cut-off node refuses writes with a clear error and says
+/// it is degraded, naming the voters it cannot reach; the other two elect a
+/// leader and take writes; when the link is back, all three converge on
+/// the majority's events.
+#[test]
+fn a_partitioned_leader_refuses_writes_and_the_majority_carries_on() {
+    let namespaces = Namespaces::new(3);
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<NodeProcess> = (0..3)
+        .map(|i| {
+            let mut node = NodeProcess::new(root.path(), &format!("n{}", i + 1), Vec::new());
+            node.api = format!("{}:7480", namespaces.address(i));
+            node.transport = format!("{}:7481", namespaces.address(i));
+            node.wrapper = vec!["ip".into(), "netns".into(), "exec".into(), namespaces.nodes[i].clone()];
+            node
+        })
+        .collect();
+    let peers: Vec<String> = nodes.iter().map(|node| node.transport.clone()).collect();
+    for node in &mut nodes {
+        node.args = vec!["--bootstrap".into(), "--peers".into(), peers.join(",")];
+        node.start();
+    }
+    let leader_of = |statuses: &[Option<Value>]| -> Option<usize> {
+        let leader = statuses[0].as_ref()?["cluster"]["leader"].as_str()?.to_string();
+        statuses
+            .iter()
+            .all(|status| {
+                status.as_ref().is_some_and(|status| {
+                    status["cluster"]["leader"] == leader.as_str() && status["cluster"]["health"] == "healthy"
+                })
+            })
+            .then(|| {
+                statuses
+                    .iter()
+                    .position(|status| status.as_ref().unwrap()["node"]["id"] == leader.as_str())
+            })
+            .flatten()
+    };
+    let mut leader = None;
+    ns_wait("the cluster in namespaces became healthy", || {
+        leader = leader_of(&nodes.iter().map(ns_status).collect::<Vec<_>>());
+        leader.is_some()
+    });
+    let leader = leader.unwrap();
+    let emit = |node: &NodeProcess, key: &str| node.cli(&["events", "emit", "test.partition", key]);
+    assert!(emit(&nodes[leader], "before").status.success());
+
+    namespaces.connect(leader, false);
+    let refused = emit(&nodes[leader], "minority");
+    assert!(!refused.status.success(), "the minority refuses writes");
+    assert!(stderr(&refused).contains("not committed"), "{}", stderr(&refused));
+    ns_wait("the cut-off node reports degraded with both voters missing", || {
+        ns_status(&nodes[leader]).is_some_and(|status| {
+            status["cluster"]["health"] == "degraded"
+                && status["cluster"]["missing_voters"]
+                    .as_array()
+                    .is_some_and(|missing| missing.len() == 2)
+        })
+    });
+    let majority: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    ns_wait("the majority took a write", || {
+        emit(&nodes[majority[0]], "majority").status.success()
+    });
+
+    namespaces.connect(leader, true);
+    ns_wait("all three converged on the majority's events", || {
+        nodes.iter().all(|node| ns_events(node) == ["before", "majority"])
+    });
+}

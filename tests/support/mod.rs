@@ -267,6 +267,8 @@ pub struct NodeProcess {
     pub transport: String,
     /// Arguments after the common ones (`--bootstrap --peers ...`, `--join ...`).
     pub args: Vec<String>,
+    /// A command the process runs under (`ip netns exec NS`), if any.
+    pub wrapper: Vec<String>,
     child: Option<std::process::Child>,
 }
 
@@ -278,7 +280,20 @@ impl NodeProcess {
             api: format!("127.0.0.1:{}", free_port()),
             transport: format!("127.0.0.1:{}", free_port()),
             args,
+            wrapper: Vec::new(),
             child: None,
+        }
+    }
+
+    /// A `Command` for the `hivemind` binary under this node's wrapper.
+    fn command(&self) -> Command {
+        match self.wrapper.split_first() {
+            None => Command::new(hivemind_bin()),
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(hivemind_bin());
+                command
+            }
         }
     }
 
@@ -291,7 +306,8 @@ impl NodeProcess {
             .append(true)
             .open(self.dir.with_extension("log"))
             .unwrap();
-        let child = Command::new(hivemind_bin())
+        let child = self
+            .command()
             .arg("--data-dir")
             .arg(&self.dir)
             .args(["up", "--no-bundled-roles", "--node-name", &self.name])
@@ -405,7 +421,7 @@ impl NodeProcess {
 
     /// Runs a `hivemind` client command against this node.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(hivemind_bin())
+        self.command()
             .arg("--data-dir")
             .arg(&self.dir)
             .args(args)

@@ -1381,7 +1381,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let writer = majority.iter().find(|node| node.id == new_leader).unwrap();
-        acknowledged.push((writer.log.append(event("majority")).await.unwrap(), "majority".to_string()));
+        acknowledged.push((
+            writer.log.append(event("majority")).await.unwrap(),
+            "majority".to_string(),
+        ));
         let status = cut.log.status().await;
         assert_eq!(status.health, "degraded", "{status:?}");
         assert_eq!(status.missing_voters.len(), 2, "{status:?}");
