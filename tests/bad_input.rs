@@ -321,3 +321,105 @@ async fn bad_events_are_refused() {
     assert_probe_serves(&host).await;
     host.stop().await;
 }
+
+/// Garbage on the node-to-node port of a running host — random bytes, a
+/// 4 GB length prefix from a member, a certificate of another CA, a Raft
+/// frame from a non-member, a replayed join token — is each refused or
+/// dropped; the host keeps committing writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_on_the_transport_port() {
+    use hivemind::quorum::join::{self, ClusterFiles, Credential, JoinRefused, JoinRequest};
+    use hivemind::quorum::{NodeAddress, network};
+    use hivemind::transport::{self, ClusterCa};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let host = TestHost::start().await;
+    let address = host.daemon().transport_addr.clone();
+    let closed_within = |mut stream: tokio::net::TcpStream| async move {
+        let mut buffer = [0u8; 256];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    };
+
+    let mut raw = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let junk: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let _ = raw.write_all(&junk).await;
+    assert!(closed_within(raw).await, "random bytes: connection dropped");
+
+    let files = ClusterFiles::load(&ClusterFiles::dir(host.data_dir()))
+        .unwrap()
+        .unwrap();
+    let member = files.ca.issue("0000000000000bad").unwrap();
+    let huge = async {
+        let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("node.hivemind").unwrap();
+        let mut tls = member.connector().unwrap().connect(name, stream).await.unwrap();
+        tls.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        tls.write_all(&[transport::PROTOCOL_VERSION, 10, 0, 0]).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut buffer = [0u8; 16];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buffer)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    };
+    assert!(huge.await, "a 4 GB length prefix: connection dropped");
+
+    let stranger = ClusterCa::generate("other").unwrap().issue("x").unwrap();
+    let refused = transport::connect(&address, &stranger.connector().unwrap(), Duration::from_secs(5)).await;
+    let handshake_failed = match refused {
+        Err(_) => true,
+        Ok(mut connection) => connection.request(network::VOTE, b"{}").await.is_err(),
+    };
+    assert!(handshake_failed, "a certificate of another CA is refused");
+
+    let joiner = transport::joiner_connector().unwrap();
+    let mut outsider = transport::connect(&address, &joiner, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (kind, reason) = outsider.request(network::APPEND_ENTRIES, b"{}").await.unwrap();
+    assert_eq!(kind, network::REFUSED);
+    assert!(String::from_utf8_lossy(&reason).contains("cluster certificate"));
+
+    let token = host
+        .api()
+        .post("/v1/cluster/tokens", json!({ "ttl_secs": 60 }))
+        .await
+        .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let credential = Credential::parse_token(&token).unwrap();
+    let request = |id: u64| JoinRequest {
+        id,
+        address: NodeAddress {
+            name: format!("joiner-{id}"),
+            transport: "127.0.0.1:9".into(),
+            api: "127.0.0.1:9".into(),
+        },
+        token: None,
+        proof: String::new(),
+        cluster_id: None,
+        epoch: None,
+        bootstrap_peers: None,
+    };
+    join::request_join(&address, &credential, request(0xa1), Duration::from_secs(10))
+        .await
+        .expect("the first use of a token admits");
+    let replay = join::request_join(&address, &credential, request(0xa2), Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    let refused = replay.downcast_ref::<JoinRefused>().expect("a refusal, not a failure");
+    assert!(refused.reason.contains("already used"), "{}", refused.reason);
+
+    host.api().emit("test.after-garbage", "k").await;
+    host.stop().await;
+}
