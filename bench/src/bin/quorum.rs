@@ -53,10 +53,7 @@ struct Member {
 impl Member {
     fn start(&mut self) -> anyhow::Result<()> {
         let mut command = Command::new(&self.program);
-        command
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        command.args(&self.args).stdout(Stdio::null()).stderr(Stdio::null());
         for (key, value) in &self.env {
             command.env(key, value);
         }
@@ -182,7 +179,9 @@ impl Cluster {
 
     fn etcd() -> anyhow::Result<Cluster> {
         let dir = tempfile::tempdir()?;
-        let peers: Vec<String> = (0..MEMBERS).map(|_| format!("http://127.0.0.1:{}", free_port())).collect();
+        let peers: Vec<String> = (0..MEMBERS)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
         let initial: Vec<String> = peers
             .iter()
             .enumerate()
@@ -232,9 +231,9 @@ impl Cluster {
             _dir: dir,
         };
         for member in &mut cluster.members {
-            member.start().context(
-                "etcd is needed for this benchmark: apt-get install etcd-server (bench/run installs it)",
-            )?;
+            member
+                .start()
+                .context("etcd is needed for this benchmark: apt-get install etcd-server (bench/run installs it)")?;
         }
         Ok(cluster)
     }
@@ -399,7 +398,10 @@ fn main() -> anyhow::Result<()> {
             System::Etcd => Cluster::etcd()?,
         };
         cluster.wait_leader()?;
-        let loads: Vec<Load> = CONCURRENCY.iter().map(|clients| throughput(&cluster, *clients)).collect();
+        let loads: Vec<Load> = CONCURRENCY
+            .iter()
+            .map(|clients| throughput(&cluster, *clients))
+            .collect();
         let mut failovers = Vec::new();
         for _ in 0..KILLS {
             failovers.push(failover(&mut cluster)?);
@@ -436,7 +438,9 @@ fn main() -> anyhow::Result<()> {
             ours.p99.as_secs_f64() / theirs.p99.as_secs_f64()
         );
     }
-    println!("failover: kill -9 of the leader under load -> first acknowledged write issued after the kill ({KILLS} kills)");
+    println!(
+        "failover: kill -9 of the leader under load -> first acknowledged write issued after the kill ({KILLS} kills)"
+    );
     let mut medians = Vec::new();
     for (system, _, failovers) in &mut results {
         let mut sorted = failovers.clone();
@@ -449,7 +453,10 @@ fn main() -> anyhow::Result<()> {
             median.as_secs_f64(),
             sorted[0].as_secs_f64(),
             sorted[sorted.len() - 1].as_secs_f64(),
-            failovers.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>()
+            failovers
+                .iter()
+                .map(|d| format!("{:.2}", d.as_secs_f64()))
+                .collect::<Vec<_>>()
         );
     }
     println!(

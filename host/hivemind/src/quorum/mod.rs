@@ -74,6 +74,8 @@ pub enum Command {
         secret: String,
         expires_ms: u64,
     },
+    /// Commands proposed together: one log entry, one disk write.
+    Batch(Vec<Command>),
     /// A node admitted by the quorum: it is added as a learner next.
     /// Applying it consumes `token`, so a token admits one node only.
     NodeJoined {
@@ -87,12 +89,14 @@ pub enum Command {
 /// What applying a command produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {
-    /// The event's seq (its log index).
+    /// The event's seq.
     Event { seq: u64 },
     /// The node was admitted; `seq` is its `node.joined` event.
     Joined { seq: u64, epoch: u64 },
     /// The command was refused when applied, for this reason.
     Refused { reason: String },
+    /// The results of a batch, in order.
+    Batch(Vec<CommandResult>),
     /// Entries without a result (membership, leader blanks, tokens).
     Nothing,
 }
@@ -298,7 +302,79 @@ pub struct QuorumLog {
     bootstrap: Option<Bootstrap>,
     /// The secret to record when this node formed the cluster.
     forming_secret: Option<String>,
+    /// Commands for this node's log, proposed in batches.
+    proposals: tokio::sync::mpsc::Sender<Submission>,
     cluster_id: String,
+}
+
+/// Why the leader's log did not take a command.
+#[derive(Debug, Clone)]
+enum Rejected {
+    /// Not the leader: nothing was written; the leader, if known.
+    NotLeader(Option<NodeAddress>),
+    Failed(String),
+}
+
+type Submission = (Command, tokio::sync::oneshot::Sender<Result<CommandResult, Rejected>>);
+
+/// Most commands proposed as one log entry.
+const MAX_BATCH: usize = 1024;
+/// Batches proposed at once; more wait (and grow) in the queue.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Group commit: commands that arrive while earlier ones are being
+/// committed are proposed together as one entry, so one disk write and one
+/// replication round carry many. openraft proposes every `client_write` as
+/// its own entry, which caps throughput at one write per fsync.
+async fn propose_batches(raft: HivemindRaft, mut queue: tokio::sync::mpsc::Receiver<Submission>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(submission) => batch.push(submission),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (mut commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+            let command = if commands.len() == 1 {
+                commands.pop().expect("one")
+            } else {
+                Command::Batch(commands)
+            };
+            let outcome = raft.client_write(command).await;
+            drop(permit);
+            match outcome {
+                Ok(written) => match written.data {
+                    CommandResult::Batch(results) if replies.len() > 1 => {
+                        for (reply, result) in replies.into_iter().zip(results) {
+                            let _ = reply.send(Ok(result));
+                        }
+                    }
+                    result => {
+                        for reply in replies {
+                            let _ = reply.send(Ok(result.clone()));
+                        }
+                    }
+                },
+                Err(error) => {
+                    let rejected = match error.forward_to_leader() {
+                        Some(forward) => Rejected::NotLeader(forward.leader_node.clone()),
+                        None => Rejected::Failed(format!("the write was not committed: {error}")),
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(rejected.clone()));
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// How long a membership change may take before it is reported failed.
@@ -357,7 +433,10 @@ impl QuorumLog {
             }
         };
         let single = forming_secret.is_some() && bootstrap.is_none() && !initialized;
+        let (proposals, queue) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(propose_batches(raft.clone(), queue));
         let log = Arc::new(QuorumLog {
+            proposals,
             raft,
             store,
             applied,
@@ -496,13 +575,11 @@ impl QuorumLog {
             if remaining.is_zero() {
                 return Err(self.no_quorum(timeout));
             }
-            let leader = match tokio::time::timeout(remaining, self.raft.client_write(command.clone())).await {
+            let leader = match tokio::time::timeout(remaining, self.propose(command.clone())).await {
                 Err(_) => return Err(self.no_quorum(timeout)),
-                Ok(Ok(written)) => return Ok(written.data),
-                Ok(Err(error)) => match error.forward_to_leader() {
-                    Some(forward) => forward.leader_node.clone(),
-                    None => return Err(LogError::Unavailable(format!("the write was not committed: {error}"))),
-                },
+                Ok(Ok(result)) => return Ok(result),
+                Ok(Err(Rejected::NotLeader(leader))) => leader,
+                Ok(Err(Rejected::Failed(reason))) => return Err(LogError::Unavailable(reason)),
             };
             let Some(leader) = leader else {
                 // An election is under way.
@@ -543,13 +620,24 @@ impl QuorumLog {
         ))
     }
 
+    /// Proposes `command` to this node's log (batched with others).
+    async fn propose(&self, command: Command) -> Result<CommandResult, Rejected> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.proposals
+            .try_send((command, reply))
+            .map_err(|_| Rejected::Failed("too many writes are waiting for the log; try again".into()))?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Rejected::Failed("the log stopped".into())))
+    }
+
     /// A forwarded write, on the leader.
     async fn write_as_leader(&self, command: Command) -> ForwardReply {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command)).await {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.propose(command)).await {
             Err(_) => ForwardReply::Failed(self.no_quorum(WRITE_TIMEOUT).to_string()),
-            Ok(Ok(written)) => ForwardReply::Done(written.data),
-            Ok(Err(error)) if error.forward_to_leader().is_some() => ForwardReply::NotLeader,
-            Ok(Err(error)) => ForwardReply::Failed(format!("the write was not committed: {error}")),
+            Ok(Ok(result)) => ForwardReply::Done(result),
+            Ok(Err(Rejected::NotLeader(_))) => ForwardReply::NotLeader,
+            Ok(Err(Rejected::Failed(reason))) => ForwardReply::Failed(reason),
         }
     }
 

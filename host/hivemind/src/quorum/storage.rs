@@ -10,7 +10,8 @@
 //! written durably before the log behind them may be purged.
 //!
 //! The state machine's events live in the store's `events` table keyed by
-//! their seq, which is the Raft log index of the entry that carried them.
+//! their seq: consecutive numbers given at apply (one log entry may carry a
+//! batch of events).
 
 // openraft's traits fix `StorageError` as the error type; its size is theirs.
 #![allow(clippy::result_large_err)]
@@ -83,7 +84,7 @@ fn to_json<T: Serialize>(value: &T) -> StorageResult<Vec<u8>> {
 }
 
 /// Opens the Raft tables in `store` and returns the log, the state machine
-/// and a watch of the last applied index.
+/// and a watch of the last event's seq.
 pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Receiver<u64>)> {
     let db = store.database();
     let txn = db.begin_write()?;
@@ -92,12 +93,12 @@ pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Rec
     txn.open_table(MACHINE)?;
     txn.open_table(LATEST)?;
     txn.commit()?;
-    let applied: Option<LogId<NodeId>> = {
+    let last_seq = {
         let read = db.begin_read()?;
-        let table = read.open_table(MACHINE)?;
-        get_json(&table, "applied").map_err(|error| anyhow::anyhow!("{error}"))?
+        let table = read.open_table(EVENTS)?;
+        table.last()?.map(|(seq, _)| seq.value()).unwrap_or(0)
     };
-    let (sender, receiver) = watch::channel(applied.map(|log_id| log_id.index).unwrap_or(0));
+    let (sender, receiver) = watch::channel(last_seq);
     Ok((
         LogStore { db: db.clone() },
         StateMachine {
@@ -270,6 +271,144 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// Applies commands to the state machine's tables within one transaction.
+/// Events get consecutive seqs after the highest one stored (compaction
+/// always keeps that one, as it is the latest of its kind+key), so every
+/// node numbers them alike.
+struct Applier<'a, 't> {
+    cluster: &'a mut ClusterState,
+    events: &'a mut redb::Table<'t, u64, &'static [u8]>,
+    latest: &'a mut redb::Table<'t, &'static str, u64>,
+    next_seq: u64,
+}
+
+impl Applier<'_, '_> {
+    fn last_seq(&self) -> StorageResult<u64> {
+        Ok(self
+            .events
+            .last()
+            .map_err(read_error)?
+            .map(|(seq, _)| seq.value())
+            .unwrap_or(0))
+    }
+
+    fn record(
+        &mut self,
+        kind: String,
+        key: String,
+        source: String,
+        timestamp_ms: u64,
+        payload: serde_json::Value,
+    ) -> StorageResult<u64> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let event = StoredEvent {
+            seq,
+            epoch: self.cluster.epoch,
+            kind,
+            key,
+            source,
+            timestamp_ms,
+            payload,
+        };
+        self.events
+            .insert(seq, to_json(&event)?.as_slice())
+            .map_err(write_error)?;
+        self.latest
+            .insert(latest_key(&event.kind, &event.key).as_str(), seq)
+            .map_err(write_error)?;
+        Ok(seq)
+    }
+
+    fn apply(&mut self, command: Command) -> StorageResult<CommandResult> {
+        Ok(match command {
+            Command::Event {
+                kind,
+                key,
+                source,
+                timestamp_ms,
+                payload,
+            } => CommandResult::Event {
+                seq: self.record(kind, key, source, timestamp_ms, payload)?,
+            },
+            Command::Batch(commands) => CommandResult::Batch(
+                commands
+                    .into_iter()
+                    .map(|command| self.apply(command))
+                    .collect::<StorageResult<_>>()?,
+            ),
+            Command::Formed { cluster_id, secret } => {
+                // Only the first one counts: a cluster's identity never changes.
+                if self.cluster.cluster_id.is_empty() {
+                    self.cluster.cluster_id = cluster_id;
+                    self.cluster.secret = secret;
+                }
+                CommandResult::Nothing
+            }
+            Command::TokenIssued { id, secret, expires_ms } => {
+                forget_old_tokens(self.cluster, expires_ms);
+                self.cluster.tokens.insert(
+                    id,
+                    TokenRecord {
+                        secret,
+                        expires_ms,
+                        used_by: None,
+                    },
+                );
+                CommandResult::Nothing
+            }
+            Command::NodeJoined {
+                id,
+                address,
+                token,
+                timestamp_ms,
+            } => {
+                let refusal = token
+                    .as_ref()
+                    .and_then(|token| match self.cluster.tokens.get_mut(token) {
+                        None => Some("the join token is unknown to this cluster".to_string()),
+                        Some(record) => match record.used_by {
+                            Some(user) if user != id => Some(format!(
+                                "the join token was already used (by node {user:016x}); ask for a new one with \
+                             `hivemind members token`"
+                            )),
+                            _ if timestamp_ms > record.expires_ms => Some(
+                                "the join token has expired; ask for a new one with `hivemind members token`"
+                                    .to_string(),
+                            ),
+                            _ => {
+                                record.used_by = Some(id);
+                                None
+                            }
+                        },
+                    });
+                if let Some(reason) = refusal {
+                    return Ok(CommandResult::Refused { reason });
+                }
+                let epoch = self.cluster.epoch;
+                self.cluster
+                    .members
+                    .entry(id)
+                    .or_insert(MemberRecord { joined_epoch: epoch });
+                let payload = serde_json::json!({
+                    "name": address.name,
+                    "transport": address.transport,
+                    "api": address.api,
+                    "epoch": epoch,
+                });
+                let seq = self.record(
+                    "node.joined".into(),
+                    format!("{id:016x}"),
+                    format!("{id:016x}"),
+                    timestamp_ms,
+                    payload,
+                )?;
+                CommandResult::Joined { seq, epoch }
+            }
+        })
+    }
+}
+
 /// How long a used or expired token is remembered, so that a replay is
 /// refused as such rather than as unknown.
 const TOKEN_MEMORY_MS: u64 = 24 * 3600 * 1000;
@@ -332,11 +471,12 @@ fn latest_key(kind: &str, key: &str) -> String {
 }
 
 impl StateMachine {
-    fn notify_applied(&self, index: u64) {
+    /// Tells watchers (role delivery, event streams) about events up to `seq`.
+    fn notify_applied(&self, seq: u64) {
         self.applied.send_if_modified(|last| {
-            let newer = index > *last;
+            let newer = seq > *last;
             if newer {
-                *last = index;
+                *last = seq;
             }
             newer
         });
@@ -363,118 +503,31 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        let (results, last) = blocking(&self.db, move |db| {
+        let (results, last_seq) = blocking(&self.db, move |db| {
             let mut txn = db.begin_write().map_err(write_error)?;
             txn.set_durability(Durability::None).map_err(write_error)?;
             let mut results = Vec::with_capacity(entries.len());
             let mut last = None;
+            let last_seq;
             {
                 let mut machine = txn.open_table(MACHINE).map_err(write_error)?;
                 let mut events = txn.open_table(EVENTS).map_err(write_error)?;
                 let mut latest = txn.open_table(LATEST).map_err(write_error)?;
                 let mut cluster: ClusterState = get_json(&machine, "cluster")?.unwrap_or_default();
+                let mut applier = Applier {
+                    cluster: &mut cluster,
+                    events: &mut events,
+                    latest: &mut latest,
+                    next_seq: 0,
+                };
+                applier.next_seq = applier.last_seq()? + 1;
                 for entry in entries {
                     last = Some(entry.log_id);
                     match entry.payload {
                         EntryPayload::Blank => results.push(CommandResult::Nothing),
-                        EntryPayload::Normal(Command::Event {
-                            kind,
-                            key,
-                            source,
-                            timestamp_ms,
-                            payload,
-                        }) => {
-                            let seq = entry.log_id.index;
-                            let event = StoredEvent {
-                                seq,
-                                epoch: cluster.epoch,
-                                kind,
-                                key,
-                                source,
-                                timestamp_ms,
-                                payload,
-                            };
-                            events.insert(seq, to_json(&event)?.as_slice()).map_err(write_error)?;
-                            latest
-                                .insert(latest_key(&event.kind, &event.key).as_str(), seq)
-                                .map_err(write_error)?;
-                            results.push(CommandResult::Event { seq });
-                        }
-                        EntryPayload::Normal(Command::Formed { cluster_id, secret }) => {
-                            // Only the first one counts: a cluster's identity never changes.
-                            if cluster.cluster_id.is_empty() {
-                                cluster.cluster_id = cluster_id;
-                                cluster.secret = secret;
-                            }
-                            results.push(CommandResult::Nothing);
-                        }
-                        EntryPayload::Normal(Command::TokenIssued { id, secret, expires_ms }) => {
-                            forget_old_tokens(&mut cluster, expires_ms);
-                            cluster.tokens.insert(
-                                id,
-                                TokenRecord {
-                                    secret,
-                                    expires_ms,
-                                    used_by: None,
-                                },
-                            );
-                            results.push(CommandResult::Nothing);
-                        }
-                        EntryPayload::Normal(Command::NodeJoined {
-                            id,
-                            address,
-                            token,
-                            timestamp_ms,
-                        }) => {
-                            let refusal = token.as_ref().and_then(|token| match cluster.tokens.get_mut(token) {
-                                None => Some("the join token is unknown to this cluster".to_string()),
-                                Some(record) => match record.used_by {
-                                    Some(user) if user != id => Some(format!(
-                                        "the join token was already used (by node {user:016x}); ask for a new one \
-                                         with `hivemind members token`"
-                                    )),
-                                    _ if timestamp_ms > record.expires_ms => Some(
-                                        "the join token has expired; ask for a new one with `hivemind members token`"
-                                            .to_string(),
-                                    ),
-                                    _ => {
-                                        record.used_by = Some(id);
-                                        None
-                                    }
-                                },
-                            });
-                            if let Some(reason) = refusal {
-                                results.push(CommandResult::Refused { reason });
-                                continue;
-                            }
-                            let seq = entry.log_id.index;
-                            cluster.members.entry(id).or_insert(MemberRecord {
-                                joined_epoch: cluster.epoch,
-                            });
-                            let event = StoredEvent {
-                                seq,
-                                epoch: cluster.epoch,
-                                kind: "node.joined".into(),
-                                key: format!("{id:016x}"),
-                                source: format!("{id:016x}"),
-                                timestamp_ms,
-                                payload: serde_json::json!({
-                                    "name": address.name,
-                                    "transport": address.transport,
-                                    "api": address.api,
-                                    "epoch": cluster.epoch,
-                                }),
-                            };
-                            events.insert(seq, to_json(&event)?.as_slice()).map_err(write_error)?;
-                            latest
-                                .insert(latest_key(&event.kind, &event.key).as_str(), seq)
-                                .map_err(write_error)?;
-                            results.push(CommandResult::Joined {
-                                seq,
-                                epoch: cluster.epoch,
-                            });
-                        }
+                        EntryPayload::Normal(command) => results.push(applier.apply(command)?),
                         EntryPayload::Membership(membership) => {
+                            let cluster = &mut *applier.cluster;
                             let voters: Vec<NodeId> = membership.voter_ids().collect();
                             if voters != cluster.voters {
                                 cluster.epoch += 1;
@@ -495,6 +548,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         }
                     }
                 }
+                last_seq = applier.next_seq - 1;
                 machine
                     .insert("cluster", to_json(&cluster)?.as_slice())
                     .map_err(write_error)?;
@@ -503,12 +557,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .map_err(write_error)?;
             }
             txn.commit().map_err(write_error)?;
-            Ok((results, last))
+            Ok((results, last_seq))
         })
         .await?;
-        if let Some(last) = last {
-            self.notify_applied(last.index);
-        }
+        self.notify_applied(last_seq);
         Ok(results)
     }
 
@@ -529,8 +581,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data: snapshot.into_inner(),
         };
-        let applied = meta.last_log_id;
-        blocking(&self.db, move |db| {
+        let last_seq = blocking(&self.db, move |db| {
             let data: SnapshotData = serde_json::from_slice(&stored.data)
                 .map_err(|error| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, error))?;
             let txn = db.begin_write().map_err(write_error)?;
@@ -561,12 +612,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .insert("snapshot", to_json(&stored)?.as_slice())
                     .map_err(write_error)?;
             }
-            txn.commit().map_err(write_error)
+            txn.commit().map_err(write_error)?;
+            Ok(data.events.iter().map(|event| event.seq).max().unwrap_or(0))
         })
         .await?;
-        if let Some(applied) = applied {
-            self.notify_applied(applied.index);
-        }
+        self.notify_applied(last_seq);
         Ok(())
     }
 
