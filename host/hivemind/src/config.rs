@@ -47,8 +47,8 @@
 //! [raft]
 //! # Leader heartbeat and election timeout range, ms (LAN defaults).
 //! heartbeat_ms = 50
-//! election_min_ms = 300
-//! election_max_ms = 600
+//! election_min_ms = 200
+//! election_max_ms = 500
 //! # Log entries between snapshots; a snapshot compacts the event stream to
 //! # the latest event per kind+key and lets the log behind it be purged.
 //! snapshot_every = 10000

@@ -148,7 +148,10 @@ pub struct TokenRecord {
 /// Writes that find no quorum fail after this long instead of hanging.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Raft timing: settings for a LAN; failover takes about one election.
+/// Raft timing: settings for a LAN. A follower refuses to vote until it
+/// has not heard from the leader for `election_max` (openraft's leader
+/// lease), so failover takes a little over `election_max`: a wide
+/// `election_min..election_max` range lets candidates try again soon after.
 #[derive(Debug, Clone)]
 pub struct Timing {
     pub heartbeat: Duration,
@@ -163,8 +166,8 @@ impl Default for Timing {
     fn default() -> Self {
         Timing {
             heartbeat: Duration::from_millis(50),
-            election_min: Duration::from_millis(300),
-            election_max: Duration::from_millis(600),
+            election_min: Duration::from_millis(200),
+            election_max: Duration::from_millis(500),
             snapshot_every: 10_000,
         }
     }
@@ -206,7 +209,7 @@ pub enum MemberChange {
 }
 
 /// The leader's answer to a forwarded write.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 enum ForwardReply {
     Done(CommandResult),
     /// Not the leader (any more): nothing was written, ask again.
@@ -297,13 +300,15 @@ pub struct QuorumLog {
     applied: watch::Receiver<u64>,
     id: NodeId,
     ca: ClusterCa,
-    pool: PeerPool,
+    pool: Arc<PeerPool>,
     health: health::PeerHealth,
     bootstrap: Option<Bootstrap>,
     /// The secret to record when this node formed the cluster.
     forming_secret: Option<String>,
     /// Commands for this node's log, proposed in batches.
     proposals: tokio::sync::mpsc::Sender<Submission>,
+    /// Commands for the leader's log, forwarded in batches.
+    forwards: tokio::sync::mpsc::Sender<ForwardSubmission>,
     cluster_id: String,
 }
 
@@ -377,6 +382,63 @@ async fn propose_batches(raft: HivemindRaft, mut queue: tokio::sync::mpsc::Recei
     }
 }
 
+type ForwardSubmission = (
+    String,
+    Command,
+    tokio::sync::oneshot::Sender<Result<ForwardReply, PeerError>>,
+);
+
+/// Group commit on a follower: writes forwarded to the same leader while
+/// earlier ones are on their way go as one batch in one frame.
+async fn forward_batches(pool: Arc<PeerPool>, mut queue: tokio::sync::mpsc::Receiver<ForwardSubmission>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(submission) => batch.push(submission),
+                Err(_) => break,
+            }
+        }
+        let mut by_leader: BTreeMap<String, Vec<(Command, _)>> = BTreeMap::new();
+        for (leader, command, reply) in batch {
+            by_leader.entry(leader).or_default().push((command, reply));
+        }
+        let permit = Arc::new(permit);
+        for (leader, group) in by_leader {
+            let (pool, permit) = (pool.clone(), permit.clone());
+            tokio::spawn(async move {
+                let (mut commands, replies): (Vec<Command>, Vec<_>) = group.into_iter().unzip();
+                let command = if commands.len() == 1 {
+                    commands.pop().expect("one")
+                } else {
+                    Command::Batch(commands)
+                };
+                let outcome = pool
+                    .call::<_, ForwardReply>(&leader, network::FORWARD_WRITE, &command, MEMBERSHIP_TIMEOUT)
+                    .await;
+                drop(permit);
+                match outcome {
+                    Ok(ForwardReply::Done(CommandResult::Batch(results))) if replies.len() > 1 => {
+                        for (reply, result) in replies.into_iter().zip(results) {
+                            let _ = reply.send(Ok(ForwardReply::Done(result)));
+                        }
+                    }
+                    outcome => {
+                        for reply in replies {
+                            let _ = reply.send(outcome.clone());
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
 /// How long a membership change may take before it is reported failed.
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -435,14 +497,18 @@ impl QuorumLog {
         let single = forming_secret.is_some() && bootstrap.is_none() && !initialized;
         let (proposals, queue) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(propose_batches(raft.clone(), queue));
+        let pool = Arc::new(PeerPool::new(connector, isolation));
+        let (forwards, queue) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(forward_batches(pool.clone(), queue));
         let log = Arc::new(QuorumLog {
             proposals,
+            forwards,
             raft,
             store,
             applied,
             id,
             ca: files.ca,
-            pool: PeerPool::new(connector, isolation),
+            pool,
             health: health::PeerHealth::default(),
             bootstrap,
             forming_secret,
@@ -586,10 +652,9 @@ impl QuorumLog {
                 tokio::time::sleep(Duration::from_millis(25).min(remaining)).await;
                 continue;
             };
-            match self
-                .pool
-                .call::<_, ForwardReply>(&leader.transport, network::FORWARD_WRITE, &command, remaining)
+            match tokio::time::timeout(remaining, self.forward(&leader.transport, command.clone()))
                 .await
+                .unwrap_or_else(|_| Err(PeerError::NoAnswer(format!("no answer within {remaining:?}"))))
             {
                 Ok(ForwardReply::Done(result)) => return Ok(result),
                 Ok(ForwardReply::Failed(reason)) => return Err(LogError::Unavailable(reason)),
@@ -629,6 +694,17 @@ impl QuorumLog {
         answer
             .await
             .unwrap_or_else(|_| Err(Rejected::Failed("the log stopped".into())))
+    }
+
+    /// Forwards `command` to the leader at `leader` (batched with others).
+    async fn forward(&self, leader: &str, command: Command) -> Result<ForwardReply, PeerError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.forwards
+            .try_send((leader.to_string(), command, reply))
+            .map_err(|_| PeerError::NotSent("too many writes are waiting to be forwarded".into()))?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(PeerError::NotSent("the forwarder stopped".into())))
     }
 
     /// A forwarded write, on the leader.

@@ -164,7 +164,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 }
 
 /// Why a request to a peer got no answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PeerError {
     /// Nothing was sent (no connection): trying again is safe.
     #[error("{0}")]

@@ -37,7 +37,7 @@ use crate::store::{EVENTS, Store};
 
 /// Raft log entries by index, JSON-encoded.
 const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-/// `vote`, `committed`, `last_purged`.
+/// `vote`, `last_purged`.
 const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 /// `applied`, `membership`, `cluster`, `snapshot`.
 const MACHINE: TableDefinition<&str, &[u8]> = TableDefinition::new("state_machine");
@@ -185,32 +185,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        let bytes = to_json(&committed)?;
-        blocking(&self.db, move |db| {
-            let mut txn = db.begin_write().map_err(write_error)?;
-            // Losing the committed index only means re-learning it from the
-            // leader; no need to wait for the disk.
-            txn.set_durability(Durability::None).map_err(write_error)?;
-            txn.open_table(RAFT_META)
-                .map_err(write_error)?
-                .insert("committed", bytes.as_slice())
-                .map_err(write_error)?;
-            txn.commit().map_err(write_error)
-        })
-        .await
-    }
-
-    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        blocking(&self.db, |db| {
-            let read = db.begin_read().map_err(read_error)?;
-            Ok(
-                get_json::<Option<LogId<NodeId>>>(&read.open_table(RAFT_META).map_err(read_error)?, "committed")?
-                    .flatten(),
-            )
-        })
-        .await
-    }
+    // `save_committed` and `read_committed` keep openraft's defaults (not
+    // stored): a restarted node re-learns the committed index from the
+    // leader, and re-applies from its last durable `applied`. Storing it
+    // would cost a write transaction per commit on the hot path.
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
     where
