@@ -3,7 +3,8 @@
 //!
 //! Every log append and vote is a durable redb commit before openraft hears
 //! it is done; losing either would allow two leaders in one term or lose
-//! acknowledged entries. State machine writes are not forced to disk on their
+//! acknowledged entries. Appends are readable before they are durable, so
+//! the leader's disk write and replication overlap (see [`LogStore`]). State machine writes are not forced to disk on their
 //! own: the next log append (always durable) carries them, and after a crash
 //! the state machine resumes from its last durable `applied` and replays the
 //! log, which is kept at least back to the last snapshot. Snapshots are
@@ -16,7 +17,7 @@
 // openraft's traits fix `StorageError` as the error type; its size is theirs.
 #![allow(clippy::result_large_err)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -100,7 +101,7 @@ pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Rec
     };
     let (sender, receiver) = watch::channel(last_seq);
     Ok((
-        LogStore { db: db.clone() },
+        LogStore::new(db.clone()),
         StateMachine {
             db,
             applied: Arc::new(sender),
@@ -109,9 +110,180 @@ pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Rec
     ))
 }
 
+/// The Raft log. Appended entries are readable at once (from `pending`),
+/// so the leader replicates them while its own disk write is under way, as
+/// Raft allows; openraft counts the leader's copy only when the callback
+/// says it is durable. One writer thread makes every change durable in the
+/// order it was made, folding appends that queue up into one transaction.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    pending: Arc<std::sync::RwLock<BTreeMap<u64, Entry<TypeConfig>>>>,
+    writer: Arc<std::sync::Mutex<std::sync::mpsc::Sender<LogWrite>>>,
+}
+
+/// A change for the log writer thread, with what to do once it is durable.
+enum LogWrite {
+    Append {
+        entries: Vec<(LogId<NodeId>, Vec<u8>)>,
+        done: LogFlushed<TypeConfig>,
+    },
+    Truncate {
+        from: u64,
+        done: tokio::sync::oneshot::Sender<StorageResult<()>>,
+    },
+    Purge {
+        upto: LogId<NodeId>,
+        done: tokio::sync::oneshot::Sender<StorageResult<()>>,
+    },
+    Vote {
+        bytes: Vec<u8>,
+        done: tokio::sync::oneshot::Sender<StorageResult<()>>,
+    },
+}
+
+impl LogStore {
+    fn new(db: Arc<Database>) -> LogStore {
+        let pending = Arc::new(std::sync::RwLock::new(BTreeMap::new()));
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let (thread_db, thread_pending) = (db.clone(), pending.clone());
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || write_log(thread_db, thread_pending, receiver))
+            .expect("start the log writer thread");
+        LogStore {
+            db,
+            pending,
+            writer: Arc::new(std::sync::Mutex::new(sender)),
+        }
+    }
+
+    fn send(&self, write: LogWrite) -> StorageResult<()> {
+        self.writer
+            .lock()
+            .unwrap()
+            .send(write)
+            .map_err(|_| write_error("the log writer stopped"))
+    }
+
+    /// Sends a change and waits until it is durable.
+    async fn write(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<StorageResult<()>>) -> LogWrite,
+    ) -> StorageResult<()> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.send(make(done))?;
+        wait.await.map_err(|_| write_error("the log writer stopped"))?
+    }
+}
+
+/// The log writer thread: applies changes in order until every `LogStore`
+/// is gone; consecutive appends share one durable commit.
+fn write_log(
+    db: Arc<Database>,
+    pending: Arc<std::sync::RwLock<BTreeMap<u64, Entry<TypeConfig>>>>,
+    receiver: std::sync::mpsc::Receiver<LogWrite>,
+) {
+    let mut next = None;
+    loop {
+        let write = match next.take() {
+            Some(write) => write,
+            None => match receiver.recv() {
+                Ok(write) => write,
+                Err(_) => return,
+            },
+        };
+        match write {
+            LogWrite::Append { entries, done } => {
+                let mut batch = vec![(entries, done)];
+                // Fold the appends already queued behind this one.
+                while let Ok(write) = receiver.try_recv() {
+                    match write {
+                        LogWrite::Append { entries, done } => batch.push((entries, done)),
+                        other => {
+                            next = Some(other);
+                            break;
+                        }
+                    }
+                }
+                let result = (|| {
+                    let txn = db.begin_write().map_err(write_error)?;
+                    {
+                        let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
+                        for (entries, _) in &batch {
+                            for (log_id, bytes) in entries {
+                                table.insert(log_id.index, bytes.as_slice()).map_err(write_error)?;
+                            }
+                        }
+                    }
+                    // Durable when commit returns: only then may openraft count it.
+                    txn.commit()
+                        .map_err(|error| io_error(ErrorSubject::Logs, ErrorVerb::Write, error))
+                })();
+                {
+                    // Durable (or failed): readers find them on disk now. An
+                    // index truncated and appended again meanwhile stays.
+                    let mut pending = pending.write().unwrap();
+                    for (entries, _) in &batch {
+                        for (log_id, _) in entries {
+                            if pending.get(&log_id.index).is_some_and(|entry| &entry.log_id == log_id) {
+                                pending.remove(&log_id.index);
+                            }
+                        }
+                    }
+                }
+                for (_, done) in batch {
+                    done.log_io_completed(
+                        result
+                            .as_ref()
+                            .map(|_| ())
+                            .map_err(|error| std::io::Error::other(error.to_string())),
+                    );
+                }
+            }
+            LogWrite::Truncate { from, done } => {
+                let result = (|| {
+                    let txn = db.begin_write().map_err(write_error)?;
+                    txn.open_table(RAFT_LOG)
+                        .map_err(write_error)?
+                        .retain_in(from.., |_, _| false)
+                        .map_err(write_error)?;
+                    txn.commit().map_err(write_error)
+                })();
+                let _ = done.send(result);
+            }
+            LogWrite::Purge { upto, done } => {
+                let result = (|| {
+                    let bytes = to_json(&Some(upto))?;
+                    let txn = db.begin_write().map_err(write_error)?;
+                    {
+                        txn.open_table(RAFT_META)
+                            .map_err(write_error)?
+                            .insert("last_purged", bytes.as_slice())
+                            .map_err(write_error)?;
+                        txn.open_table(RAFT_LOG)
+                            .map_err(write_error)?
+                            .retain_in(..=upto.index, |_, _| false)
+                            .map_err(write_error)?;
+                    }
+                    txn.commit().map_err(write_error)
+                })();
+                let _ = done.send(result);
+            }
+            LogWrite::Vote { bytes, done } => {
+                let result = (|| {
+                    let txn = db.begin_write().map_err(write_error)?;
+                    txn.open_table(RAFT_META)
+                        .map_err(write_error)?
+                        .insert("vote", bytes.as_slice())
+                        .map_err(write_error)?;
+                    txn.commit()
+                        .map_err(|error| io_error(ErrorSubject::Vote, ErrorVerb::Write, error))
+                })();
+                let _ = done.send(result);
+            }
+        }
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -120,17 +292,31 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
         let range = (range.start_bound().cloned(), range.end_bound().cloned());
-        blocking(&self.db, move |db| {
+        // Entries not yet durable first: once durable they leave `pending`
+        // only after they are on disk, so none falls between the two reads.
+        let pending: BTreeMap<u64, Entry<TypeConfig>> = self
+            .pending
+            .read()
+            .unwrap()
+            .range(range)
+            .map(|(index, entry)| (*index, entry.clone()))
+            .collect();
+        let mut entries: BTreeMap<u64, Entry<TypeConfig>> = blocking(&self.db, move |db| {
             let read = db.begin_read().map_err(read_error)?;
             let table = read.open_table(RAFT_LOG).map_err(read_error)?;
-            let mut entries = Vec::new();
+            let mut entries = BTreeMap::new();
             for item in table.range::<u64>(range).map_err(read_error)? {
-                let (_, value) = item.map_err(read_error)?;
-                entries.push(serde_json::from_slice(value.value()).map_err(read_error)?);
+                let (index, value) = item.map_err(read_error)?;
+                entries.insert(
+                    index.value(),
+                    serde_json::from_slice(value.value()).map_err(read_error)?,
+                );
             }
             Ok(entries)
         })
-        .await
+        .await?;
+        entries.extend(pending);
+        Ok(entries.into_values().collect())
     }
 }
 
@@ -138,7 +324,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        blocking(&self.db, |db| {
+        let last_pending = self
+            .pending
+            .read()
+            .unwrap()
+            .last_key_value()
+            .map(|(_, entry)| entry.log_id);
+        let mut state = blocking(&self.db, |db| {
             let read = db.begin_read().map_err(read_error)?;
             let meta = read.open_table(RAFT_META).map_err(read_error)?;
             let last_purged: Option<LogId<NodeId>> = get_json(&meta, "last_purged")?;
@@ -156,7 +348,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 last_log_id: last,
             })
         })
-        .await
+        .await?;
+        if last_pending > state.last_log_id {
+            state.last_log_id = last_pending;
+        }
+        Ok(state)
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -165,16 +361,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
         let bytes = to_json(vote)?;
-        blocking(&self.db, move |db| {
-            let txn = db.begin_write().map_err(write_error)?;
-            txn.open_table(RAFT_META)
-                .map_err(write_error)?
-                .insert("vote", bytes.as_slice())
-                .map_err(write_error)?;
-            txn.commit()
-                .map_err(|error| io_error(ErrorSubject::Vote, ErrorVerb::Write, error))
-        })
-        .await
+        self.write(|done| LogWrite::Vote { bytes, done }).await
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
@@ -195,57 +382,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let encoded: Vec<(u64, Vec<u8>)> = entries
-            .into_iter()
-            .map(|entry| Ok((entry.log_id.index, to_json(&entry)?)))
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let encoded: Vec<(LogId<NodeId>, Vec<u8>)> = entries
+            .iter()
+            .map(|entry| Ok((entry.log_id, to_json(entry)?)))
             .collect::<StorageResult<_>>()?;
-        let result = blocking(&self.db, move |db| {
-            let txn = db.begin_write().map_err(write_error)?;
-            {
-                let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
-                for (index, bytes) in &encoded {
-                    table.insert(index, bytes.as_slice()).map_err(write_error)?;
-                }
+        {
+            let mut pending = self.pending.write().unwrap();
+            for entry in entries {
+                pending.insert(entry.log_id.index, entry);
             }
-            // Durable when commit returns: only then may openraft count it.
-            txn.commit()
-                .map_err(|error| io_error(ErrorSubject::Logs, ErrorVerb::Write, error))
-        })
-        .await;
-        match &result {
-            Ok(()) => callback.log_io_completed(Ok(())),
-            Err(error) => callback.log_io_completed(Err(std::io::Error::other(error.to_string()))),
         }
-        result
+        self.send(LogWrite::Append {
+            entries: encoded,
+            done: callback,
+        })
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        blocking(&self.db, move |db| {
-            let txn = db.begin_write().map_err(write_error)?;
-            {
-                let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
-                table.retain_in(log_id.index.., |_, _| false).map_err(write_error)?;
-            }
-            txn.commit().map_err(write_error)
+        self.pending.write().unwrap().retain(|index, _| *index < log_id.index);
+        self.write(|done| LogWrite::Truncate {
+            from: log_id.index,
+            done,
         })
         .await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let bytes = to_json(&Some(log_id))?;
-        blocking(&self.db, move |db| {
-            let txn = db.begin_write().map_err(write_error)?;
-            {
-                txn.open_table(RAFT_META)
-                    .map_err(write_error)?
-                    .insert("last_purged", bytes.as_slice())
-                    .map_err(write_error)?;
-                let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
-                table.retain_in(..=log_id.index, |_, _| false).map_err(write_error)?;
-            }
-            txn.commit().map_err(write_error)
-        })
-        .await
+        self.write(|done| LogWrite::Purge { upto: log_id, done }).await
     }
 }
 
