@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::io::Cursor;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -301,6 +301,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .range(range)
             .map(|(index, entry)| (*index, entry.clone()))
             .collect();
+        // The leader replicating what it just appended: all of it is here.
+        let wanted = match range {
+            (Bound::Included(start), Bound::Excluded(end)) => end.checked_sub(start),
+            (Bound::Included(start), Bound::Included(end)) => (end + 1).checked_sub(start),
+            _ => None,
+        };
+        if wanted.is_some_and(|wanted| wanted > 0 && wanted == pending.len() as u64) {
+            return Ok(pending.into_values().collect());
+        }
         let mut entries: BTreeMap<u64, Entry<TypeConfig>> = blocking(&self.db, move |db| {
             let read = db.begin_read().map_err(read_error)?;
             let table = read.open_table(RAFT_LOG).map_err(read_error)?;
