@@ -327,6 +327,27 @@ const MAX_BATCH: usize = 1024;
 /// Batches proposed at once; more wait (and grow) in the queue.
 const BATCHES_IN_FLIGHT: usize = 4;
 
+/// Waits for one submission and takes those already queued behind it.
+async fn next_batch<T>(queue: &mut tokio::sync::mpsc::Receiver<T>) -> Option<Vec<T>> {
+    let mut batch = vec![queue.recv().await?];
+    while batch.len() < MAX_BATCH {
+        match queue.try_recv() {
+            Ok(submission) => batch.push(submission),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// One command for `commands`: itself when alone, else a batch.
+fn combine(mut commands: Vec<Command>) -> Command {
+    if commands.len() == 1 {
+        commands.pop().expect("one")
+    } else {
+        Command::Batch(commands)
+    }
+}
+
 /// Group commit: commands that arrive while earlier ones are being
 /// committed are proposed together as one entry, so one disk write and one
 /// replication round carry many. openraft proposes every `client_write` as
@@ -337,22 +358,13 @@ async fn propose_batches(raft: HivemindRaft, mut queue: tokio::sync::mpsc::Recei
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = queue.recv().await else { return };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(submission) => batch.push(submission),
-                Err(_) => break,
-            }
-        }
+        let Some(batch) = next_batch(&mut queue).await else {
+            return;
+        };
         let raft = raft.clone();
         tokio::spawn(async move {
-            let (mut commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
-            let command = if commands.len() == 1 {
-                commands.pop().expect("one")
-            } else {
-                Command::Batch(commands)
-            };
+            let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+            let command = combine(commands);
             let outcome = raft.client_write(command).await;
             drop(permit);
             match outcome {
@@ -396,14 +408,9 @@ async fn forward_batches(pool: Arc<PeerPool>, mut queue: tokio::sync::mpsc::Rece
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = queue.recv().await else { return };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(submission) => batch.push(submission),
-                Err(_) => break,
-            }
-        }
+        let Some(batch) = next_batch(&mut queue).await else {
+            return;
+        };
         let mut by_leader: BTreeMap<String, Vec<(Command, _)>> = BTreeMap::new();
         for (leader, command, reply) in batch {
             by_leader.entry(leader).or_default().push((command, reply));
@@ -412,12 +419,8 @@ async fn forward_batches(pool: Arc<PeerPool>, mut queue: tokio::sync::mpsc::Rece
         for (leader, group) in by_leader {
             let (pool, permit) = (pool.clone(), permit.clone());
             tokio::spawn(async move {
-                let (mut commands, replies): (Vec<Command>, Vec<_>) = group.into_iter().unzip();
-                let command = if commands.len() == 1 {
-                    commands.pop().expect("one")
-                } else {
-                    Command::Batch(commands)
-                };
+                let (commands, replies): (Vec<Command>, Vec<_>) = group.into_iter().unzip();
+                let command = combine(commands);
                 let outcome = pool
                     .call::<_, ForwardReply>(&leader, network::FORWARD_WRITE, &command, MEMBERSHIP_TIMEOUT)
                     .await;
