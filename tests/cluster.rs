@@ -481,3 +481,48 @@ fn a_partitioned_leader_refuses_writes_and_the_majority_carries_on() {
         nodes.iter().all(|node| ns_events(node) == ["before", "majority"])
     });
 }
+
+/// A voter removed while it was down comes back with `--join`: the cluster
+/// refuses its data as from a stale epoch, so it drops its cluster state,
+/// joins afresh as a learner and catches up with everything committed.
+#[test]
+fn a_node_removed_while_down_rejoins_afresh() {
+    let mut cluster = ProcessCluster::bootstrap(3);
+    let token = stdout(&cluster.nodes[0].cli(&["members", "token"])).trim().to_string();
+    let joined = cluster.join(0, &["--join-token", &token]);
+    let name = cluster.nodes[joined].name.clone();
+    wait_status(&cluster.nodes[0], "the joiner is a member", |status| {
+        status["cluster"]["members"].as_array().unwrap().len() == 4
+    });
+    let promote = cluster.nodes[0].cli(&["members", "promote", &name]);
+    assert!(promote.status.success(), "{}", text(&promote));
+    wait_status(&cluster.nodes[joined], "the joiner knows it is a voter", |status| {
+        status["cluster"]["voters"].as_array().unwrap().len() == 4
+    });
+
+    cluster.nodes[joined].kill();
+    let remove = cluster.nodes[1].cli(&["members", "remove", &name]);
+    assert!(remove.status.success(), "{}", text(&remove));
+    for n in 0..5 {
+        cluster.nodes[0].emit("test.rejoin", &format!("k{n}")).unwrap();
+    }
+
+    let token = stdout(&cluster.nodes[0].cli(&["members", "token"])).trim().to_string();
+    cluster.nodes[joined].args = vec![
+        "--join".into(),
+        cluster.nodes[2].transport.clone(),
+        "--join-token".into(),
+        token,
+    ];
+    cluster.nodes[joined].start();
+    wait_status(&cluster.nodes[0], "the node is back as a learner", |status| {
+        status["cluster"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|member| member["name"] == name.as_str() && member["role"] == "learner")
+    });
+    assert_eq!(cluster.converged_events("test.rejoin", 5).len(), 5);
+    let log = cluster.nodes[joined].log();
+    assert!(log.contains("stale epoch"), "{log}");
+}
