@@ -50,7 +50,20 @@ impl FrameHandler for ClusterFrames {
                 Err(error) => error,
             },
             VOTE => match decode::<VoteRequest<NodeId>>(&payload) {
-                Ok(request) => reply(kind, &raft.vote(request).await),
+                Ok(request) => {
+                    // A node removed from the cluster still thinks it is a
+                    // voter and may campaign; it gets no vote here.
+                    let candidate = request.vote.leader_id().voted_for();
+                    let membership = raft.metrics().borrow().membership_config.membership().clone();
+                    let known = membership.nodes().next().is_none()
+                        || candidate.is_some_and(|candidate| membership.get_node(&candidate).is_some());
+                    if known {
+                        reply(kind, &raft.vote(request).await)
+                    } else {
+                        tracing::debug!(peer = %peer.address, ?candidate, "vote request from a non-member refused");
+                        (REFUSED, b"the candidate is not a member of this cluster".to_vec())
+                    }
+                }
                 Err(error) => error,
             },
             INSTALL_SNAPSHOT => match decode::<InstallSnapshotRequest<TypeConfig>>(&payload) {

@@ -1565,4 +1565,44 @@ mod tests {
             node.log.shutdown().await;
         }
     }
+
+    /// A vote request from a node that is not a member (one removed from
+    /// the cluster, still campaigning) is refused, not counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_non_member_gets_no_vote() {
+        let nodes = three_nodes().await;
+        leader_of(&nodes, None).await;
+        let target = nodes[1]
+            .log
+            .raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&2)
+            .cloned();
+        let request = openraft::raft::VoteRequest::new(openraft::Vote::new(1000, 99), None);
+        let answer = nodes[0]
+            .log
+            .pool
+            .request(
+                &target.unwrap().transport,
+                network::VOTE,
+                &serde_json::to_vec(&request).unwrap(),
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(
+            matches!(answer, Err(PeerError::Refused(ref reason)) if reason.contains("not a member")),
+            "{answer:?}"
+        );
+        assert!(
+            nodes[1].log.raft().metrics().borrow().current_term < 1000,
+            "the request left no trace"
+        );
+        for node in nodes {
+            node.shutdown.cancel();
+            node.log.shutdown().await;
+        }
+    }
 }
