@@ -1336,6 +1336,14 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
+    impl TestNode {
+        /// Stops its transport server and its Raft.
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.log.shutdown().await;
+        }
+    }
+
     /// Three nodes on loopback, each with its own store and transport
     /// server, under one cluster CA; node 1 forms the cluster.
     async fn three_nodes() -> Vec<TestNode> {
@@ -1465,9 +1473,7 @@ mod tests {
 
         let position = nodes.iter().position(|node| node.id == leader).unwrap();
         let old = nodes.remove(position);
-        old.shutdown.cancel();
-        old.log.shutdown().await;
-        drop(old);
+        old.stop().await;
 
         let new_leader = leader_of(&nodes, Some(leader)).await;
         let survivor = nodes.iter().find(|node| node.id == new_leader).unwrap();
@@ -1476,8 +1482,7 @@ mod tests {
             assert_eq!(wait_for_events(node, 4).await, acknowledged, "node {}", node.id);
         }
         for node in nodes {
-            node.shutdown.cancel();
-            node.log.shutdown().await;
+            node.stop().await;
         }
     }
 
@@ -1499,8 +1504,7 @@ mod tests {
             others
         };
         for node in followers {
-            node.shutdown.cancel();
-            node.log.shutdown().await;
+            node.stop().await;
         }
         let alone = &nodes[0];
         let error = alone.log.append(event("lost")).await.unwrap_err();
@@ -1561,8 +1565,7 @@ mod tests {
             assert_eq!(wait_for_events(node, 2).await, acknowledged, "node {}", node.id);
         }
         for node in nodes {
-            node.shutdown.cancel();
-            node.log.shutdown().await;
+            node.stop().await;
         }
     }
 
@@ -1601,8 +1604,7 @@ mod tests {
             "the request left no trace"
         );
         for node in nodes {
-            node.shutdown.cancel();
-            node.log.shutdown().await;
+            node.stop().await;
         }
     }
 }
