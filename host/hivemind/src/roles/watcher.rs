@@ -6,12 +6,14 @@
 //! acted on at once, which keeps a reload within milliseconds. Bursts still
 //! coalesce, because a wake-up that arrives while a sync runs is folded into
 //! the next one. Events about dotfiles and `*.tmp` (a writer's temporary
-//! file) are ignored.
+//! file) are ignored, and so are reads: a sync lists the directory, and
+//! waking on that open would make the watcher chase its own tail.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -22,7 +24,7 @@ use crate::roles::manager::RoleManager;
 pub async fn watch_roles_dir(manager: Arc<RoleManager>, rescan: Duration, shutdown: CancellationToken) {
     let (wake, mut woken) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| match result {
-        Ok(event) if event.paths.iter().any(|path| is_role_file(path)) => {
+        Ok(event) if can_change_roles(&event) => {
             // A full channel already holds a wake-up; one sync sees everything.
             let _ = wake.try_send(());
         }
@@ -54,10 +56,67 @@ pub async fn watch_roles_dir(manager: Arc<RoleManager>, rescan: Duration, shutdo
     }
 }
 
+/// Whether `event` may change what is on disk: a write, create, rename or
+/// remove of a role file, not a mere open or read.
+fn can_change_roles(event: &notify::Event) -> bool {
+    let changes = match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    };
+    changes && event.paths.iter().any(|path| is_role_file(path))
+}
+
 /// Whether an event about `path` can matter: not a dotfile, not a `*.tmp`.
 fn is_role_file(path: &std::path::Path) -> bool {
     let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
         return false;
     };
     !name.starts_with('.') && !name.ends_with(".tmp")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, ModifyKind, RenameMode};
+
+    fn event(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(path.into())
+    }
+
+    #[test]
+    fn listing_the_directory_does_not_wake_the_watcher() {
+        assert!(!can_change_roles(&event(
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            "/data/roles"
+        )));
+        assert!(!can_change_roles(&event(
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            "/data/roles"
+        )));
+    }
+
+    #[test]
+    fn writes_renames_and_removals_of_role_files_wake_it() {
+        assert!(can_change_roles(&event(
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            "/data/roles/dns.wasm"
+        )));
+        assert!(can_change_roles(&event(
+            EventKind::Create(CreateKind::File),
+            "/data/roles/dns.wasm"
+        )));
+        assert!(can_change_roles(&event(
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            "/data/roles/dns.wasm"
+        )));
+        assert!(can_change_roles(&event(
+            EventKind::Remove(notify::event::RemoveKind::File),
+            "/data/roles/dns.wasm"
+        )));
+        assert!(!can_change_roles(&event(
+            EventKind::Create(CreateKind::File),
+            "/data/roles/dns.wasm.tmp"
+        )));
+    }
 }
