@@ -152,3 +152,23 @@ async fn a_corrupt_store_is_reported_not_replaced() {
         }
     }
 }
+
+/// The Raft log's own file, corrupt, stops start-up with an error naming
+/// it; the file is left as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_raft_log_is_reported_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = hivemind::HostConfig::for_tests(dir.path());
+    let log = dir.path().join("raft.redb");
+    std::fs::write(&log, b"not a log either").unwrap();
+    let error = hivemind::Daemon::start(config)
+        .await
+        .err()
+        .expect("start-up refuses a corrupt Raft log");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("raft.redb") && message.contains("corrupt"),
+        "{message}"
+    );
+    assert_eq!(std::fs::read(&log).unwrap(), b"not a log either");
+}

@@ -207,7 +207,7 @@ async fn join_or_rebootstrap(
         {
             tracing::warn!(error = %format!("{error:#}"), "dropping this node's cluster state to join afresh");
             store
-                .blocking(|store| Ok(storage::reset(&store.database()).map_err(|error| error.to_string())))
+                .blocking(|store| Ok(storage::reset(store).map_err(|error| error.to_string())))
                 .await?
                 .map_err(|error| anyhow::anyhow!("cannot drop the stale cluster state: {error}"))?;
             let fresh = JoinRequest { epoch: None, ..request };

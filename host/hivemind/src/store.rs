@@ -1,6 +1,10 @@
-//! The node's durable store: one redb database in the data directory holding
-//! the local event log, every role's key-value state, each role's delivery
-//! cursor and operator settings (paused/disabled roles).
+//! The node's durable store: two redb databases in the data directory.
+//! `hivemind.redb` holds the event log, every role's key-value state, each
+//! role's delivery cursor, operator settings (paused/disabled roles) and the
+//! Raft state machine; `raft.redb` (next to it) holds the Raft log and vote.
+//! The log has a file of its own because every append waits for the disk:
+//! its commits then write only the log's pages, and never queue behind a
+//! state machine or role state transaction.
 //!
 //! redb's API is blocking and a durable commit waits for the disk, so every
 //! method here is synchronous and async callers go through
@@ -48,22 +52,32 @@ pub enum StoreError {
 pub struct Store {
     db: Arc<Database>,
     path: Arc<str>,
+    raft_log: Arc<Database>,
+}
+
+/// Opens (or creates) one database file, with errors that name it.
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    Database::create(path).map_err(|error| match error {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
+            path: path.display().to_string(),
+        },
+        other => StoreError::Unreadable {
+            path: path.display().to_string(),
+            source: other.into(),
+        },
+    })
 }
 
 impl Store {
-    /// Opens (or creates) the database at `path`.
+    /// Opens (or creates) the database at `path` and the Raft log's
+    /// `raft.redb` beside it.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let name: Arc<str> = path.display().to_string().into();
-        let db = Database::create(path).map_err(|error| match error {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: name.to_string() },
-            other => StoreError::Unreadable {
-                path: name.to_string(),
-                source: other.into(),
-            },
-        })?;
+        let db = open_database(path)?;
+        let raft_log = open_database(&path.with_file_name("raft.redb"))?;
         let store = Store {
             db: Arc::new(db),
-            path: name,
+            path: path.display().to_string().into(),
+            raft_log: Arc::new(raft_log),
         };
         store.write(Durability::Immediate, |txn| {
             txn.open_table(EVENTS)?;
@@ -81,13 +95,18 @@ impl Store {
         self.db.clone()
     }
 
-    /// Waits until this handle is the last one to the database, so that
-    /// dropping it closes the file (a restart in the same process can then
+    /// The Raft log's own database (`raft.redb`).
+    pub(crate) fn raft_log_database(&self) -> Arc<Database> {
+        self.raft_log.clone()
+    }
+
+    /// Waits until this handle is the last one to the databases, so that
+    /// dropping it closes the files (a restart in the same process can then
     /// open it again). Tasks that finish shortly after a shutdown (openraft's
     /// state machine worker, say) may still hold one for a moment.
     pub async fn wait_last_handle(&self, timeout: std::time::Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
-        while Arc::strong_count(&self.db) > 1 {
+        while Arc::strong_count(&self.db) > 1 || Arc::strong_count(&self.raft_log) > 1 {
             if tokio::time::Instant::now() > deadline {
                 return false;
             }

@@ -1,18 +1,23 @@
 //! Raft's durable state on redb: the log and vote ([`LogStore`]) and the
 //! state machine ([`StateMachine`]).
 //!
-//! Every log append and vote is a durable redb commit before openraft hears
-//! it is done; losing either would allow two leaders in one term or lose
-//! acknowledged entries. Appends are readable before they are durable, so
-//! the leader's disk write and replication overlap (see [`LogStore`]). State machine writes are not forced to disk on their
-//! own: the next log append (always durable) carries them, and after a crash
-//! the state machine resumes from its last durable `applied` and replays the
-//! log, which is kept at least back to the last snapshot. Snapshots are
-//! written durably before the log behind them may be purged.
+//! The log and vote live in the store's `raft.redb`; every append and vote
+//! is a durable commit there before openraft hears it is done, as losing
+//! either would allow two leaders in one term or lose acknowledged entries.
+//!
+//! The state machine lives in `hivemind.redb`. Applying is not forced to
+//! disk entry by entry: a commit is made durable every 200 ms at most and
+//! whenever a snapshot is taken. After a crash the state machine resumes
+//! from its last durable `applied` and replays the log after it; openraft
+//! purges the log only behind a snapshot, which is durable by then, so the
+//! entries to replay are always there. Replaying gives the same seqs, so a
+//! role may see an event again, never a different one under the same seq.
 //!
 //! The state machine's events live in the store's `events` table keyed by
 //! their seq: consecutive numbers given at apply (one log entry may carry a
-//! batch of events).
+//! batch of events). Taking a snapshot compacts them to the latest event
+//! per kind+key; the snapshot's bytes are produced when one is read (to
+//! send to a follower), from a consistent read of the state machine.
 
 // openraft's traits fix `StorageError` as the error type; its size is theirs.
 #![allow(clippy::result_large_err)]
@@ -28,7 +33,7 @@ use openraft::{
     AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
     SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -40,10 +45,19 @@ use crate::store::{EVENTS, Store};
 const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 /// `vote`, `last_purged`.
 const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
-/// `applied`, `membership`, `cluster`, `snapshot`.
+/// `applied`, `membership`, `cluster`, `snapshot_taken` (the log id of
+/// the last snapshot taken or installed; none before the first).
 const MACHINE: TableDefinition<&str, &[u8]> = TableDefinition::new("state_machine");
 /// Latest event seq per `KIND\0KEY`, for compaction.
 const LATEST: TableDefinition<&str, u64> = TableDefinition::new("latest_events");
+/// Seqs of events a later one of the same kind+key replaced: what the next
+/// compaction removes.
+const SUPERSEDED: TableDefinition<u64, ()> = TableDefinition::new("superseded_events");
+
+/// The longest the state machine goes without a durable commit.
+const STATE_MACHINE_FLUSH: std::time::Duration = std::time::Duration::from_millis(200);
+/// Log entries kept in memory for replication, past the last one appended.
+const LOG_TAIL: usize = 4096;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -84,15 +98,82 @@ fn to_json<T: Serialize>(value: &T) -> StorageResult<Vec<u8>> {
     serde_json::to_vec(value).map_err(write_error)
 }
 
+fn anyhow_error(error: StorageError<NodeId>) -> anyhow::Error {
+    anyhow::anyhow!("{error}")
+}
+
+/// Stores written before the log had a file of its own keep it in
+/// `hivemind.redb`: copy it into `raft.redb`, durably, then drop it there.
+/// A crash in between copies it again on the next start (nothing has been
+/// appended meanwhile, so the copy is the same).
+fn move_log_to_own_file(db: &Database, log_db: &Database) -> anyhow::Result<()> {
+    let read = db.begin_read()?;
+    let old_log = match read.open_table(RAFT_LOG) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(error) => return Err(error.into()),
+    };
+    let old_meta = read.open_table(RAFT_META)?;
+    let txn = log_db.begin_write()?;
+    {
+        let mut log = txn.open_table(RAFT_LOG)?;
+        for item in old_log.iter()? {
+            let (index, entry) = item?;
+            log.insert(index.value(), entry.value())?;
+        }
+        let mut meta = txn.open_table(RAFT_META)?;
+        for item in old_meta.iter()? {
+            let (key, value) = item?;
+            meta.insert(key.value(), value.value())?;
+        }
+    }
+    txn.commit()?;
+    drop((old_log, old_meta, read));
+    let txn = db.begin_write()?;
+    txn.delete_table(RAFT_LOG)?;
+    txn.delete_table(RAFT_META)?;
+    txn.commit()?;
+    Ok(())
+}
+
 /// Opens the Raft tables in `store` and returns the log, the state machine
 /// and a watch of the last event's seq.
 pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Receiver<u64>)> {
     let db = store.database();
-    let txn = db.begin_write()?;
+    let log_db = store.raft_log_database();
+    move_log_to_own_file(&db, &log_db)?;
+    let txn = log_db.begin_write()?;
     txn.open_table(RAFT_LOG)?;
     txn.open_table(RAFT_META)?;
-    txn.open_table(MACHINE)?;
-    txn.open_table(LATEST)?;
+    txn.commit()?;
+    let txn = db.begin_write()?;
+    {
+        let mut machine = txn.open_table(MACHINE)?;
+        txn.open_table(LATEST)?;
+        // Stores written before compaction tracked superseded events (and
+        // kept the snapshot's bytes) are brought up to date once.
+        let tables: Vec<String> = txn.list_tables()?.map(|table| table.name().to_string()).collect();
+        if !tables.iter().any(|name| name == SUPERSEDED.name()) {
+            let mut superseded = txn.open_table(SUPERSEDED)?;
+            let keep: BTreeSet<u64> = txn
+                .open_table(LATEST)?
+                .iter()?
+                .map(|item| item.map(|(_, seq)| seq.value()))
+                .collect::<Result<_, _>>()?;
+            for item in txn.open_table(EVENTS)?.iter()? {
+                let seq = item?.0.value();
+                if !keep.contains(&seq) {
+                    superseded.insert(seq, ())?;
+                }
+            }
+        }
+        let old_snapshot: Option<StoredSnapshot> = get_json(&machine, "snapshot").map_err(anyhow_error)?;
+        if let Some(old) = old_snapshot {
+            let taken = to_json(&old.meta.last_log_id).map_err(anyhow_error)?;
+            machine.insert("snapshot_taken", taken.as_slice())?;
+            machine.remove("snapshot")?;
+        }
+    }
     txn.commit()?;
     let last_seq = {
         let read = db.begin_read()?;
@@ -101,24 +182,25 @@ pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Rec
     };
     let (sender, receiver) = watch::channel(last_seq);
     Ok((
-        LogStore::new(db.clone()),
+        LogStore::new(log_db),
         StateMachine {
             db,
             applied: Arc::new(sender),
+            last_durable: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
         },
         receiver,
     ))
 }
 
-/// The Raft log. Appended entries are readable at once (from `pending`),
-/// so the leader replicates them while its own disk write is under way, as
-/// Raft allows; openraft counts the leader's copy only when the callback
-/// says it is durable. One writer thread makes every change durable in the
-/// order it was made, folding appends that queue up into one transaction.
+/// The Raft log. One writer thread makes every change durable in the order
+/// it was made, folding appends that queue up into one transaction;
+/// openraft hears an append is done only once it is durable. The last
+/// [`LOG_TAIL`] entries stay in memory (`tail`), readable from the moment
+/// they are appended, so replicating them to followers reads no disk.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
-    pending: Arc<std::sync::RwLock<BTreeMap<u64, Entry<TypeConfig>>>>,
+    tail: Arc<std::sync::RwLock<BTreeMap<u64, Entry<TypeConfig>>>>,
     writer: Arc<std::sync::Mutex<std::sync::mpsc::Sender<LogWrite>>>,
 }
 
@@ -144,16 +226,15 @@ enum LogWrite {
 
 impl LogStore {
     fn new(db: Arc<Database>) -> LogStore {
-        let pending = Arc::new(std::sync::RwLock::new(BTreeMap::new()));
         let (sender, receiver) = std::sync::mpsc::channel();
-        let (thread_db, thread_pending) = (db.clone(), pending.clone());
+        let thread_db = db.clone();
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || write_log(thread_db, thread_pending, receiver))
+            .spawn(move || write_log(thread_db, receiver))
             .expect("start the log writer thread");
         LogStore {
             db,
-            pending,
+            tail: Arc::new(std::sync::RwLock::new(BTreeMap::new())),
             writer: Arc::new(std::sync::Mutex::new(sender)),
         }
     }
@@ -179,18 +260,38 @@ impl LogStore {
 
 /// The log writer thread: applies changes in order until every `LogStore`
 /// is gone; consecutive appends share one durable commit.
-fn write_log(
-    db: Arc<Database>,
-    pending: Arc<std::sync::RwLock<BTreeMap<u64, Entry<TypeConfig>>>>,
-    receiver: std::sync::mpsc::Receiver<LogWrite>,
-) {
+fn write_log(db: Arc<Database>, receiver: std::sync::mpsc::Receiver<LogWrite>) {
     let mut next = None;
+    // Entries up to this index are purged (`last_purged` is durable) but
+    // still on disk: they are deleted a chunk at a time while nothing else
+    // waits, so a purge of thousands of entries never stalls an append.
+    let mut purged_upto = leftover_purged(&db).unwrap_or_else(|error| {
+        tracing::warn!(%error, "cannot read the Raft log's purge point; leftover entries stay until the next purge");
+        None
+    });
     loop {
         let write = match next.take() {
             Some(write) => write,
-            None => match receiver.recv() {
-                Ok(write) => write,
-                Err(_) => return,
+            None => match purged_upto {
+                Some(upto) => match receiver.try_recv() {
+                    Ok(write) => write,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {
+                        purged_upto = match delete_purged_chunk(&db, upto) {
+                            Ok(true) => Some(upto),
+                            Ok(false) => None,
+                            Err(error) => {
+                                tracing::warn!(%error, "cannot delete purged Raft log entries; retrying at the next purge");
+                                None
+                            }
+                        };
+                        continue;
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                },
+                None => match receiver.recv() {
+                    Ok(write) => write,
+                    Err(_) => return,
+                },
             },
         };
         match write {
@@ -220,18 +321,6 @@ fn write_log(
                     txn.commit()
                         .map_err(|error| io_error(ErrorSubject::Logs, ErrorVerb::Write, error))
                 })();
-                {
-                    // Durable (or failed): readers find them on disk now. An
-                    // index truncated and appended again meanwhile stays.
-                    let mut pending = pending.write().unwrap();
-                    for (entries, _) in &batch {
-                        for (log_id, _) in entries {
-                            if pending.get(&log_id.index).is_some_and(|entry| &entry.log_id == log_id) {
-                                pending.remove(&log_id.index);
-                            }
-                        }
-                    }
-                }
                 for (_, done) in batch {
                     done.log_io_completed(
                         result
@@ -256,18 +345,15 @@ fn write_log(
                 let result = (|| {
                     let bytes = to_json(&Some(upto))?;
                     let txn = db.begin_write().map_err(write_error)?;
-                    {
-                        txn.open_table(RAFT_META)
-                            .map_err(write_error)?
-                            .insert("last_purged", bytes.as_slice())
-                            .map_err(write_error)?;
-                        txn.open_table(RAFT_LOG)
-                            .map_err(write_error)?
-                            .retain_in(..=upto.index, |_, _| false)
-                            .map_err(write_error)?;
-                    }
+                    txn.open_table(RAFT_META)
+                        .map_err(write_error)?
+                        .insert("last_purged", bytes.as_slice())
+                        .map_err(write_error)?;
                     txn.commit().map_err(write_error)
                 })();
+                if result.is_ok() {
+                    purged_upto = Some(upto.index);
+                }
                 let _ = done.send(result);
             }
             LogWrite::Vote { bytes, done } => {
@@ -286,30 +372,72 @@ fn write_log(
     }
 }
 
+/// Entries purged from the log in a chunk.
+const PURGE_CHUNK: u64 = 256;
+
+/// The purge point, when entries at or before it are still on disk (a purge
+/// the previous run did not finish deleting).
+fn leftover_purged(db: &Database) -> StorageResult<Option<u64>> {
+    let read = db.begin_read().map_err(read_error)?;
+    let last_purged: Option<LogId<NodeId>> = get_json(&read.open_table(RAFT_META).map_err(read_error)?, "last_purged")?;
+    let first = read
+        .open_table(RAFT_LOG)
+        .map_err(read_error)?
+        .first()
+        .map_err(read_error)?
+        .map(|(index, _)| index.value());
+    Ok(match (first, last_purged) {
+        (Some(first), Some(purged)) if first <= purged.index => Some(purged.index),
+        _ => None,
+    })
+}
+
+/// Deletes the next chunk of purged entries; true while some are left. Not
+/// forced to disk: the purge point is, and a leftover entry is deleted again.
+fn delete_purged_chunk(db: &Database, upto: u64) -> StorageResult<bool> {
+    let mut txn = db.begin_write().map_err(write_error)?;
+    txn.set_durability(Durability::None).map_err(write_error)?;
+    let more = {
+        let mut log = txn.open_table(RAFT_LOG).map_err(write_error)?;
+        let Some(first) = log.first().map_err(read_error)?.map(|(index, _)| index.value()) else {
+            return Ok(false);
+        };
+        if first > upto {
+            return Ok(false);
+        }
+        let end = upto.min(first + PURGE_CHUNK - 1);
+        log.retain_in(first..=end, |_, _| false).map_err(write_error)?;
+        end < upto
+    };
+    txn.commit().map_err(write_error)?;
+    Ok(more)
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
         let range = (range.start_bound().cloned(), range.end_bound().cloned());
-        // Entries not yet durable first: once durable they leave `pending`
-        // only after they are on disk, so none falls between the two reads.
-        let pending: BTreeMap<u64, Entry<TypeConfig>> = self
-            .pending
-            .read()
-            .unwrap()
-            .range(range)
-            .map(|(index, entry)| (*index, entry.clone()))
-            .collect();
-        // The leader replicating what it just appended: all of it is here.
-        let wanted = match range {
-            (Bound::Included(start), Bound::Excluded(end)) => end.checked_sub(start),
-            (Bound::Included(start), Bound::Included(end)) => (end + 1).checked_sub(start),
-            _ => None,
+        // The tail first: it holds every entry from its first index on, so
+        // a range that starts there (replication, usually) is all in it.
+        let (from_tail, tail_start) = {
+            let tail = self.tail.read().unwrap();
+            let entries: BTreeMap<u64, Entry<TypeConfig>> = tail
+                .range(range)
+                .map(|(index, entry)| (*index, entry.clone()))
+                .collect();
+            (entries, tail.first_key_value().map(|(index, _)| *index))
         };
-        if wanted.is_some_and(|wanted| wanted > 0 && wanted == pending.len() as u64) {
-            return Ok(pending.into_values().collect());
+        let starts_in_tail = match (range.0, tail_start) {
+            (Bound::Included(start), Some(first)) => start >= first,
+            (Bound::Excluded(start), Some(first)) => start >= first,
+            _ => false,
+        };
+        if starts_in_tail {
+            return Ok(from_tail.into_values().collect());
         }
+        let pending = from_tail;
         let mut entries: BTreeMap<u64, Entry<TypeConfig>> = blocking(&self.db, move |db| {
             let read = db.begin_read().map_err(read_error)?;
             let table = read.open_table(RAFT_LOG).map_err(read_error)?;
@@ -334,7 +462,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let last_pending = self
-            .pending
+            .tail
             .read()
             .unwrap()
             .last_key_value()
@@ -344,14 +472,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let meta = read.open_table(RAFT_META).map_err(read_error)?;
             let last_purged: Option<LogId<NodeId>> = get_json(&meta, "last_purged")?;
             let log = read.open_table(RAFT_LOG).map_err(read_error)?;
-            let last = match log.last().map_err(read_error)? {
+            let last_stored = match log.last().map_err(read_error)? {
                 Some((_, value)) => Some(
                     serde_json::from_slice::<Entry<TypeConfig>>(value.value())
                         .map_err(read_error)?
                         .log_id,
                 ),
-                None => last_purged,
+                None => None,
             };
+            // Entries at or before the purge point may still be on disk.
+            let last = last_stored.max(last_purged);
             Ok(LogState {
                 last_purged_log_id: last_purged,
                 last_log_id: last,
@@ -397,9 +527,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|entry| Ok((entry.log_id, to_json(entry)?)))
             .collect::<StorageResult<_>>()?;
         {
-            let mut pending = self.pending.write().unwrap();
+            let mut tail = self.tail.write().unwrap();
+            // The tail stays one run of consecutive indexes.
+            let follows = match (tail.last_key_value(), entries.first()) {
+                (Some((last, _)), Some(first)) => last + 1 == first.log_id.index,
+                _ => true,
+            };
+            if !follows {
+                tail.clear();
+            }
             for entry in entries {
-                pending.insert(entry.log_id.index, entry);
+                tail.insert(entry.log_id.index, entry);
+            }
+            while tail.len() > LOG_TAIL {
+                tail.pop_first();
             }
         }
         self.send(LogWrite::Append {
@@ -409,7 +550,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        self.pending.write().unwrap().retain(|index, _| *index < log_id.index);
+        self.tail.write().unwrap().retain(|index, _| *index < log_id.index);
         self.write(|done| LogWrite::Truncate {
             from: log_id.index,
             done,
@@ -418,6 +559,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.tail.write().unwrap().retain(|index, _| *index > log_id.index);
         self.write(|done| LogWrite::Purge { upto: log_id, done }).await
     }
 }
@@ -430,6 +572,7 @@ struct Applier<'a, 't> {
     cluster: &'a mut ClusterState,
     events: &'a mut redb::Table<'t, u64, &'static [u8]>,
     latest: &'a mut redb::Table<'t, &'static str, u64>,
+    superseded: &'a mut redb::Table<'t, u64, ()>,
     next_seq: u64,
 }
 
@@ -465,9 +608,14 @@ impl Applier<'_, '_> {
         self.events
             .insert(seq, to_json(&event)?.as_slice())
             .map_err(write_error)?;
-        self.latest
+        let replaced = self
+            .latest
             .insert(latest_key(&event.kind, &event.key).as_str(), seq)
-            .map_err(write_error)?;
+            .map_err(write_error)?
+            .map(|old| old.value());
+        if let Some(old) = replaced {
+            self.superseded.insert(old, ()).map_err(write_error)?;
+        }
         Ok(seq)
     }
 
@@ -574,12 +722,15 @@ fn forget_old_tokens(cluster: &mut ClusterState, now_ms: u64) {
 
 /// Drops all Raft state and the events it produced: the node then knows
 /// nothing of any cluster and catches up from the leader's snapshot.
-pub fn reset(db: &Database) -> anyhow::Result<()> {
-    let txn = db.begin_write()?;
+pub fn reset(store: &Store) -> anyhow::Result<()> {
+    let txn = store.raft_log_database().begin_write()?;
     txn.delete_table(RAFT_LOG)?;
     txn.delete_table(RAFT_META)?;
+    txn.commit()?;
+    let txn = store.database().begin_write()?;
     txn.delete_table(MACHINE)?;
     txn.delete_table(LATEST)?;
+    txn.delete_table(SUPERSEDED)?;
     txn.open_table(EVENTS)?.retain(|_, _| false)?;
     txn.commit()?;
     Ok(())
@@ -615,6 +766,8 @@ struct StoredSnapshot {
 pub struct StateMachine {
     db: Arc<Database>,
     applied: Arc<watch::Sender<u64>>,
+    /// When an apply last committed durably.
+    last_durable: Arc<std::sync::Mutex<std::time::Instant>>,
 }
 
 fn latest_key(kind: &str, key: &str) -> String {
@@ -654,9 +807,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        let (results, last_seq) = blocking(&self.db, move |db| {
+        // Inline, not on the blocking pool: a non-durable commit is quick,
+        // and this is on the path of every write's answer.
+        let flush = self.last_durable.lock().unwrap().elapsed() >= STATE_MACHINE_FLUSH;
+        let db = &self.db;
+        let (results, last_seq) = {
             let mut txn = db.begin_write().map_err(write_error)?;
-            txn.set_durability(Durability::None).map_err(write_error)?;
+            if !flush {
+                txn.set_durability(Durability::None).map_err(write_error)?;
+            }
             let mut results = Vec::with_capacity(entries.len());
             let mut last = None;
             let last_seq;
@@ -664,11 +823,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let mut machine = txn.open_table(MACHINE).map_err(write_error)?;
                 let mut events = txn.open_table(EVENTS).map_err(write_error)?;
                 let mut latest = txn.open_table(LATEST).map_err(write_error)?;
+                let mut superseded = txn.open_table(SUPERSEDED).map_err(write_error)?;
                 let mut cluster: ClusterState = get_json(&machine, "cluster")?.unwrap_or_default();
                 let mut applier = Applier {
                     cluster: &mut cluster,
                     events: &mut events,
                     latest: &mut latest,
+                    superseded: &mut superseded,
                     next_seq: 0,
                 };
                 applier.next_seq = applier.last_seq()? + 1;
@@ -708,9 +869,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .map_err(write_error)?;
             }
             txn.commit().map_err(write_error)?;
-            Ok((results, last_seq))
-        })
-        .await?;
+            if flush {
+                *self.last_durable.lock().unwrap() = std::time::Instant::now();
+            }
+            (results, last_seq)
+        };
         self.notify_applied(last_seq);
         Ok(results)
     }
@@ -728,12 +891,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, NodeAddress>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: snapshot.into_inner(),
-        };
+        let meta = meta.clone();
+        let bytes = snapshot.into_inner();
         let last_seq = blocking(&self.db, move |db| {
-            let data: SnapshotData = serde_json::from_slice(&stored.data)
+            let data: SnapshotData = serde_json::from_slice(&bytes)
                 .map_err(|error| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, error))?;
             let txn = db.begin_write().map_err(write_error)?;
             {
@@ -741,6 +902,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 events.retain(|_, _| false).map_err(write_error)?;
                 let mut latest = txn.open_table(LATEST).map_err(write_error)?;
                 latest.retain(|_, _| false).map_err(write_error)?;
+                txn.open_table(SUPERSEDED)
+                    .map_err(write_error)?
+                    .retain(|_, _| false)
+                    .map_err(write_error)?;
                 for event in &data.events {
                     events
                         .insert(event.seq, to_json(event)?.as_slice())
@@ -754,13 +919,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .insert("cluster", to_json(&data.cluster)?.as_slice())
                     .map_err(write_error)?;
                 machine
-                    .insert("applied", to_json(&stored.meta.last_log_id)?.as_slice())
+                    .insert("applied", to_json(&meta.last_log_id)?.as_slice())
                     .map_err(write_error)?;
                 machine
-                    .insert("membership", to_json(&stored.meta.last_membership)?.as_slice())
+                    .insert("membership", to_json(&meta.last_membership)?.as_slice())
                     .map_err(write_error)?;
                 machine
-                    .insert("snapshot", to_json(&stored)?.as_slice())
+                    .insert("snapshot_taken", to_json(&meta.last_log_id)?.as_slice())
                     .map_err(write_error)?;
             }
             txn.commit().map_err(write_error)?;
@@ -771,13 +936,40 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// The state machine as it is now, once a snapshot was ever taken (or
+    /// installed): a snapshot is "everything applied so far", so it is read
+    /// when asked for rather than kept as a second copy. One read
+    /// transaction makes the facts, the events and `applied` agree.
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         blocking(&self.db, |db| {
             let read = db.begin_read().map_err(read_error)?;
-            let stored: Option<StoredSnapshot> = get_json(&read.open_table(MACHINE).map_err(read_error)?, "snapshot")?;
-            Ok(stored.map(|stored| Snapshot {
-                meta: stored.meta,
-                snapshot: Box::new(Cursor::new(stored.data)),
+            let machine = read.open_table(MACHINE).map_err(read_error)?;
+            if get_json::<Option<LogId<NodeId>>>(&machine, "snapshot_taken")?.is_none() {
+                return Ok(None);
+            }
+            let applied: Option<LogId<NodeId>> = get_json(&machine, "applied")?.flatten();
+            let last_membership: StoredMembership<NodeId, NodeAddress> =
+                get_json(&machine, "membership")?.unwrap_or_default();
+            let cluster: ClusterState = get_json(&machine, "cluster")?.unwrap_or_default();
+            let mut events = Vec::new();
+            for item in read
+                .open_table(EVENTS)
+                .map_err(read_error)?
+                .iter()
+                .map_err(read_error)?
+            {
+                let (_, value) = item.map_err(read_error)?;
+                events.push(serde_json::from_slice::<StoredEvent>(value.value()).map_err(read_error)?);
+            }
+            let snapshot_id = snapshot_id(applied);
+            let data = to_json(&SnapshotData { cluster, events })?;
+            Ok(Some(Snapshot {
+                meta: SnapshotMeta {
+                    last_log_id: applied,
+                    last_membership,
+                    snapshot_id,
+                },
+                snapshot: Box::new(Cursor::new(data)),
             }))
         })
         .await
@@ -785,55 +977,83 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    /// Compacts the event stream to the latest event per kind+key, then
-    /// stores that, with the cluster facts, as the current snapshot.
+    /// Commits the state machine durably (openraft may purge the log up to
+    /// `applied` once this returns), then compacts the event stream to the
+    /// latest event per kind+key. The snapshot's bytes are not built here —
+    /// openraft keeps only the meta of a snapshot it asked for, and reads
+    /// the bytes through `get_current_snapshot` when a follower needs them.
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        blocking(&self.db, |db| {
+        let meta = blocking(&self.db, |db| {
             let txn = db.begin_write().map_err(write_error)?;
-            let stored = {
+            let meta = {
                 let mut machine = txn.open_table(MACHINE).map_err(write_error)?;
-                let applied: Option<LogId<NodeId>> = get_json(&machine, "applied")?;
-                let membership: StoredMembership<NodeId, NodeAddress> =
+                let applied: Option<LogId<NodeId>> = get_json(&machine, "applied")?.flatten();
+                let last_membership: StoredMembership<NodeId, NodeAddress> =
                     get_json(&machine, "membership")?.unwrap_or_default();
-                let cluster: ClusterState = get_json(&machine, "cluster")?.unwrap_or_default();
-                let latest = txn.open_table(LATEST).map_err(write_error)?;
-                let mut keep = std::collections::BTreeSet::new();
-                for item in latest.iter().map_err(read_error)? {
-                    keep.insert(item.map_err(read_error)?.1.value());
-                }
-                let mut events_table = txn.open_table(EVENTS).map_err(write_error)?;
-                events_table.retain(|seq, _| keep.contains(&seq)).map_err(write_error)?;
-                let mut events = Vec::with_capacity(keep.len());
-                for item in events_table.iter().map_err(read_error)? {
-                    let (_, value) = item.map_err(read_error)?;
-                    events.push(serde_json::from_slice::<StoredEvent>(value.value()).map_err(read_error)?);
-                }
-                let data = to_json(&SnapshotData { cluster, events })?;
-                let snapshot_id = match applied {
-                    Some(log_id) => format!("{}-{}-{}", log_id.leader_id, log_id.index, rand::random::<u32>()),
-                    None => format!("empty-{}", rand::random::<u32>()),
-                };
-                let meta = SnapshotMeta {
-                    last_log_id: applied,
-                    last_membership: membership,
-                    snapshot_id,
-                };
-                let stored = StoredSnapshot { meta, data };
                 machine
-                    .insert("snapshot", to_json(&stored)?.as_slice())
+                    .insert("snapshot_taken", to_json(&applied)?.as_slice())
                     .map_err(write_error)?;
-                stored
+                let snapshot_id = snapshot_id(applied);
+                SnapshotMeta {
+                    last_log_id: applied,
+                    last_membership,
+                    snapshot_id,
+                }
             };
-            // Durable before openraft may purge the log behind it.
+            // Durable (with every apply before it) before the log behind it
+            // may be purged.
             txn.commit()
                 .map_err(|error| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, error))?;
-            Ok(Snapshot {
-                meta: stored.meta,
-                snapshot: Box::new(Cursor::new(stored.data)),
-            })
+            while compact_chunk(db)? {}
+            Ok(meta)
         })
-        .await
+        .await?;
+        *self.last_durable.lock().unwrap() = std::time::Instant::now();
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(Vec::new())),
+        })
     }
+}
+
+/// A snapshot is named by the last entry it applied. Compaction may change
+/// its bytes under the same name; that is safe because a leader sends a
+/// snapshot whole, from its first byte, each time.
+fn snapshot_id(applied: Option<LogId<NodeId>>) -> String {
+    match applied {
+        Some(log_id) => format!("{}-{}", log_id.leader_id, log_id.index),
+        None => "empty".to_string(),
+    }
+}
+
+/// Superseded events removed per transaction: compaction holds the state
+/// machine's write lock only briefly at a time, so applying never waits long.
+const COMPACTION_CHUNK: usize = 256;
+
+/// Removes the next chunk of superseded events; true while some are left.
+/// Not forced to disk on its own: an event removed again after a crash is
+/// no harm.
+fn compact_chunk(db: &Database) -> StorageResult<bool> {
+    let mut txn = db.begin_write().map_err(write_error)?;
+    txn.set_durability(Durability::None).map_err(write_error)?;
+    let more = {
+        let mut superseded = txn.open_table(SUPERSEDED).map_err(write_error)?;
+        let mut events = txn.open_table(EVENTS).map_err(write_error)?;
+        let chunk: Vec<u64> = superseded
+            .iter()
+            .map_err(read_error)?
+            .take(COMPACTION_CHUNK)
+            .map(|item| item.map(|(seq, _)| seq.value()))
+            .collect::<Result<_, _>>()
+            .map_err(read_error)?;
+        for seq in &chunk {
+            events.remove(seq).map_err(write_error)?;
+            superseded.remove(seq).map_err(write_error)?;
+        }
+        chunk.len() == COMPACTION_CHUNK
+    };
+    txn.commit().map_err(write_error)?;
+    Ok(more)
 }
 
 /// The network of a cluster that has only this node: nothing to reach.
@@ -891,5 +1111,119 @@ impl openraft::network::RaftNetwork<TypeConfig> for Unreachable {
         openraft::error::RPCError<NodeId, NodeAddress, openraft::error::RaftError<NodeId>>,
     > {
         Err(unreachable())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn blank_entry(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(3, 7), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// A store from before the log had a file of its own keeps its log and
+    /// vote: they move to `raft.redb` and leave `hivemind.redb`.
+    #[tokio::test]
+    async fn a_log_kept_in_the_state_database_moves_to_its_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hivemind.redb")).unwrap();
+        let vote = Vote::new_committed(3, 7);
+        {
+            let txn = store.database().begin_write().unwrap();
+            {
+                let mut log = txn.open_table(RAFT_LOG).unwrap();
+                for index in 1..=3 {
+                    log.insert(index, to_json(&blank_entry(index)).unwrap().as_slice())
+                        .unwrap();
+                }
+                let mut meta = txn.open_table(RAFT_META).unwrap();
+                meta.insert("vote", to_json(&vote).unwrap().as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+
+        let (mut log, _, _) = open(&store).unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(
+            log.get_log_state().await.unwrap().last_log_id,
+            Some(blank_entry(3).log_id)
+        );
+        let entries = log.try_get_log_entries(1..4).await.unwrap();
+        assert_eq!(
+            entries.iter().map(|entry| entry.log_id.index).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        let read = store.database().begin_read().unwrap();
+        assert!(matches!(
+            read.open_table(RAFT_LOG),
+            Err(redb::TableError::TableDoesNotExist(_))
+        ));
+    }
+
+    struct TempStore;
+
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for TempStore {
+        async fn build(&self) -> StorageResult<(tempfile::TempDir, LogStore, StateMachine)> {
+            let dir = tempfile::tempdir().map_err(write_error)?;
+            let store = Store::open(&dir.path().join("hivemind.redb")).map_err(write_error)?;
+            let (log, machine, _) = open(&store).map_err(write_error)?;
+            Ok((dir, log, machine))
+        }
+    }
+
+    /// openraft's own conformance suite for log and state machine storage.
+    #[test]
+    fn the_storage_passes_openrafts_suite() {
+        openraft::testing::Suite::test_all(TempStore).unwrap();
+    }
+
+    /// A purge answers at once and leaves nothing readable behind it, while
+    /// the entries after it stay; the purged ones leave the disk too.
+    #[tokio::test]
+    async fn purged_entries_go_and_later_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hivemind.redb")).unwrap();
+        {
+            let txn = store.raft_log_database().begin_write().unwrap();
+            {
+                let mut log = txn.open_table(RAFT_LOG).unwrap();
+                for index in 1..=1000 {
+                    log.insert(index, to_json(&blank_entry(index)).unwrap().as_slice())
+                        .unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let (mut log, _, _) = open(&store).unwrap();
+        log.purge(blank_entry(900).log_id).await.unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(blank_entry(900).log_id));
+        assert_eq!(state.last_log_id, Some(blank_entry(1000).log_id));
+        let kept = log.try_get_log_entries(901..1001).await.unwrap();
+        assert_eq!(kept.len(), 100);
+        // The writer deletes the purged entries in chunks, in the background.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let read = store.raft_log_database().begin_read().unwrap();
+            let first = read
+                .open_table(RAFT_LOG)
+                .unwrap()
+                .first()
+                .unwrap()
+                .map(|(index, _)| index.value());
+            if first == Some(901) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "purged entries left from {first:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
