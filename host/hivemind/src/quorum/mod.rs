@@ -644,11 +644,16 @@ impl QuorumLog {
             if remaining.is_zero() {
                 return Err(self.no_quorum(timeout));
             }
-            let leader = match tokio::time::timeout(remaining, self.propose(command.clone())).await {
-                Err(_) => return Err(self.no_quorum(timeout)),
-                Ok(Ok(result)) => return Ok(result),
-                Ok(Err(Rejected::NotLeader(leader))) => leader,
-                Ok(Err(Rejected::Failed(reason))) => return Err(LogError::Unavailable(reason)),
+            // Straight to a known leader elsewhere; else this node's log,
+            // which takes it or names the leader.
+            let leader = match self.leader() {
+                Some((leader, node)) if leader != self.id => Some(node),
+                _ => match tokio::time::timeout(remaining, self.propose(command.clone())).await {
+                    Err(_) => return Err(self.no_quorum(timeout)),
+                    Ok(Ok(result)) => return Ok(result),
+                    Ok(Err(Rejected::NotLeader(leader))) => leader,
+                    Ok(Err(Rejected::Failed(reason))) => return Err(LogError::Unavailable(reason)),
+                },
             };
             let Some(leader) = leader else {
                 // An election is under way.
