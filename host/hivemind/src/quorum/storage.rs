@@ -192,182 +192,68 @@ pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Rec
     ))
 }
 
-/// The Raft log. One writer thread makes every change durable in the order
-/// it was made, folding appends that queue up into one transaction;
-/// openraft hears an append is done only once it is durable. The last
-/// [`LOG_TAIL`] entries stay in memory (`tail`), readable from the moment
-/// they are appended, so replicating them to followers reads no disk.
+/// The Raft log. Every change is a durable commit made inline, on the task
+/// that asked: openraft 0.9 waits for each log write before it does
+/// anything else (`RaftCore::append_to_log`), so a writer thread would only
+/// add two thread wake-ups to every write. Entries a purge leaves on disk
+/// are deleted by the `raft-log-purger` thread a chunk at a time, so a
+/// purge of thousands of entries never holds up an append. The last
+/// [`LOG_TAIL`] entries stay in memory (`tail`), so replicating them to
+/// followers reads no disk.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
     tail: Arc<std::sync::RwLock<BTreeMap<u64, Entry<TypeConfig>>>>,
-    writer: Arc<std::sync::Mutex<std::sync::mpsc::Sender<LogWrite>>>,
-}
-
-/// A change for the log writer thread, with what to do once it is durable.
-enum LogWrite {
-    Append {
-        entries: Vec<(LogId<NodeId>, Vec<u8>)>,
-        done: LogFlushed<TypeConfig>,
-    },
-    Truncate {
-        from: u64,
-        done: tokio::sync::oneshot::Sender<StorageResult<()>>,
-    },
-    Purge {
-        upto: LogId<NodeId>,
-        done: tokio::sync::oneshot::Sender<StorageResult<()>>,
-    },
-    Vote {
-        bytes: Vec<u8>,
-        done: tokio::sync::oneshot::Sender<StorageResult<()>>,
-    },
+    /// Tells the purger how far the log is purged.
+    purged: Arc<watch::Sender<Option<u64>>>,
 }
 
 impl LogStore {
     fn new(db: Arc<Database>) -> LogStore {
-        let (sender, receiver) = std::sync::mpsc::channel();
+        let leftover = leftover_purged(&db).unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read the Raft log's purge point; leftover entries stay until the next purge");
+            None
+        });
+        let (purged, watch) = watch::channel(leftover);
         let thread_db = db.clone();
         std::thread::Builder::new()
-            .name("raft-log-writer".into())
-            .spawn(move || write_log(thread_db, receiver))
-            .expect("start the log writer thread");
+            .name("raft-log-purger".into())
+            .spawn(move || delete_purged(thread_db, watch))
+            .expect("start the log purger thread");
         LogStore {
             db,
             tail: Arc::new(std::sync::RwLock::new(BTreeMap::new())),
-            writer: Arc::new(std::sync::Mutex::new(sender)),
+            purged: Arc::new(purged),
         }
     }
 
-    fn send(&self, write: LogWrite) -> StorageResult<()> {
-        self.writer
-            .lock()
-            .unwrap()
-            .send(write)
-            .map_err(|_| write_error("the log writer stopped"))
-    }
-
-    /// Sends a change and waits until it is durable.
-    async fn write(
+    /// One durable commit of `work`.
+    fn commit(
         &self,
-        make: impl FnOnce(tokio::sync::oneshot::Sender<StorageResult<()>>) -> LogWrite,
+        subject: ErrorSubject<NodeId>,
+        work: impl FnOnce(&redb::WriteTransaction) -> StorageResult<()>,
     ) -> StorageResult<()> {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        self.send(make(done))?;
-        wait.await.map_err(|_| write_error("the log writer stopped"))?
+        let txn = self.db.begin_write().map_err(write_error)?;
+        work(&txn)?;
+        // Durable when commit returns: only then may openraft count it.
+        txn.commit().map_err(|error| io_error(subject, ErrorVerb::Write, error))
     }
 }
 
-/// The log writer thread: applies changes in order until every `LogStore`
-/// is gone; consecutive appends share one durable commit.
-fn write_log(db: Arc<Database>, receiver: std::sync::mpsc::Receiver<LogWrite>) {
-    let mut next = None;
-    // Entries up to this index are purged (`last_purged` is durable) but
-    // still on disk: they are deleted a chunk at a time while nothing else
-    // waits, so a purge of thousands of entries never stalls an append.
-    let mut purged_upto = leftover_purged(&db).unwrap_or_else(|error| {
-        tracing::warn!(%error, "cannot read the Raft log's purge point; leftover entries stay until the next purge");
-        None
-    });
+/// The purger thread: deletes the entries up to the purge point from disk,
+/// a chunk per transaction, until every `LogStore` is gone.
+fn delete_purged(db: Arc<Database>, mut purged: watch::Receiver<Option<u64>>) {
     loop {
-        let write = match next.take() {
-            Some(write) => write,
-            None => match purged_upto {
-                Some(upto) => match receiver.try_recv() {
-                    Ok(write) => write,
-                    Err(std::sync::mpsc::TryRecvError::Empty) => {
-                        purged_upto = match delete_purged_chunk(&db, upto) {
-                            Ok(true) => Some(upto),
-                            Ok(false) => None,
-                            Err(error) => {
-                                tracing::warn!(%error, "cannot delete purged Raft log entries; retrying at the next purge");
-                                None
-                            }
-                        };
-                        continue;
-                    }
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
-                },
-                None => match receiver.recv() {
-                    Ok(write) => write,
-                    Err(_) => return,
-                },
-            },
+        let upto = *purged.borrow_and_update();
+        let more = match upto {
+            Some(upto) => delete_purged_chunk(&db, upto).unwrap_or_else(|error| {
+                tracing::warn!(%error, "cannot delete purged Raft log entries; retrying at the next purge");
+                false
+            }),
+            None => false,
         };
-        match write {
-            LogWrite::Append { entries, done } => {
-                let mut batch = vec![(entries, done)];
-                // Fold the appends already queued behind this one.
-                while let Ok(write) = receiver.try_recv() {
-                    match write {
-                        LogWrite::Append { entries, done } => batch.push((entries, done)),
-                        other => {
-                            next = Some(other);
-                            break;
-                        }
-                    }
-                }
-                let result = (|| {
-                    let txn = db.begin_write().map_err(write_error)?;
-                    {
-                        let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
-                        for (entries, _) in &batch {
-                            for (log_id, bytes) in entries {
-                                table.insert(log_id.index, bytes.as_slice()).map_err(write_error)?;
-                            }
-                        }
-                    }
-                    // Durable when commit returns: only then may openraft count it.
-                    txn.commit()
-                        .map_err(|error| io_error(ErrorSubject::Logs, ErrorVerb::Write, error))
-                })();
-                for (_, done) in batch {
-                    done.log_io_completed(
-                        result
-                            .as_ref()
-                            .map(|_| ())
-                            .map_err(|error| std::io::Error::other(error.to_string())),
-                    );
-                }
-            }
-            LogWrite::Truncate { from, done } => {
-                let result = (|| {
-                    let txn = db.begin_write().map_err(write_error)?;
-                    txn.open_table(RAFT_LOG)
-                        .map_err(write_error)?
-                        .retain_in(from.., |_, _| false)
-                        .map_err(write_error)?;
-                    txn.commit().map_err(write_error)
-                })();
-                let _ = done.send(result);
-            }
-            LogWrite::Purge { upto, done } => {
-                let result = (|| {
-                    let bytes = to_json(&Some(upto))?;
-                    let txn = db.begin_write().map_err(write_error)?;
-                    txn.open_table(RAFT_META)
-                        .map_err(write_error)?
-                        .insert("last_purged", bytes.as_slice())
-                        .map_err(write_error)?;
-                    txn.commit().map_err(write_error)
-                })();
-                if result.is_ok() {
-                    purged_upto = Some(upto.index);
-                }
-                let _ = done.send(result);
-            }
-            LogWrite::Vote { bytes, done } => {
-                let result = (|| {
-                    let txn = db.begin_write().map_err(write_error)?;
-                    txn.open_table(RAFT_META)
-                        .map_err(write_error)?
-                        .insert("vote", bytes.as_slice())
-                        .map_err(write_error)?;
-                    txn.commit()
-                        .map_err(|error| io_error(ErrorSubject::Vote, ErrorVerb::Write, error))
-                })();
-                let _ = done.send(result);
-            }
+        if !more && futures::executor::block_on(purged.changed()).is_err() {
+            return;
         }
     }
 }
@@ -500,7 +386,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
         let bytes = to_json(vote)?;
-        self.write(|done| LogWrite::Vote { bytes, done }).await
+        self.commit(ErrorSubject::Vote, |txn| {
+            txn.open_table(RAFT_META)
+                .map_err(write_error)?
+                .insert("vote", bytes.as_slice())
+                .map_err(write_error)?;
+            Ok(())
+        })
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
@@ -543,24 +435,45 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 tail.pop_first();
             }
         }
-        self.send(LogWrite::Append {
-            entries: encoded,
-            done: callback,
-        })
+        let result = self.commit(ErrorSubject::Logs, |txn| {
+            let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
+            for (log_id, bytes) in &encoded {
+                table.insert(log_id.index, bytes.as_slice()).map_err(write_error)?;
+            }
+            Ok(())
+        });
+        callback.log_io_completed(
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|error| std::io::Error::other(error.to_string())),
+        );
+        result
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         self.tail.write().unwrap().retain(|index, _| *index < log_id.index);
-        self.write(|done| LogWrite::Truncate {
-            from: log_id.index,
-            done,
+        self.commit(ErrorSubject::Logs, |txn| {
+            txn.open_table(RAFT_LOG)
+                .map_err(write_error)?
+                .retain_in(log_id.index.., |_, _| false)
+                .map_err(write_error)
         })
-        .await
     }
 
+    /// Durably moves the purge point; the purger deletes the entries.
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         self.tail.write().unwrap().retain(|index, _| *index > log_id.index);
-        self.write(|done| LogWrite::Purge { upto: log_id, done }).await
+        let bytes = to_json(&Some(log_id))?;
+        self.commit(ErrorSubject::Logs, |txn| {
+            txn.open_table(RAFT_META)
+                .map_err(write_error)?
+                .insert("last_purged", bytes.as_slice())
+                .map_err(write_error)?;
+            Ok(())
+        })?;
+        self.purged.send_replace(Some(log_id.index));
+        Ok(())
     }
 }
 
