@@ -56,8 +56,11 @@ const SUPERSEDED: TableDefinition<u64, ()> = TableDefinition::new("superseded_ev
 
 /// The longest the state machine goes without a durable commit.
 const STATE_MACHINE_FLUSH: std::time::Duration = std::time::Duration::from_millis(200);
-/// Log entries kept in memory for replication, past the last one appended.
+/// Log entries kept in memory for replication: at most this many, and
+/// at most `LOG_TAIL_BYTES` of them encoded (a group commit can make one
+/// entry large).
 const LOG_TAIL: usize = 4096;
+const LOG_TAIL_BYTES: usize = 16 << 20;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -203,7 +206,7 @@ pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Rec
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
-    tail: Arc<std::sync::RwLock<BTreeMap<u64, Entry<TypeConfig>>>>,
+    tail: Arc<std::sync::RwLock<LogTail>>,
     /// Tells the purger how far the log is purged.
     purged: Arc<watch::Sender<Option<u64>>>,
 }
@@ -222,7 +225,7 @@ impl LogStore {
             .expect("start the log purger thread");
         LogStore {
             db,
-            tail: Arc::new(std::sync::RwLock::new(BTreeMap::new())),
+            tail: Arc::new(std::sync::RwLock::new(LogTail::default())),
             purged: Arc::new(purged),
         }
     }
@@ -237,6 +240,58 @@ impl LogStore {
         work(&txn)?;
         // Durable when commit returns: only then may openraft count it.
         txn.commit().map_err(|error| io_error(subject, ErrorVerb::Write, error))
+    }
+}
+
+/// The last entries appended, one run of consecutive indexes, with the
+/// size of each encoded.
+#[derive(Default)]
+struct LogTail {
+    entries: BTreeMap<u64, (Entry<TypeConfig>, usize)>,
+    bytes: usize,
+}
+
+impl LogTail {
+    fn push(&mut self, entries: Vec<(Entry<TypeConfig>, usize)>) {
+        let follows = match (self.entries.last_key_value(), entries.first()) {
+            (Some((last, _)), Some((first, _))) => last + 1 == first.log_id.index,
+            _ => true,
+        };
+        if !follows {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        for (entry, size) in entries {
+            self.bytes += size;
+            if let Some((_, replaced)) = self.entries.insert(entry.log_id.index, (entry, size)) {
+                self.bytes -= replaced;
+            }
+        }
+        while self.entries.len() > LOG_TAIL || (self.bytes > LOG_TAIL_BYTES && self.entries.len() > 1) {
+            if let Some((_, (_, size))) = self.entries.pop_first() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        self.entries.retain(|index, _| keep(*index));
+        self.bytes = self.entries.values().map(|(_, size)| size).sum();
+    }
+
+    fn first_index(&self) -> Option<u64> {
+        self.entries.first_key_value().map(|(index, _)| *index)
+    }
+
+    fn last_log_id(&self) -> Option<LogId<NodeId>> {
+        self.entries.last_key_value().map(|(_, (entry, _))| entry.log_id)
+    }
+
+    fn range(&self, range: (Bound<u64>, Bound<u64>)) -> BTreeMap<u64, Entry<TypeConfig>> {
+        self.entries
+            .range(range)
+            .map(|(index, (entry, _))| (*index, entry.clone()))
+            .collect()
     }
 }
 
@@ -309,11 +364,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // a range that starts there (replication, usually) is all in it.
         let (from_tail, tail_start) = {
             let tail = self.tail.read().unwrap();
-            let entries: BTreeMap<u64, Entry<TypeConfig>> = tail
-                .range(range)
-                .map(|(index, entry)| (*index, entry.clone()))
-                .collect();
-            (entries, tail.first_key_value().map(|(index, _)| *index))
+            (tail.range(range), tail.first_index())
         };
         let starts_in_tail = match (range.0, tail_start) {
             (Bound::Included(start), Some(first)) => start >= first,
@@ -347,12 +398,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        let last_pending = self
-            .tail
-            .read()
-            .unwrap()
-            .last_key_value()
-            .map(|(_, entry)| entry.log_id);
+        let last_pending = self.tail.read().unwrap().last_log_id();
         let mut state = blocking(&self.db, |db| {
             let read = db.begin_read().map_err(read_error)?;
             let meta = read.open_table(RAFT_META).map_err(read_error)?;
@@ -418,23 +464,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .iter()
             .map(|entry| Ok((entry.log_id, to_json(entry)?)))
             .collect::<StorageResult<_>>()?;
-        {
-            let mut tail = self.tail.write().unwrap();
-            // The tail stays one run of consecutive indexes.
-            let follows = match (tail.last_key_value(), entries.first()) {
-                (Some((last, _)), Some(first)) => last + 1 == first.log_id.index,
-                _ => true,
-            };
-            if !follows {
-                tail.clear();
-            }
-            for entry in entries {
-                tail.insert(entry.log_id.index, entry);
-            }
-            while tail.len() > LOG_TAIL {
-                tail.pop_first();
-            }
-        }
+        self.tail.write().unwrap().push(
+            entries
+                .into_iter()
+                .zip(&encoded)
+                .map(|(entry, (_, bytes))| (entry, bytes.len()))
+                .collect(),
+        );
         let result = self.commit(ErrorSubject::Logs, |txn| {
             let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
             for (log_id, bytes) in &encoded {
@@ -452,7 +488,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        self.tail.write().unwrap().retain(|index, _| *index < log_id.index);
+        self.tail.write().unwrap().retain(|index| index < log_id.index);
         self.commit(ErrorSubject::Logs, |txn| {
             txn.open_table(RAFT_LOG)
                 .map_err(write_error)?
@@ -463,7 +499,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     /// Durably moves the purge point; the purger deletes the entries.
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        self.tail.write().unwrap().retain(|index, _| *index > log_id.index);
+        self.tail.write().unwrap().retain(|index| index > log_id.index);
         let bytes = to_json(&Some(log_id))?;
         self.commit(ErrorSubject::Logs, |txn| {
             txn.open_table(RAFT_META)
@@ -1076,6 +1112,24 @@ mod tests {
             read.open_table(RAFT_LOG),
             Err(redb::TableError::TableDoesNotExist(_))
         ));
+    }
+
+    /// The in-memory tail drops its oldest entries past its byte bound, and
+    /// starts over when an append does not follow on (after a snapshot).
+    #[test]
+    fn the_log_tail_is_bounded_and_one_run() {
+        let mut tail = LogTail::default();
+        tail.push(
+            (1..=20)
+                .map(|index| (blank_entry(index), LOG_TAIL_BYTES / 10))
+                .collect(),
+        );
+        assert_eq!(tail.first_index(), Some(11));
+        assert_eq!(tail.last_log_id(), Some(blank_entry(20).log_id));
+        assert!(tail.bytes <= LOG_TAIL_BYTES);
+        tail.push(vec![(blank_entry(30), 1)]);
+        assert_eq!(tail.first_index(), Some(30));
+        assert_eq!(tail.bytes, 1);
     }
 
     struct TempStore;
