@@ -307,8 +307,14 @@ pub struct QuorumLog {
     forming_secret: Option<String>,
     /// Commands for this node's log, proposed in batches.
     proposals: tokio::sync::mpsc::Sender<Submission>,
+    /// Proposals under way: with none, a command is proposed at once by
+    /// its caller, without a trip through the batcher.
+    proposing: Arc<std::sync::atomic::AtomicUsize>,
     /// Commands for the leader's log, forwarded in batches.
     forwards: tokio::sync::mpsc::Sender<ForwardSubmission>,
+    /// Forwards under way: with none, a command is forwarded at once by its
+    /// caller.
+    forwarding: Arc<std::sync::atomic::AtomicUsize>,
     cluster_id: String,
 }
 
@@ -352,7 +358,11 @@ fn combine(mut commands: Vec<Command>) -> Command {
 /// committed are proposed together as one entry, so one disk write and one
 /// replication round carry many. openraft proposes every `client_write` as
 /// its own entry, which caps throughput at one write per fsync.
-async fn propose_batches(raft: HivemindRaft, mut queue: tokio::sync::mpsc::Receiver<Submission>) {
+async fn propose_batches(
+    raft: HivemindRaft,
+    mut queue: tokio::sync::mpsc::Receiver<Submission>,
+    proposing: Arc<std::sync::atomic::AtomicUsize>,
+) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -361,36 +371,42 @@ async fn propose_batches(raft: HivemindRaft, mut queue: tokio::sync::mpsc::Recei
         let Some(batch) = next_batch(&mut queue).await else {
             return;
         };
-        let raft = raft.clone();
+        let (raft, proposing) = (raft.clone(), proposing.clone());
         tokio::spawn(async move {
             let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
-            let command = combine(commands);
-            let outcome = raft.client_write(command).await;
+            let count = replies.len();
+            let results = propose_now(&raft, &proposing, combine(commands), count).await;
             drop(permit);
-            match outcome {
-                Ok(written) => match written.data {
-                    CommandResult::Batch(results) if replies.len() > 1 => {
-                        for (reply, result) in replies.into_iter().zip(results) {
-                            let _ = reply.send(Ok(result));
-                        }
-                    }
-                    result => {
-                        for reply in replies {
-                            let _ = reply.send(Ok(result.clone()));
-                        }
-                    }
-                },
-                Err(error) => {
-                    let rejected = match error.forward_to_leader() {
-                        Some(forward) => Rejected::NotLeader(forward.leader_node.clone()),
-                        None => Rejected::Failed(format!("the write was not committed: {error}")),
-                    };
-                    for reply in replies {
-                        let _ = reply.send(Err(rejected.clone()));
-                    }
-                }
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
             }
         });
+    }
+}
+
+/// Proposes `command` (`count` commands combined) as one entry and returns
+/// each command's result; `proposing` counts proposals under way.
+async fn propose_now(
+    raft: &HivemindRaft,
+    proposing: &std::sync::atomic::AtomicUsize,
+    command: Command,
+    count: usize,
+) -> Vec<Result<CommandResult, Rejected>> {
+    proposing.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let outcome = raft.client_write(command).await;
+    proposing.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    match outcome {
+        Ok(written) => match written.data {
+            CommandResult::Batch(results) if count > 1 => results.into_iter().map(Ok).collect(),
+            result => vec![Ok(result); count],
+        },
+        Err(error) => {
+            let rejected = match error.forward_to_leader() {
+                Some(forward) => Rejected::NotLeader(forward.leader_node.clone()),
+                None => Rejected::Failed(format!("the write was not committed: {error}")),
+            };
+            vec![Err(rejected); count]
+        }
     }
 }
 
@@ -402,7 +418,11 @@ type ForwardSubmission = (
 
 /// Group commit on a follower: writes forwarded to the same leader while
 /// earlier ones are on their way go as one batch in one frame.
-async fn forward_batches(pool: Arc<PeerPool>, mut queue: tokio::sync::mpsc::Receiver<ForwardSubmission>) {
+async fn forward_batches(
+    pool: Arc<PeerPool>,
+    mut queue: tokio::sync::mpsc::Receiver<ForwardSubmission>,
+    forwarding: Arc<std::sync::atomic::AtomicUsize>,
+) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -417,28 +437,41 @@ async fn forward_batches(pool: Arc<PeerPool>, mut queue: tokio::sync::mpsc::Rece
         }
         let permit = Arc::new(permit);
         for (leader, group) in by_leader {
-            let (pool, permit) = (pool.clone(), permit.clone());
+            let (pool, permit, forwarding) = (pool.clone(), permit.clone(), forwarding.clone());
             tokio::spawn(async move {
                 let (commands, replies): (Vec<Command>, Vec<_>) = group.into_iter().unzip();
-                let command = combine(commands);
-                let outcome = pool
-                    .call::<_, ForwardReply>(&leader, network::FORWARD_WRITE, &command, MEMBERSHIP_TIMEOUT)
-                    .await;
+                let count = replies.len();
+                let outcomes = forward_now(&pool, &forwarding, &leader, combine(commands), count).await;
                 drop(permit);
-                match outcome {
-                    Ok(ForwardReply::Done(CommandResult::Batch(results))) if replies.len() > 1 => {
-                        for (reply, result) in replies.into_iter().zip(results) {
-                            let _ = reply.send(Ok(ForwardReply::Done(result)));
-                        }
-                    }
-                    outcome => {
-                        for reply in replies {
-                            let _ = reply.send(outcome.clone());
-                        }
-                    }
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome);
                 }
             });
         }
+    }
+}
+
+/// Forwards `command` (`count` commands combined) to the leader at
+/// `leader` in one frame and returns each command's outcome; `forwarding`
+/// counts forwards under way.
+async fn forward_now(
+    pool: &PeerPool,
+    forwarding: &std::sync::atomic::AtomicUsize,
+    leader: &str,
+    command: Command,
+    count: usize,
+) -> Vec<Result<ForwardReply, PeerError>> {
+    forwarding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let outcome = pool
+        .call::<_, ForwardReply>(leader, network::FORWARD_WRITE, &command, MEMBERSHIP_TIMEOUT)
+        .await;
+    forwarding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    match outcome {
+        Ok(ForwardReply::Done(CommandResult::Batch(results))) if count > 1 => results
+            .into_iter()
+            .map(|result| Ok(ForwardReply::Done(result)))
+            .collect(),
+        outcome => vec![outcome; count],
     }
 }
 
@@ -499,13 +532,17 @@ impl QuorumLog {
         };
         let single = forming_secret.is_some() && bootstrap.is_none() && !initialized;
         let (proposals, queue) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(propose_batches(raft.clone(), queue));
+        let proposing = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(propose_batches(raft.clone(), queue, proposing.clone()));
         let pool = Arc::new(PeerPool::new(connector, isolation));
         let (forwards, queue) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(forward_batches(pool.clone(), queue));
+        let forwarding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(forward_batches(pool.clone(), queue, forwarding.clone()));
         let log = Arc::new(QuorumLog {
             proposals,
+            proposing,
             forwards,
+            forwarding,
             raft,
             store,
             applied,
@@ -695,6 +732,12 @@ impl QuorumLog {
 
     /// Proposes `command` to this node's log (batched with others).
     async fn propose(&self, command: Command) -> Result<CommandResult, Rejected> {
+        let idle = self.proposing.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && self.proposals.capacity() == self.proposals.max_capacity();
+        if idle {
+            let mut results = propose_now(&self.raft, &self.proposing, command, 1).await;
+            return results.pop().expect("one result per command");
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.proposals
             .try_send((command, reply))
@@ -706,6 +749,12 @@ impl QuorumLog {
 
     /// Forwards `command` to the leader at `leader` (batched with others).
     async fn forward(&self, leader: &str, command: Command) -> Result<ForwardReply, PeerError> {
+        let idle = self.forwarding.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && self.forwards.capacity() == self.forwards.max_capacity();
+        if idle {
+            let mut outcomes = forward_now(&self.pool, &self.forwarding, leader, command, 1).await;
+            return outcomes.pop().expect("one outcome per command");
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.forwards
             .try_send((leader.to_string(), command, reply))
