@@ -6,7 +6,7 @@
 //! say what failed and what to do.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -19,9 +19,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tower_http::trace::TraceLayer;
 
-use crate::cluster::Cluster;
 use crate::log::{EventLog, LogError, NewEvent};
 use crate::notify::Notifier;
+use crate::registry::Registry;
 use crate::roles::manager::{RoleError, RoleManager, RoleState, valid_role_name};
 
 /// Largest role file accepted by an install: Python and JavaScript
@@ -39,7 +39,7 @@ pub struct ApiState {
     pub manager: Arc<RoleManager>,
     pub log: Arc<dyn EventLog>,
     pub quorum: Arc<crate::quorum::QuorumLog>,
-    pub cluster: Arc<Cluster>,
+    pub registry: Arc<Registry>,
     pub notifier: Arc<Notifier>,
     pub token: Arc<str>,
     pub started: Instant,
@@ -64,6 +64,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/events", post(emit_event).get(list_events))
         .route("/v1/events/stream", get(stream_events))
+        .route("/v1/nodes", get(list_nodes))
         .route("/v1/cluster/members", get(list_members))
         .route("/v1/cluster/members/{node}/{action}", post(change_member))
         .route("/v1/cluster/tokens", post(issue_token))
@@ -130,9 +131,9 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
 async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
     let roles = state.manager.list();
     let count = |wanted: RoleState| roles.iter().filter(|role| role.state == wanted).count();
-    let node = state.cluster.self_node();
+    let node = state.registry.self_node();
     Json(json!({
-        "node": { "id": node.id, "name": node.name, "address": node.address },
+        "node": { "id": node.id, "name": node.name, "address": node.api },
         "cluster": cluster_status(&state).await,
         "version": env!("CARGO_PKG_VERSION"),
         "contract": hivemind_runtime::CONTRACT,
@@ -392,7 +393,7 @@ async fn emit_event(
     let event = NewEvent {
         kind: body.kind,
         key: body.key,
-        source: state.cluster.self_id().to_string(),
+        source: state.registry.self_id(),
         payload,
     };
     match state.log.append(event).await {
@@ -401,6 +402,58 @@ async fn emit_event(
         Err(error @ LogError::Unavailable(_)) => Err(ApiError::new(503, error.to_string())),
         Err(error) => Err(ApiError::new(500, error.to_string())),
     }
+}
+
+/// Longest a `/v1/nodes` long-poll may wait.
+const MAX_NODES_WAIT: Duration = Duration::from_secs(300);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodesQuery {
+    role: Option<String>,
+    #[serde(default)]
+    healthy: bool,
+    /// Answer once `last_changed` passes this (a long-poll).
+    wait_change_since: Option<u64>,
+    /// Answer once the table has not changed for this long.
+    wait_stable_ms: Option<u64>,
+    /// How long either wait may take; 30 s by default.
+    timeout_ms: Option<u64>,
+}
+
+/// `GET /v1/nodes`: the registry, the node × role table.
+async fn list_nodes(
+    State(state): State<ApiState>,
+    query: Result<Query<NodesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|error| {
+        ApiError::new(
+            400,
+            format!("query: {error} (use ?role=NAME&healthy=true&wait_change_since=N&wait_stable_ms=MS&timeout_ms=MS)"),
+        )
+    })?;
+    let timeout = query
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(30))
+        .min(MAX_NODES_WAIT);
+    if let Some(since) = query.wait_change_since {
+        state.registry.wait_for_change(since, timeout).await;
+    }
+    let stable = match query.wait_stable_ms {
+        Some(quiet) => Some(
+            state
+                .registry
+                .wait_for_stable(Duration::from_millis(quiet), timeout)
+                .await,
+        ),
+        None => None,
+    };
+    Ok(Json(json!({
+        "last_changed": state.registry.last_changed(),
+        "stable": stable,
+        "nodes": state.registry.nodes(query.role.as_deref(), query.healthy),
+    })))
 }
 
 #[derive(Deserialize)]

@@ -85,10 +85,13 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
-    /// Cluster members: list, promote/demote voters, remove, join tokens.
+    /// Cluster members: each node, its roles and health (the registry);
+    /// promote/demote voters, remove, join tokens.
     Members {
         #[command(subcommand)]
         command: Option<MembersCommand>,
+        #[command(flatten)]
+        filter: NodesFilter,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -96,8 +99,10 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum MembersCommand {
-    /// List members: id, name, voter or learner, reachable, addresses.
+    /// List members: id, name, voter or learner, health, gossip, roles.
     List {
+        #[command(flatten)]
+        filter: NodesFilter,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -130,6 +135,40 @@ pub enum MembersCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// Which nodes `hivemind members` lists, and whether it waits first.
+#[derive(Debug, Args, Default)]
+pub struct NodesFilter {
+    /// Only nodes running this role.
+    #[arg(long, value_name = "ROLE")]
+    pub role: Option<String>,
+    /// Only healthy nodes (admitted and not decided failed or gone).
+    #[arg(long)]
+    pub healthy: bool,
+    /// First wait until membership has not changed for this long
+    /// (e.g. 2s, 500ms); gives up after a minute.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub wait_stable: Option<Duration>,
+}
+
+/// `2s`, `500ms`, `1m` or a number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration; write e.g. 2s, 500ms or 1m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        other => return Err(format!("unknown unit `{other}` in `{text}`; use ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[derive(Debug, Args)]
@@ -434,7 +473,11 @@ pub fn run_client(data_dir: Option<&Path>, command: Command) -> anyhow::Result<(
                 stdout.write_all(b"\n")?;
             }
         }
-        Command::Members { command, client } => members(data_dir, command, client)?,
+        Command::Members {
+            command,
+            filter,
+            client,
+        } => members(data_dir, command, filter, client)?,
         Command::Events { command } => match command {
             EventsCommand::Emit {
                 kind,
@@ -711,13 +754,18 @@ fn print_roles(roles: &Value) {
     }
 }
 
-fn members(data_dir: Option<&Path>, command: Option<MembersCommand>, client: ClientArgs) -> anyhow::Result<()> {
+fn members(
+    data_dir: Option<&Path>,
+    command: Option<MembersCommand>,
+    filter: NodesFilter,
+    client: ClientArgs,
+) -> anyhow::Result<()> {
     let (action, node, client) = match command {
-        None => (None, String::new(), client),
-        Some(MembersCommand::List { client }) => (None, String::new(), client),
-        Some(MembersCommand::Promote { node, client }) => (Some("promote"), node, client),
-        Some(MembersCommand::Demote { node, client }) => (Some("demote"), node, client),
-        Some(MembersCommand::Remove { node, client }) => (Some("remove"), node, client),
+        Some(MembersCommand::List { filter, client }) => return list_nodes(data_dir, &filter, &client),
+        None => return list_nodes(data_dir, &filter, &client),
+        Some(MembersCommand::Promote { node, client }) => ("promote", node, client),
+        Some(MembersCommand::Demote { node, client }) => ("demote", node, client),
+        Some(MembersCommand::Remove { node, client }) => ("remove", node, client),
         Some(MembersCommand::Token { ttl, client }) => {
             let api = Client::resolve(data_dir, &client)?;
             let reply = api.post_json("/v1/cluster/tokens", &json!({ "ttl_secs": ttl }))?;
@@ -730,54 +778,78 @@ fn members(data_dir: Option<&Path>, command: Option<MembersCommand>, client: Cli
         }
     };
     let api = Client::resolve(data_dir, &client)?;
-    match action {
-        None => {
-            let members = api.get_json("/v1/cluster/members")?;
-            if client.json {
-                print_json(&members);
-            } else {
-                print_members(&members);
-            }
-        }
-        Some(action) => {
-            let reply = api.post_json(&format!("/v1/cluster/members/{node}/{action}"), &json!({}))?;
-            if client.json {
-                print_json(&reply);
-            } else {
-                println!("{}", text(&reply["message"]));
-            }
+    let reply = api.post_json(&format!("/v1/cluster/members/{node}/{action}"), &json!({}))?;
+    if client.json {
+        print_json(&reply);
+    } else {
+        println!("{}", text(&reply["message"]));
+    }
+    Ok(())
+}
+
+fn list_nodes(data_dir: Option<&Path>, filter: &NodesFilter, client: &ClientArgs) -> anyhow::Result<()> {
+    let api = Client::resolve(data_dir, client)?;
+    let mut query = vec![];
+    if let Some(role) = &filter.role {
+        query.push(format!("role={role}"));
+    }
+    if filter.healthy {
+        query.push("healthy=true".to_string());
+    }
+    if let Some(quiet) = filter.wait_stable {
+        query.push(format!("wait_stable_ms={}&timeout_ms=60000", quiet.as_millis()));
+    }
+    let reply = api.get_json(&format!("/v1/nodes?{}", query.join("&")))?;
+    if client.json {
+        print_json(&reply);
+    } else {
+        print_nodes(&reply["nodes"]);
+        if reply["stable"] == json!(false) {
+            eprintln!("(membership was still changing after a minute)");
         }
     }
     Ok(())
 }
 
-fn print_members(members: &Value) {
+fn print_nodes(nodes: &Value) {
     println!(
-        "{:<16}  {:<14}  {:<8}  {:<9}  {:<21}  API",
-        "ID", "NAME", "ROLE", "REACHABLE", "TRANSPORT"
+        "{:<16}  {:<16}  {:<7}  {:<7}  {:<7}  ROLES",
+        "ID", "NAME", "VOTE", "HEALTH", "GOSSIP"
     );
-    for member in members.as_array().into_iter().flatten() {
-        let mut role = text(&member["role"]);
-        if member["leader"] == json!(true) {
-            role.push('*');
-        }
-        let name = if member["self"] == json!(true) {
-            format!("{} (this)", text(&member["name"]))
+    for node in nodes.as_array().into_iter().flatten() {
+        let name = if node["self"] == json!(true) {
+            format!("{} (this)", text(&node["name"]))
         } else {
-            text(&member["name"])
+            text(&node["name"])
         };
+        let vote = match (node["admitted"] == json!(true), node["voter"] == json!(true)) {
+            (false, _) => "-",
+            (true, true) => "voter",
+            (true, false) => "learner",
+        };
+        let health = match (node["admitted"] == json!(true), node["healthy"] == json!(true)) {
+            (false, _) => "unknown".to_string(),
+            (true, true) => "healthy".to_string(),
+            (true, false) => text(&node["health"]),
+        };
+        let roles: Vec<String> = node["roles"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|role| format!("{}@{}", text(&role["name"]), text(&role["version"])))
+            .collect();
         println!(
-            "{:<16}  {:<14}  {:<8}  {:<9}  {:<21}  {}",
-            text(&member["id"]),
+            "{:<16}  {:<16}  {:<7}  {:<7}  {:<7}  {}",
+            text(&node["id"]),
             name,
-            role,
-            if member["reachable"] == json!(true) {
-                "yes"
+            vote,
+            health,
+            text(&node["gossip"]),
+            if roles.is_empty() {
+                "-".to_string()
             } else {
-                "NO"
-            },
-            text(&member["transport"]),
-            text(&member["api"])
+                roles.join(", ")
+            }
         );
     }
 }

@@ -88,6 +88,54 @@ pub struct FileConfig {
     pub runtime: RuntimeSection,
     #[serde(default)]
     pub raft: RaftSection,
+    #[serde(default)]
+    pub gossip: GossipSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GossipSection {
+    /// `lan` (default) or `fast` (tests on one machine).
+    pub preset: Option<String>,
+    pub failed_grace_ms: Option<u64>,
+}
+
+/// Gossip timing and the leader's patience before deciding a node failed.
+#[derive(Debug, Clone)]
+pub struct GossipSettings {
+    pub preset: crate::membership::GossipPreset,
+    /// How long gossip must hold a member down before the leader commits
+    /// `node.failed`. Suspicion already filtered flapping, so this is short:
+    /// half a second absorbs a leader that just took over with a stale view.
+    pub failed_grace: Duration,
+}
+
+impl Default for GossipSettings {
+    fn default() -> Self {
+        GossipSettings {
+            preset: crate::membership::GossipPreset::Lan,
+            failed_grace: Duration::from_millis(500),
+        }
+    }
+}
+
+impl GossipSection {
+    fn settings(&self) -> anyhow::Result<GossipSettings> {
+        let defaults = GossipSettings::default();
+        let preset = match &self.preset {
+            None => defaults.preset,
+            Some(name) => crate::membership::GossipPreset::parse(name).ok_or_else(|| {
+                anyhow::anyhow!("config [gossip]: preset = \"{name}\" is not one of \"lan\", \"fast\"")
+            })?,
+        };
+        Ok(GossipSettings {
+            preset,
+            failed_grace: self
+                .failed_grace_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.failed_grace),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -208,6 +256,7 @@ pub struct HostConfig {
     pub max_role_memory_bytes: u64,
     /// Raft timing and snapshot threshold.
     pub raft: crate::quorum::Timing,
+    pub gossip: GossipSettings,
 }
 
 impl HostConfig {
@@ -229,6 +278,10 @@ impl HostConfig {
             pool_instances: 64,
             max_role_memory_bytes: hivemind_runtime::RuntimeConfig::new("").pool_max_memory_bytes,
             raft: crate::quorum::Timing::default(),
+            gossip: GossipSettings {
+                preset: crate::membership::GossipPreset::Fast,
+                failed_grace: Duration::from_millis(200),
+            },
         }
     }
 
@@ -276,6 +329,7 @@ impl HostConfig {
                 .map(|mb| mb << 20)
                 .unwrap_or(runtime_defaults.pool_max_memory_bytes),
             raft: file.raft.timing()?,
+            gossip: file.gossip.settings()?,
         })
     }
 }

@@ -14,17 +14,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hivemind_runtime::{Runtime, RuntimeConfig};
-use rand::RngCore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
-use crate::cluster::Cluster;
 use crate::config::{ClusterMode, HostConfig};
+use crate::connect::{Connect, ConnectLimits};
 use crate::enrollment;
+use crate::membership::{self, GossipSetup, Membership, NodeMetadata, Sealer};
 use crate::notify::Notifier;
 use crate::quorum::frames::ClusterFrames;
-use crate::quorum::{NodeAddress, QuorumLog, QuorumSetup};
+use crate::quorum::{NodeAddress, NodeHealth, QuorumLog, QuorumSetup};
+use crate::registry::Registry;
 use crate::roles::manager::RoleManager;
 use crate::roles::services::HostParts;
 use crate::roles::watcher;
@@ -35,6 +36,11 @@ use crate::transport::{self, Isolation, TransportCounters};
 pub const TOKEN_FILE: &str = "token";
 /// File in the data directory naming the API address, for local clients.
 pub const API_ADDR_FILE: &str = "api.addr";
+/// How long a stopping node waits for its `node.left` to commit.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Setting: the gossip generation of the last start.
+const GENERATION_SETTING: &str = "gossip.generation";
+
 /// Marker: the bundled roles were installed once; never again, so a user
 /// who deletes one keeps it deleted.
 const BUNDLED_MARKER: &str = "bundled-roles-installed";
@@ -47,6 +53,8 @@ pub struct Daemon {
     pub token: String,
     pub manager: Arc<RoleManager>,
     quorum: Arc<QuorumLog>,
+    membership: Membership,
+    pub registry: Arc<Registry>,
     store: Store,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -99,6 +107,7 @@ impl Daemon {
                 config.transport
             )
         })?;
+        let transport_bound = transport_listener.local_addr()?;
         let transport_addr = match &config.advertise {
             Some(advertise) => advertise.clone(),
             None => {
@@ -120,10 +129,12 @@ impl Daemon {
         let store_handle = store.clone();
         let (files, formation) = enrollment::enroll(&config, &store, raft_id, &address).await?;
         let identity = files.identity.clone();
+        // Every member holds the CA key and no outsider does: gossip's key.
+        let sealer = Sealer::from_secret(files.ca.key_pem().as_bytes());
         let log = QuorumLog::start(QuorumSetup {
             store: store.clone(),
             id: raft_id,
-            address,
+            address: address.clone(),
             timing: config.raft.clone(),
             files,
             formation,
@@ -137,31 +148,57 @@ impl Daemon {
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let transport_counters = Arc::new(TransportCounters::default());
+        let role_calls: Arc<std::sync::OnceLock<std::sync::Weak<RoleManager>>> = Default::default();
+        let connect_tls = identity
+            .connector()
+            .context("the node certificate in DATA_DIR/cluster")?;
         tasks.push(tokio::spawn(transport::serve(
             transport_listener,
             identity
                 .acceptor()
                 .context("the node certificate in DATA_DIR/cluster")?,
-            Arc::new(ClusterFrames { log: log.clone() }),
+            Arc::new(ClusterFrames {
+                log: log.clone(),
+                roles: role_calls.clone(),
+            }),
             transport_counters,
             Isolation::default(),
             shutdown.clone(),
         )));
         tasks.push(tokio::spawn(log.clone().watch_peers(shutdown.clone())));
         tasks.push(tokio::spawn(log.clone().finish_forming(shutdown.clone())));
-        let cluster = Arc::new(Cluster::single(
-            node_id.clone(),
-            config.node_name.clone(),
-            api_addr.to_string(),
-        ));
+
+        let (membership, gossip_task) =
+            start_gossip(&config, &store, transport_bound, &address, raft_id, sealer, &shutdown).await?;
+        tasks.push(gossip_task);
+        let registry = Arc::new(Registry::new(raft_id, address.clone()));
+        let connect = Connect::new(registry.clone(), connect_tls, ConnectLimits::default());
+        tasks.push(tokio::spawn(connect.clone().maintain(shutdown.clone())));
+        let (local_roles, roles_seen) = tokio::sync::watch::channel(Vec::new());
+        tasks.push(tokio::spawn(membership::upkeep::keep_registry(
+            registry.clone(),
+            log.clone(),
+            membership.clone(),
+            roles_seen,
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(membership::upkeep::decide_health(
+            log.clone(),
+            membership.clone(),
+            config.gossip.clone(),
+            shutdown.clone(),
+        )));
         let notifier = Arc::new(Notifier::new(node_id, config.webhook.clone()));
         let parts = HostParts {
             log: log.clone() as Arc<dyn crate::log::EventLog>,
             store,
-            cluster: cluster.clone(),
+            registry: registry.clone(),
+            connect: connect.clone(),
+            local_roles,
             notifier: notifier.clone(),
         };
         let manager = RoleManager::new(runtime, parts, config.roles_dir.clone(), shutdown.clone());
+        let _ = role_calls.set(Arc::downgrade(&manager));
         tasks.push(tokio::spawn(watcher::watch_roles_dir(
             manager.clone(),
             config.rescan,
@@ -171,7 +208,7 @@ impl Daemon {
             manager: manager.clone(),
             log: log.clone(),
             quorum: log.clone(),
-            cluster,
+            registry: registry.clone(),
             notifier,
             token: token.clone().into(),
             started,
@@ -194,22 +231,44 @@ impl Daemon {
             token,
             manager,
             quorum: log,
+            membership,
+            registry,
             store: store_handle,
             shutdown,
             tasks,
         })
     }
 
-    /// Stops the host and waits for all its tasks.
+    /// Stops the host and waits for all its tasks. A member of a cluster
+    /// of several says goodbye first: `node.left` in the log, then a leave
+    /// on gossip, so the others neither wait for a failure detector nor
+    /// decide it failed.
     pub async fn shutdown(self) {
         let Daemon {
             manager,
             quorum,
+            membership,
             store,
             shutdown,
             tasks,
             ..
         } = self;
+        if quorum.member_addresses().0.len() > 1 {
+            let generation = membership.view().me.as_ref().map_or(0, |id| id.generation);
+            if let Err(error) = quorum
+                .record_health(
+                    quorum.id(),
+                    NodeHealth::Left,
+                    generation,
+                    "shut down".into(),
+                    GOODBYE_TIMEOUT,
+                )
+                .await
+            {
+                tracing::warn!(%error, "could not record this node's leaving; the others will find it failed");
+            }
+            membership.leave().await;
+        }
         shutdown.cancel();
         for task in tasks {
             let _ = task.await;
@@ -224,6 +283,64 @@ impl Daemon {
     }
 }
 
+/// Starts gossip on UDP at the transport's bound address, announcing the
+/// transport's advertised address, under a generation past every earlier
+/// start of this node.
+async fn start_gossip(
+    config: &HostConfig,
+    store: &Store,
+    transport_bound: SocketAddr,
+    address: &NodeAddress,
+    node: crate::quorum::NodeId,
+    sealer: Sealer,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Membership, JoinHandle<()>)> {
+    let previous = store
+        .setting(GENERATION_SETTING)?
+        .and_then(|text| text.parse::<u64>().ok());
+    let now_ms = crate::quorum::now_ms();
+    let generation = membership::identity::next_generation(previous, now_ms);
+    store.set_setting(GENERATION_SETTING, Some(&generation.to_string()))?;
+    let transport_addr = &address.transport;
+    let advertise = match transport_addr.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => tokio::net::lookup_host(transport_addr)
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .with_context(|| format!("cannot resolve the advertised address {transport_addr} for gossip"))?,
+    };
+    let metadata = NodeMetadata {
+        node,
+        generation,
+        version: 0,
+        name: address.name.clone(),
+        api: address.api.clone(),
+        transport: address.transport.clone(),
+        roles: Vec::new(),
+        epoch: 0,
+    };
+    Membership::start(
+        GossipSetup {
+            bind: transport_bound,
+            advertise,
+            generation,
+            metadata,
+            sealer,
+            preset: config.gossip.preset,
+            isolation: Isolation::default(),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "gossip shares the transport's port over UDP: free UDP port {} or pick another --transport",
+            transport_bound.port()
+        )
+    })
+}
+
 /// The trimmed contents of `path`, or `bytes` random bytes in hex written
 /// there (readable only by the owner) when the file is missing or empty.
 fn read_or_create_random(path: &Path, bytes: usize, what: &str) -> anyhow::Result<String> {
@@ -233,8 +350,7 @@ fn read_or_create_random(path: &Path, bytes: usize, what: &str) -> anyhow::Resul
             return Ok(value);
         }
     }
-    let mut random = vec![0u8; bytes];
-    rand::rng().fill_bytes(&mut random);
+    let random: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
     let value = hex::encode(random);
     write_private(path, &value).with_context(|| format!("cannot write the {what} to {}", path.display()))?;
     Ok(value)

@@ -12,23 +12,29 @@
 //! - `quorum`: the Raft-replicated event log (openraft over the store),
 //!   forwarding to the leader, joins and membership changes.
 //! - `enrollment`: how a node becomes a member at start-up.
-//! - `cluster`: the node table seam (one node for now).
+//! - `membership`: SWIM gossip over UDP, sealed with the cluster key, and
+//!   the leader's health decisions from it.
+//! - `registry`: the node × role table (log + gossip) roles and the API read.
 //! - `roles`: manifests, the role manager, watcher, listeners, delivery, and
 //!   the services behind a role's imports.
-//! - `transport`: node-to-node TCP + mutual TLS under a cluster CA, framed.
+//! - `transport`: node-to-node TCP + mutual TLS under a cluster CA, framed;
+//!   multiplexed connections for role calls.
+//! - `connect`: role-to-role calls across nodes, one shared link per peer.
 //! - `notify`: the failure notification sink (log + webhook).
 //! - `api`: the HTTP API.
 //! - `cli`, `scaffold`: the command line.
 
 pub mod api;
 pub mod cli;
-pub mod cluster;
 pub mod config;
+pub mod connect;
 pub mod daemon;
 pub mod enrollment;
 pub mod log;
+pub mod membership;
 pub mod notify;
 pub mod quorum;
+pub mod registry;
 pub mod roles;
 pub mod scaffold;
 pub mod store;

@@ -399,6 +399,13 @@ async fn serve_connection(
             let (kind, payload) = decode(&frame)?;
             Ok((kind, Bytes::copy_from_slice(payload)))
         }) {
+            Ok((MUX_OPEN, _)) if peer.member => {
+                if framed.send(encode(MUX_OPEN, &[])).await.is_err() {
+                    return;
+                }
+                serve_multiplexed(framed, peer, handler, counters, isolation).await;
+                return;
+            }
             Ok((kind, payload)) => handler.handle(&peer, kind, payload).await,
             // A peer hanging up without TLS close_notify is an ordinary close.
             Err(error)
@@ -483,6 +490,251 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let frame = self.framed.next().await.context("the peer closed the connection")??;
         let (kind, payload) = decode(&frame)?;
         Ok((kind, Bytes::copy_from_slice(payload)))
+    }
+}
+
+// --- multiplexed connections ---------------------------------------------
+
+/// The first request on a connection that turns it into a multiplexed one:
+/// from then on every frame carries a call id, calls run concurrently and
+/// replies come back in any order. Role calls use it: one connection per
+/// peer carries every caller's calls.
+pub const MUX_OPEN: u8 = 0x70;
+/// Calls a multiplexed connection runs at once on the server; more are
+/// answered at once with [`MUX_BUSY`].
+pub const MUX_MAX_IN_FLIGHT: usize = 256;
+/// The reply kind for a call refused because too many are running.
+pub const MUX_BUSY: u8 = 0x71;
+
+fn mux_encode(call: u64, kind: u8, payload: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(8 + 2 + payload.len());
+    frame.extend_from_slice(&call.to_be_bytes());
+    frame.extend_from_slice(&encode(kind, payload));
+    frame.freeze()
+}
+
+fn mux_decode(frame: &[u8]) -> anyhow::Result<(u64, u8, &[u8])> {
+    anyhow::ensure!(
+        frame.len() >= 8,
+        "multiplexed frame of {} bytes has no call id",
+        frame.len()
+    );
+    let call = u64::from_be_bytes(frame[..8].try_into().expect("8 bytes"));
+    let (kind, payload) = decode(&frame[8..])?;
+    Ok((call, kind, payload))
+}
+
+/// Serves a connection after [`MUX_OPEN`]: each call runs in its own task;
+/// replies go out through one writer as they finish.
+async fn serve_multiplexed<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    framed: Framed<S, LengthDelimitedCodec>,
+    peer: Peer,
+    handler: Arc<dyn FrameHandler>,
+    counters: Arc<TransportCounters>,
+    isolation: Isolation,
+) {
+    let (mut sink, mut stream) = framed.split();
+    let (replies, mut outbox) = tokio::sync::mpsc::channel::<Bytes>(MUX_MAX_IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = outbox.recv().await {
+            if sink.send(frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let permits = Arc::new(tokio::sync::Semaphore::new(MUX_MAX_IN_FLIGHT));
+    while let Some(frame) = stream.next().await {
+        if isolation.is_on() {
+            break;
+        }
+        let (call, kind, payload) = match frame.map_err(anyhow::Error::from).and_then(|frame| {
+            let (call, kind, payload) = mux_decode(&frame)?;
+            Ok((call, kind, Bytes::copy_from_slice(payload)))
+        }) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                counters.bad_frames.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %peer.address, %error, "transport: multiplexed connection ended");
+                break;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let busy = mux_encode(call, MUX_BUSY, b"too many calls in flight on this connection");
+            if replies.send(busy).await.is_err() {
+                break;
+            }
+            continue;
+        };
+        let (handler, peer, replies) = (handler.clone(), peer.clone(), replies.clone());
+        tokio::spawn(async move {
+            let (kind, body) = handler.handle(&peer, kind, payload).await;
+            let _ = replies.send(mux_encode(call, kind, &body)).await;
+            drop(permit);
+        });
+    }
+    drop(replies);
+    writer.abort();
+}
+
+/// Why a call on a multiplexed connection failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MuxError {
+    /// The connection is gone (closed by either side, torn down, broken);
+    /// the call may or may not have run.
+    #[error("the connection closed: {0}")]
+    Closed(String),
+    #[error("no reply within {0:?}")]
+    TimedOut(Duration),
+}
+
+type Pending = Arc<std::sync::Mutex<Option<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<(u8, Bytes)>>>>>;
+
+/// A client connection carrying many concurrent calls. Cheap to share
+/// (`Arc`); [`MuxConnection::close`] or a broken connection fails every
+/// call waiting on it at once.
+pub struct MuxConnection {
+    outbox: tokio::sync::mpsc::Sender<Bytes>,
+    /// Calls waiting for a reply; `None` once the connection is closed.
+    pending: Pending,
+    next_call: AtomicU64,
+    closed: CancellationToken,
+    reason: Arc<std::sync::Mutex<String>>,
+}
+
+impl MuxConnection {
+    /// Connects to `address`, checks it is a cluster member and switches
+    /// the connection to multiplexed calls.
+    pub async fn open(address: &str, connector: &TlsConnector, timeout: Duration) -> anyhow::Result<MuxConnection> {
+        let mut connection = connect(address, connector, timeout).await?;
+        let (kind, _) = tokio::time::timeout(timeout, connection.request(MUX_OPEN, &[]))
+            .await
+            .with_context(|| format!("{address} did not accept multiplexed calls within {timeout:?}"))??;
+        anyhow::ensure!(
+            kind == MUX_OPEN,
+            "{address} refused multiplexed calls (reply kind {kind})"
+        );
+        let (mut sink, mut stream) = connection.framed.split();
+        let (outbox, mut queued) = tokio::sync::mpsc::channel::<Bytes>(MUX_MAX_IN_FLIGHT);
+        let pending: Pending = Arc::new(std::sync::Mutex::new(Some(std::collections::HashMap::new())));
+        let closed = CancellationToken::new();
+        let reason = Arc::new(std::sync::Mutex::new(String::new()));
+        let fail_all = {
+            let (pending, closed, reason) = (pending.clone(), closed.clone(), reason.clone());
+            move |why: String| {
+                let mut slot = reason.lock().unwrap();
+                if slot.is_empty() {
+                    *slot = why;
+                }
+                drop(slot);
+                // Dropping the senders wakes every waiting call.
+                pending.lock().unwrap().take();
+                closed.cancel();
+            }
+        };
+        {
+            let (closed, fail_all) = (closed.clone(), fail_all.clone());
+            tokio::spawn(async move {
+                let why = loop {
+                    tokio::select! {
+                        _ = closed.cancelled() => break "closed by this node".to_string(),
+                        frame = queued.recv() => match frame {
+                            None => break "closed by this node".to_string(),
+                            Some(frame) => if let Err(error) = sink.send(frame).await {
+                                break format!("send failed: {error}");
+                            },
+                        },
+                    }
+                };
+                // A failing close must not stop the rest of the teardown.
+                let _ = tokio::time::timeout(Duration::from_millis(200), SinkExt::<Bytes>::close(&mut sink)).await;
+                fail_all(why);
+            });
+        }
+        {
+            let (pending, closed) = (pending.clone(), closed.clone());
+            tokio::spawn(async move {
+                let why = loop {
+                    let frame = tokio::select! {
+                        _ = closed.cancelled() => break "closed by this node".to_string(),
+                        frame = stream.next() => frame,
+                    };
+                    let frame = match frame {
+                        None => break "the peer closed the connection".to_string(),
+                        Some(Err(error)) => break format!("receive failed: {error}"),
+                        Some(Ok(frame)) => frame,
+                    };
+                    let Ok((call, kind, payload)) = mux_decode(&frame) else {
+                        break "the peer sent a malformed frame".to_string();
+                    };
+                    let waiter = pending
+                        .lock()
+                        .unwrap()
+                        .as_mut()
+                        .and_then(|waiting| waiting.remove(&call));
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send((kind, Bytes::copy_from_slice(payload)));
+                    }
+                };
+                fail_all(why);
+            });
+        }
+        Ok(MuxConnection {
+            outbox,
+            pending,
+            next_call: AtomicU64::new(1),
+            closed,
+            reason,
+        })
+    }
+
+    /// Sends one call and waits up to `timeout` for its reply.
+    pub async fn call(&self, kind: u8, payload: &[u8], timeout: Duration) -> Result<(u8, Bytes), MuxError> {
+        let call = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        match self.pending.lock().unwrap().as_mut() {
+            Some(waiting) => waiting.insert(call, reply),
+            None => return Err(self.closed_error()),
+        };
+        let exchange = async {
+            self.outbox
+                .send(mux_encode(call, kind, payload))
+                .await
+                .map_err(|_| self.closed_error())?;
+            answer.await.map_err(|_| self.closed_error())
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => {
+                if let Some(waiting) = self.pending.lock().unwrap().as_mut() {
+                    waiting.remove(&call);
+                }
+                Err(MuxError::TimedOut(timeout))
+            }
+        }
+    }
+
+    fn closed_error(&self) -> MuxError {
+        MuxError::Closed(self.reason.lock().unwrap().clone())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Closes the connection: every call waiting on it fails at once.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Resolves once the connection is closed, from either side.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+}
+
+impl Drop for MuxConnection {
+    fn drop(&mut self) {
+        self.closed.cancel();
     }
 }
 

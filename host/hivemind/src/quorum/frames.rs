@@ -20,6 +20,10 @@ use crate::transport::{FrameHandler, Peer};
 
 pub struct ClusterFrames {
     pub log: Arc<QuorumLog>,
+    /// Where role calls from peers go; set once the role manager exists
+    /// (it starts after the transport). Until then calls are refused as
+    /// unavailable.
+    pub roles: Arc<std::sync::OnceLock<std::sync::Weak<crate::roles::manager::RoleManager>>>,
 }
 
 fn reply<T: Serialize>(kind: u8, outcome: &T) -> (u8, Vec<u8>) {
@@ -112,6 +116,10 @@ impl FrameHandler for ClusterFrames {
             FETCH_SNAPSHOT => match self.log.snapshot_for_peer().await {
                 Ok(snapshot) => reply(kind, &snapshot),
                 Err(reason) => (REFUSED, reason.into_bytes()),
+            },
+            crate::connect::ROLE_CALL => match self.roles.get() {
+                Some(manager) => crate::connect::serve_call(manager, &payload).await,
+                None => crate::connect::serve_call(&std::sync::Weak::new(), &payload).await,
             },
             other => (MALFORMED, format!("unknown frame kind {other}").into_bytes()),
         }

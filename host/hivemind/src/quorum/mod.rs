@@ -84,6 +84,40 @@ pub enum Command {
         token: Option<String>,
         timestamp_ms: u64,
     },
+    /// The leader's decision about a member's health, from what gossip saw
+    /// (see `membership::decider`), or a node's own goodbye. Applied only
+    /// when it changes the member's health, so a decision proposed twice
+    /// (a leader change midway) is recorded once: as `node.failed`,
+    /// `node.rejoined` or `node.left`.
+    NodeHealthChanged {
+        id: NodeId,
+        health: NodeHealth,
+        /// The gossip generation the decision is about.
+        generation: u64,
+        reason: String,
+        timestamp_ms: u64,
+    },
+}
+
+/// A member's health as the log has decided it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeHealth {
+    #[default]
+    Alive,
+    Failed,
+    Left,
+}
+
+impl NodeHealth {
+    /// The event kind recording a change to this health.
+    pub fn event_kind(self) -> &'static str {
+        match self {
+            NodeHealth::Alive => "node.rejoined",
+            NodeHealth::Failed => "node.failed",
+            NodeHealth::Left => "node.left",
+        }
+    }
 }
 
 /// What applying a command produced.
@@ -134,6 +168,11 @@ pub struct ClusterState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberRecord {
     pub joined_epoch: u64,
+    #[serde(default)]
+    pub health: NodeHealth,
+    /// The gossip generation the last health decision was about.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -606,6 +645,45 @@ impl QuorumLog {
 
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// True while this node leads.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Every member's addresses as the Raft membership holds them, and
+    /// which members vote.
+    pub fn member_addresses(&self) -> (BTreeMap<NodeId, NodeAddress>, std::collections::BTreeSet<NodeId>) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let addresses = membership.nodes().map(|(id, node)| (*id, node.clone())).collect();
+        (addresses, membership.voter_ids().collect())
+    }
+
+    /// Wakes on every entry applied here.
+    pub fn watch_applied(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// Commits a decision about a member's health (or this node's goodbye);
+    /// recorded only if it changes that member's health.
+    pub async fn record_health(
+        &self,
+        id: NodeId,
+        health: NodeHealth,
+        generation: u64,
+        reason: String,
+        timeout: Duration,
+    ) -> Result<CommandResult, LogError> {
+        let command = Command::NodeHealthChanged {
+            id,
+            health,
+            generation,
+            reason,
+            timestamp_ms: now_ms(),
+        };
+        self.write(command, timeout).await
     }
 
     /// The cluster this node's data belongs to.
@@ -1323,7 +1401,7 @@ impl QuorumLog {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as u64)
@@ -1446,7 +1524,10 @@ mod tests {
             tokio::spawn(serve(
                 listener,
                 identity.acceptor().unwrap(),
-                Arc::new(frames::ClusterFrames { log: log.clone() }),
+                Arc::new(frames::ClusterFrames {
+                    log: log.clone(),
+                    roles: Default::default(),
+                }),
                 Arc::new(TransportCounters::default()),
                 isolation.clone(),
                 shutdown.clone(),

@@ -634,10 +634,10 @@ impl Applier<'_, '_> {
                     return Ok(CommandResult::Refused { reason });
                 }
                 let epoch = self.cluster.epoch;
-                self.cluster
-                    .members
-                    .entry(id)
-                    .or_insert(MemberRecord { joined_epoch: epoch });
+                self.cluster.members.entry(id).or_insert(MemberRecord {
+                    joined_epoch: epoch,
+                    ..MemberRecord::default()
+                });
                 let payload = serde_json::json!({
                     "name": address.name,
                     "transport": address.transport,
@@ -652,6 +652,36 @@ impl Applier<'_, '_> {
                     payload,
                 )?;
                 CommandResult::Joined { seq, epoch }
+            }
+            Command::NodeHealthChanged {
+                id,
+                health,
+                generation,
+                reason,
+                timestamp_ms,
+            } => {
+                let Some(member) = self.cluster.members.get_mut(&id) else {
+                    return Ok(CommandResult::Refused {
+                        reason: format!("node {id:016x} is not a member of this cluster"),
+                    });
+                };
+                if member.health == health {
+                    return Ok(CommandResult::Nothing);
+                }
+                member.health = health;
+                member.generation = generation;
+                let payload = serde_json::json!({
+                    "generation": generation,
+                    "reason": reason,
+                });
+                let seq = self.record(
+                    health.event_kind().into(),
+                    format!("{id:016x}"),
+                    format!("{id:016x}"),
+                    timestamp_ms,
+                    payload,
+                )?;
+                CommandResult::Event { seq }
             }
         })
     }
@@ -799,6 +829,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             for id in listed {
                                 cluster.members.entry(id).or_insert(MemberRecord {
                                     joined_epoch: cluster.epoch,
+                                    ..MemberRecord::default()
                                 });
                             }
                             let stored = StoredMembership::new(Some(entry.log_id), membership);

@@ -572,10 +572,12 @@ impl RoleManager {
             .read()
             .unwrap()
             .values()
-            .filter(|slot| slot.current().is_some())
-            .map(|slot| slot.name.clone())
+            .filter_map(|slot| {
+                let current = slot.current()?;
+                Some((slot.name.clone(), current.description().version.clone()))
+            })
             .collect();
-        self.parts.cluster.set_roles(running);
+        self.parts.local_roles.send_replace(running);
     }
 
     async fn set_mode(&self, slot: &RoleSlot, mode: Mode) -> Result<(), RoleError> {

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use hivemind_runtime::{Event, ExecOutput, HostError, Level, Node, Request, Response, RoleFailure, RoleHost};
 
-use crate::cluster::Cluster;
 use crate::log::{EventLog, LogError, NewEvent};
 use crate::notify::Notifier;
+use crate::registry::Registry;
 use crate::roles::manager::RoleManager;
 use crate::roles::manifest::Manifest;
 use crate::store::Store;
@@ -26,7 +26,11 @@ const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct HostParts {
     pub log: Arc<dyn EventLog>,
     pub store: Store,
-    pub cluster: Arc<Cluster>,
+    pub registry: Arc<Registry>,
+    pub connect: Arc<crate::connect::Connect>,
+    /// Roles running here (name, version), kept by the role manager for
+    /// the registry and gossip.
+    pub local_roles: tokio::sync::watch::Sender<Vec<(String, String)>>,
     pub notifier: Arc<Notifier>,
 }
 
@@ -84,7 +88,7 @@ impl RoleHost for RoleServices {
                 self.name, self.name
             )));
         }
-        let source = self.parts.cluster.self_id().to_string();
+        let source = self.parts.registry.self_id();
         self.parts
             .log
             .append(NewEvent {
@@ -113,11 +117,16 @@ impl RoleHost for RoleServices {
     }
 
     fn nodes(&self, role: Option<&str>, healthy_only: bool) -> Vec<Node> {
-        self.parts.cluster.nodes(role, healthy_only)
+        self.parts
+            .registry
+            .nodes(role, healthy_only)
+            .iter()
+            .map(|node| node.to_role_node())
+            .collect()
     }
 
     fn self_node(&self) -> Node {
-        self.parts.cluster.self_node()
+        self.parts.registry.self_node().to_role_node()
     }
 
     fn config_json(&self) -> String {
@@ -125,10 +134,8 @@ impl RoleHost for RoleServices {
     }
 
     async fn call(&self, node: String, role: String, request: Request) -> Result<Response, HostError> {
-        if node != self.parts.cluster.self_id() {
-            return Err(HostError::Unavailable(format!(
-                "node `{node}` is not reachable: this host runs a single-node cluster"
-            )));
+        if node != self.parts.registry.self_id() {
+            return self.parts.connect.call(&node, &role, request).await;
         }
         let Some(manager) = self.manager.upgrade() else {
             return Err(HostError::Unavailable("the host is shutting down".into()));
