@@ -315,6 +315,7 @@ impl NodeProcess {
             .args(&self.args)
             .env("HIVEMIND_CLUSTER_SECRET", TEST_SECRET)
             .env("RUST_LOG", "info,openraft=error")
+            .env("HIVEMIND_GOSSIP_PRESET", "fast")
             .env_remove("HIVEMIND_API")
             .env_remove("HIVEMIND_TOKEN")
             .stdout(log.try_clone().unwrap())

@@ -40,6 +40,8 @@ pub struct ApiState {
     pub log: Arc<dyn EventLog>,
     pub quorum: Arc<crate::quorum::QuorumLog>,
     pub registry: Arc<Registry>,
+    pub membership: crate::membership::Membership,
+    pub connect: Arc<crate::connect::Connect>,
     pub notifier: Arc<Notifier>,
     pub token: Arc<str>,
     pub started: Instant,
@@ -148,8 +150,33 @@ async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
             "failed": count(RoleState::Failed),
         },
         "last_seq": *state.log.watch_last().borrow(),
+        "gossip": gossip_status(&state),
+        "connect": {
+            "open_links": state.connect.open_links(),
+            "opened": state.connect.counters.opened.load(std::sync::atomic::Ordering::Relaxed),
+            "closed": state.connect.counters.closed.load(std::sync::atomic::Ordering::Relaxed),
+            "calls": state.connect.counters.calls.load(std::sync::atomic::Ordering::Relaxed),
+            "failed": state.connect.counters.failed.load(std::sync::atomic::Ordering::Relaxed),
+        },
         "recent_failures": state.notifier.recent(),
     }))
+}
+
+fn gossip_status(state: &ApiState) -> serde_json::Value {
+    let view = state.membership.view();
+    let count =
+        |wanted: crate::membership::Liveness| view.members.iter().filter(|member| member.liveness == wanted).count();
+    json!({
+        "address": state.membership.local_addr.to_string(),
+        "generation": view.me.as_ref().map(|me| me.generation),
+        "alive": count(crate::membership::Liveness::Alive),
+        "suspect": count(crate::membership::Liveness::Suspect),
+        "down": count(crate::membership::Liveness::Down),
+        "packets_sent": view.counters.sent,
+        "packets_received": view.counters.received,
+        "packets_rejected": view.counters.rejected,
+        "packets_refused": view.counters.refused,
+    })
 }
 
 async fn cluster_status(state: &ApiState) -> serde_json::Value {

@@ -217,6 +217,10 @@ pub struct UpArgs {
     /// Do not write the bundled roles into the roles directory on first start.
     #[arg(long)]
     pub no_bundled_roles: bool,
+    /// Gossip timing: `lan` (default; a dead node is agreed down in about
+    /// 3 s) or `fast` (for clusters on one machine, e.g. tests).
+    #[arg(long, value_name = "PRESET", env = "HIVEMIND_GOSSIP_PRESET")]
+    pub gossip_preset: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -209,6 +209,8 @@ impl Daemon {
             log: log.clone(),
             quorum: log.clone(),
             registry: registry.clone(),
+            membership: membership.clone(),
+            connect,
             notifier,
             token: token.clone().into(),
             started,
@@ -254,6 +256,7 @@ impl Daemon {
             ..
         } = self;
         if quorum.member_addresses().0.len() > 1 {
+            membership.mark_leaving();
             let generation = membership.view().me.as_ref().map_or(0, |id| id.generation);
             if let Err(error) = quorum
                 .record_health(

@@ -64,6 +64,10 @@ fn run_daemon(data_dir: Option<std::path::PathBuf>, args: UpArgs) -> anyhow::Res
     if args.no_bundled_roles {
         config.install_bundled_roles = false;
     }
+    if let Some(preset) = args.gossip_preset {
+        config.gossip.preset = hivemind::membership::GossipPreset::parse(&preset)
+            .ok_or_else(|| anyhow::anyhow!("--gossip-preset {preset:?}: expected `lan` or `fast`"))?;
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let daemon = Daemon::start(config).await?;

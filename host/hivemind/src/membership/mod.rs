@@ -94,6 +94,7 @@ pub struct GossipSetup {
 pub struct Membership {
     inputs: mpsc::UnboundedSender<Input>,
     view: watch::Receiver<Arc<GossipView>>,
+    leaving: Arc<std::sync::atomic::AtomicBool>,
     pub local_addr: SocketAddr,
 }
 
@@ -143,6 +144,7 @@ impl Membership {
             Membership {
                 inputs,
                 view,
+                leaving: Default::default(),
                 local_addr,
             },
             task,
@@ -163,6 +165,16 @@ impl Membership {
     /// Re-tunes the failure detector for a cluster of `members`.
     pub fn size_for(&self, members: usize) {
         let _ = self.inputs.send(Input::Size(members));
+    }
+
+    /// Marks this node as on its way out: from now on it no longer asks to
+    /// be recorded alive again (its own `node.left` must stand).
+    pub fn mark_leaving(&self) {
+        self.leaving.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Tells the cluster this node is leaving; returns once the goodbye is

@@ -62,6 +62,7 @@ pub async fn keep_registry(
         // itself (the leader never decides about itself).
         if let Some(record) = state.members.get(&me)
             && record.health != NodeHealth::Alive
+            && !membership.is_leaving()
             && last_self_rejoin.is_none_or(|at| at.elapsed() >= REFRESH * 2)
         {
             last_self_rejoin = Some(Instant::now());
