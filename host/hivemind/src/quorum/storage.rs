@@ -195,20 +195,80 @@ pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Rec
     ))
 }
 
-/// The Raft log. Every change is a durable commit made inline, on the task
-/// that asked: openraft 0.9 waits for each log write before it does
-/// anything else (`RaftCore::append_to_log`), so a writer thread would only
-/// add two thread wake-ups to every write. Entries a purge leaves on disk
+/// The Raft log. Appends go to the `raft-log-writer` thread, which commits
+/// whatever has queued up in one durable transaction and only then reports
+/// each append flushed: so the leader replicates while its own flush runs
+/// (see `vendor/README.md`), and a burst of appends costs one fsync.
+/// Truncation and purge wait for the queued appends first, so the log's
+/// order on disk is the order openraft gave. Entries a purge leaves on disk
 /// are deleted by the `raft-log-purger` thread a chunk at a time, so a
 /// purge of thousands of entries never holds up an append. The last
 /// [`LOG_TAIL`] entries stay in memory (`tail`), so replicating them to
-/// followers reads no disk.
+/// followers reads no disk, even before they are durable here.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
     tail: Arc<std::sync::RwLock<LogTail>>,
     /// Tells the purger how far the log is purged.
     purged: Arc<watch::Sender<Option<u64>>>,
+    writes: std::sync::mpsc::Sender<LogWrite>,
+}
+
+/// Work for the log writer thread, done in the order sent.
+enum LogWrite {
+    Append {
+        entries: Vec<(u64, Vec<u8>)>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    /// Answered once everything sent before it is durable.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The log writer thread: group-commits queued appends, then reports them.
+fn write_log(db: Arc<Database>, tail: Arc<std::sync::RwLock<LogTail>>, writes: std::sync::mpsc::Receiver<LogWrite>) {
+    while let Ok(first) = writes.recv() {
+        let mut batch = vec![first];
+        while let Ok(next) = writes.try_recv() {
+            batch.push(next);
+        }
+        let mut last_index = None;
+        let result = (|| {
+            let txn = db.begin_write().map_err(|error| error.to_string())?;
+            {
+                let mut table = txn.open_table(RAFT_LOG).map_err(|error| error.to_string())?;
+                for write in &batch {
+                    if let LogWrite::Append { entries, .. } = write {
+                        for (index, bytes) in entries {
+                            table
+                                .insert(*index, bytes.as_slice())
+                                .map_err(|error| error.to_string())?;
+                            last_index = Some(*index);
+                        }
+                    }
+                }
+            }
+            // Durable when commit returns: only then may openraft count it.
+            txn.commit().map_err(|error| error.to_string())
+        })();
+        if result.is_ok()
+            && let Some(index) = last_index
+        {
+            tail.write().unwrap().mark_durable(index);
+        }
+        for write in batch {
+            match write {
+                LogWrite::Append { callback, .. } => {
+                    callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+                }
+                LogWrite::Barrier(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+        if let Err(error) = &result {
+            tracing::error!(%error, "the Raft log cannot be written");
+        }
+    }
 }
 
 impl LogStore {
@@ -223,11 +283,29 @@ impl LogStore {
             .name("raft-log-purger".into())
             .spawn(move || delete_purged(thread_db, watch))
             .expect("start the log purger thread");
+        let tail = Arc::new(std::sync::RwLock::new(LogTail::default()));
+        let (writes, queued) = std::sync::mpsc::channel();
+        let (thread_db, thread_tail) = (db.clone(), tail.clone());
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || write_log(thread_db, thread_tail, queued))
+            .expect("start the log writer thread");
         LogStore {
             db,
-            tail: Arc::new(std::sync::RwLock::new(LogTail::default())),
+            tail,
             purged: Arc::new(purged),
+            writes,
         }
+    }
+
+    /// Waits until every append sent so far is durable.
+    async fn flush_writes(&self) -> StorageResult<()> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.writes
+            .send(LogWrite::Barrier(done))
+            .map_err(|_| io_error(ErrorSubject::Logs, ErrorVerb::Write, "the log writer stopped"))?;
+        wait.await
+            .map_err(|_| io_error(ErrorSubject::Logs, ErrorVerb::Write, "the log writer stopped"))
     }
 
     /// One durable commit of `work`.
@@ -249,6 +327,9 @@ impl LogStore {
 struct LogTail {
     entries: BTreeMap<u64, (Entry<TypeConfig>, usize)>,
     bytes: usize,
+    /// Entries up to here are on disk; later ones only here, so they are
+    /// never evicted.
+    durable: u64,
 }
 
 impl LogTail {
@@ -267,9 +348,22 @@ impl LogTail {
                 self.bytes -= replaced;
             }
         }
+        self.evict();
+    }
+
+    fn mark_durable(&mut self, index: u64) {
+        self.durable = self.durable.max(index);
+        self.evict();
+    }
+
+    fn evict(&mut self) {
         while self.entries.len() > LOG_TAIL || (self.bytes > LOG_TAIL_BYTES && self.entries.len() > 1) {
-            if let Some((_, (_, size))) = self.entries.pop_first() {
-                self.bytes -= size;
+            match self.entries.first_entry() {
+                Some(first) if *first.key() <= self.durable => {
+                    let (_, size) = first.remove();
+                    self.bytes -= size;
+                }
+                _ => return,
             }
         }
     }
@@ -471,23 +565,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map(|(entry, (_, bytes))| (entry, bytes.len()))
                 .collect(),
         );
-        let result = self.commit(ErrorSubject::Logs, |txn| {
-            let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
-            for (log_id, bytes) in &encoded {
-                table.insert(log_id.index, bytes.as_slice()).map_err(write_error)?;
-            }
-            Ok(())
-        });
-        callback.log_io_completed(
-            result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|error| std::io::Error::other(error.to_string())),
-        );
-        result
+        let entries = encoded
+            .into_iter()
+            .map(|(log_id, bytes)| (log_id.index, bytes))
+            .collect();
+        self.writes
+            .send(LogWrite::Append { entries, callback })
+            .map_err(|_| io_error(ErrorSubject::Logs, ErrorVerb::Write, "the log writer stopped"))
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.flush_writes().await?;
         self.tail.write().unwrap().retain(|index| index < log_id.index);
         self.commit(ErrorSubject::Logs, |txn| {
             txn.open_table(RAFT_LOG)
@@ -499,6 +587,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     /// Durably moves the purge point; the purger deletes the entries.
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.flush_writes().await?;
         self.tail.write().unwrap().retain(|index| index > log_id.index);
         let bytes = to_json(&Some(log_id))?;
         self.commit(ErrorSubject::Logs, |txn| {
@@ -1145,8 +1234,9 @@ mod tests {
         ));
     }
 
-    /// The in-memory tail drops its oldest entries past its byte bound, and
-    /// starts over when an append does not follow on (after a snapshot).
+    /// The in-memory tail drops its oldest durable entries past its byte
+    /// bound (never one only it holds), and starts over when an append does
+    /// not follow on (after a snapshot).
     #[test]
     fn the_log_tail_is_bounded_and_one_run() {
         let mut tail = LogTail::default();
@@ -1155,6 +1245,9 @@ mod tests {
                 .map(|index| (blank_entry(index), LOG_TAIL_BYTES / 10))
                 .collect(),
         );
+        // Nothing is on disk yet: nothing may go.
+        assert_eq!(tail.first_index(), Some(1));
+        tail.mark_durable(20);
         assert_eq!(tail.first_index(), Some(11));
         assert_eq!(tail.last_log_id(), Some(blank_entry(20).log_id));
         assert!(tail.bytes <= LOG_TAIL_BYTES);
