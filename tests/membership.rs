@@ -64,7 +64,23 @@ fn a_killed_node_is_failed_once_and_rejoins() {
     let victim_id = node_id(&cluster.nodes[victim]);
     let generation_before = cluster.nodes[victim].status().unwrap()["gossip"]["generation"].clone();
 
+    // A long-poll for the next change, answered by the kill.
+    let watcher = cluster.nodes[0].client();
+    let since = watcher.get_json("/v1/nodes").unwrap()["last_changed"].as_u64().unwrap();
+    let long_poll = std::thread::spawn(move || {
+        watcher
+            .get_json(&format!("/v1/nodes?wait_change_since={since}&timeout_ms=60000"))
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !long_poll.is_finished(),
+        "the long-poll answered before anything changed"
+    );
+
     cluster.nodes[victim].kill();
+    let changed = long_poll.join().unwrap();
+    assert!(changed["last_changed"].as_u64().unwrap() > since, "{changed}");
     for node in cluster.nodes.iter().filter(|node| node.is_running()) {
         wait_nodes(node, "the killed node is decided failed", |nodes| {
             entry(nodes, &victim_id).is_some_and(|entry| {
@@ -240,6 +256,18 @@ fn role_calls_share_one_connection_per_peer_and_fail_fast() {
     let connect = &cluster.nodes[0].status().unwrap()["connect"];
     assert_eq!(connect["opened"], json!(2), "{connect}");
     assert_eq!(connect["open_links"], json!(2), "{connect}");
+
+    // `hivemind members` shows each node, its roles and its health.
+    let listing = cluster.nodes[1].cli(&["members", "--wait-stable", "300ms"]);
+    let text = stdout(&listing);
+    assert!(listing.status.success(), "{text}{}", stderr(&listing));
+    for node in &cluster.nodes {
+        let line = text
+            .lines()
+            .find(|line| line.contains(&node.name))
+            .unwrap_or_else(|| panic!("{} is not listed:\n{text}", node.name));
+        assert!(line.contains("healthy") && line.contains("probe@"), "{line}");
+    }
 
     let doomed = peers[1].clone();
     let caller_client = cluster.nodes[0].client();
