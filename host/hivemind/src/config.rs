@@ -9,7 +9,8 @@
 //! roles_dir = "/var/lib/hivemind/roles"   # default: DATA_DIR/roles
 //! # HTTP API address; keep it on loopback unless a proxy adds TLS.
 //! api = "127.0.0.1:7480"
-//! # Node-to-node transport (Raft, joins; mutual TLS under the cluster CA).
+//! # Node-to-node transport (Raft, joins, role calls; mutual TLS under the
+//! # cluster CA). Gossip uses UDP on the same address and port.
 //! transport = "127.0.0.1:7481"
 //! # The transport address other nodes use, when it differs from the one
 //! # bound (binding 0.0.0.0, or behind NAT).
@@ -52,6 +53,14 @@
 //! # Log entries between snapshots; a snapshot compacts the event stream to
 //! # the latest event per kind+key and lets the log behind it be purged.
 //! snapshot_every = 10000
+//!
+//! [gossip]
+//! # Failure detector timing: "lan" (a dead node is agreed down in about
+//! # 2.5 s in a small cluster) or "fast" (clusters on one machine, tests).
+//! preset = "lan"
+//! # How long gossip must hold a member down before the leader commits
+//! # node.failed, ms.
+//! failed_grace_ms = 500
 //! ```
 
 use std::net::SocketAddr;
