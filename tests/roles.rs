@@ -440,8 +440,8 @@ async fn roles_get_no_ambient_environment_or_files() {
     host.stop().await;
 }
 
-/// `call` reaches a role on this node and answers `unavailable` for any
-/// other node (a single-node cluster has no peers yet).
+/// `call` reaches a role on this node and answers `unavailable`, naming
+/// the problem, for a node that is not a member.
 #[tokio::test(flavor = "multi_thread")]
 async fn call_reaches_local_roles_and_refuses_other_nodes() {
     let host = TestHost::start().await;
@@ -460,6 +460,6 @@ async fn call_reaches_local_roles_and_refuses_other_nodes() {
         .role("probe", "call", &["some-other-node", "noop", "ping"])
         .await;
     assert_eq!(remote.status, 503);
-    assert!(remote.error().contains("not reachable"), "{}", remote.error());
+    assert!(remote.error().contains("not a member"), "{}", remote.error());
     host.stop().await;
 }

@@ -398,3 +398,202 @@ pub async fn serve_call(manager: &Weak<RoleManager>, payload: &[u8]) -> (u8, Vec
         Err(problem) => error(problem.to_host_error()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use bytes::Bytes;
+    use tokio::net::TcpListener;
+
+    use crate::membership::{GossipId, GossipMember, GossipView};
+    use crate::quorum::{MemberRecord, NodeAddress, NodeHealth};
+    use crate::registry::RegistryInputs;
+    use crate::transport::{ClusterCa, FrameHandler, Isolation, Peer, TransportCounters, serve};
+
+    const PEER: crate::quorum::NodeId = 2;
+
+    /// Answers role `slow` never, any other role with its name.
+    struct Roles;
+
+    #[async_trait::async_trait]
+    impl FrameHandler for Roles {
+        async fn handle(&self, _peer: &Peer, _kind: u8, payload: Bytes) -> (u8, Vec<u8>) {
+            let call: WireCall = postcard::from_bytes(&payload).unwrap();
+            if call.role == "slow" {
+                std::future::pending::<()>().await;
+            }
+            let response = WireResponse {
+                status: 200,
+                headers: vec![],
+                body: call.role.into_bytes(),
+            };
+            (ROLE_REPLY, postcard::to_allocvec(&response).unwrap())
+        }
+    }
+
+    fn inputs(transport: &str, health: NodeHealth) -> RegistryInputs {
+        RegistryInputs {
+            members: BTreeMap::from([
+                (1, MemberRecord::default()),
+                (
+                    PEER,
+                    MemberRecord {
+                        health,
+                        ..MemberRecord::default()
+                    },
+                ),
+            ]),
+            addresses: BTreeMap::from([(
+                PEER,
+                NodeAddress {
+                    name: "peer".into(),
+                    transport: transport.into(),
+                    api: String::new(),
+                },
+            )]),
+            voters: BTreeSet::from([1, PEER]),
+            gossip: Arc::new(GossipView {
+                members: vec![GossipMember {
+                    id: GossipId {
+                        node: PEER,
+                        addr: transport.parse().unwrap(),
+                        generation: 1,
+                    },
+                    liveness: Liveness::Alive,
+                }],
+                ..GossipView::default()
+            }),
+            local_roles: vec![],
+        }
+    }
+
+    /// A peer serving role calls, and a connect layer on node 1 that
+    /// knows it as healthy.
+    async fn setup(limits: ConnectLimits) -> (Arc<Connect>, Arc<Registry>, String, CancellationToken) {
+        let ca = ClusterCa::generate("test").unwrap();
+        let server_identity = ca.issue("peer").unwrap();
+        let client_identity = ca.issue("me").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let transport = listener.local_addr().unwrap().to_string();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            server_identity.acceptor().unwrap(),
+            Arc::new(Roles),
+            Arc::new(TransportCounters::default()),
+            Isolation::default(),
+            shutdown.clone(),
+        ));
+        let registry = Arc::new(Registry::new(
+            1,
+            NodeAddress {
+                name: "me".into(),
+                ..NodeAddress::default()
+            },
+        ));
+        registry.update(&inputs(&transport, NodeHealth::Alive));
+        let connect = Connect::new(registry.clone(), client_identity.connector().unwrap(), limits);
+        (connect, registry, transport, shutdown)
+    }
+
+    fn request() -> Request {
+        Request {
+            method: "GET".into(),
+            path: "/".into(),
+            query: String::new(),
+            headers: vec![],
+            body: vec![],
+        }
+    }
+
+    fn limits() -> ConnectLimits {
+        ConnectLimits {
+            call_timeout: Duration::from_secs(30),
+            max_in_flight: 4,
+            idle_close: Duration::from_millis(100),
+        }
+    }
+
+    /// Concurrent calls to one peer share one connection.
+    #[tokio::test]
+    async fn concurrent_calls_share_one_connection() {
+        let (connect, _registry, _, _shutdown) = setup(limits()).await;
+        let peer = crate::registry::node_id_text(PEER);
+        let calls = (0..4).map(|_| connect.call(&peer, "echo", request()));
+        for response in futures::future::join_all(calls).await {
+            assert_eq!(response.unwrap().body, b"echo");
+        }
+        assert_eq!(connect.counters.opened.load(Ordering::Relaxed), 1);
+        assert_eq!(connect.open_links(), 1);
+    }
+
+    /// When the registry stops holding the peer healthy, a call waiting on
+    /// it fails at once with the connection's closing, long before its
+    /// timeout; later calls are refused without dialing.
+    #[tokio::test]
+    async fn a_peer_declared_down_fails_calls_in_flight_at_once() {
+        let (connect, registry, transport, _shutdown) = setup(limits()).await;
+        tokio::spawn(connect.clone().maintain(CancellationToken::new()));
+        let peer = crate::registry::node_id_text(PEER);
+        let waiting = {
+            let (connect, peer) = (connect.clone(), peer.clone());
+            tokio::spawn(async move { connect.call(&peer, "slow", request()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        registry.update(&inputs(&transport, NodeHealth::Failed));
+        let failed = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the call waited for its timeout")
+            .unwrap();
+        match failed {
+            Err(HostError::Unavailable(message)) => assert!(message.contains("closed"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        match connect.call(&peer, "echo", request()).await {
+            Err(HostError::Unavailable(message)) => assert!(message.contains("down"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(connect.counters.opened.load(Ordering::Relaxed), 1);
+    }
+
+    /// Calls past the in-flight bound are refused as overloaded, not queued.
+    #[tokio::test]
+    async fn calls_past_the_bound_are_refused() {
+        let (connect, _registry, _, _shutdown) = setup(limits()).await;
+        let peer = crate::registry::node_id_text(PEER);
+        let mut slow = Vec::new();
+        for _ in 0..4 {
+            let (connect, peer) = (connect.clone(), peer.clone());
+            slow.push(tokio::spawn(
+                async move { connect.call(&peer, "slow", request()).await },
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match connect.call(&peer, "echo", request()).await {
+            Err(HostError::Overloaded(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        for call in slow {
+            call.abort();
+        }
+    }
+
+    /// A link nobody used for `idle_close` is closed; the next call opens
+    /// a new one.
+    #[tokio::test]
+    async fn an_idle_link_is_closed() {
+        let (connect, _registry, _, _shutdown) = setup(limits()).await;
+        let peer = crate::registry::node_id_text(PEER);
+        connect.call(&peer, "echo", request()).await.unwrap();
+        connect.sweep();
+        assert_eq!(connect.open_links(), 1, "a link in recent use stays");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        connect.sweep();
+        assert_eq!(connect.open_links(), 0);
+        assert_eq!(connect.counters.closed.load(Ordering::Relaxed), 1);
+        connect.call(&peer, "echo", request()).await.unwrap();
+        assert_eq!(connect.counters.opened.load(Ordering::Relaxed), 2);
+    }
+}
