@@ -63,6 +63,43 @@ fn leb128(out: &mut Vec<u8>, mut value: u64) {
 /// The CLI's API client: blocking, keep-alive.
 pub use hivemind::cli::Client as Api;
 
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a loopback port")
+        .local_addr()
+        .expect("a bound socket has an address")
+        .port()
+}
+
+/// Arguments of `hivemind up` for one bootstrap voter of a cluster on
+/// loopback whose voters' transports are `peers`.
+pub fn bootstrap_args(
+    data_dir: &std::path::Path,
+    name: &str,
+    api: &str,
+    transport: &str,
+    peers: &[String],
+) -> Vec<String> {
+    [
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "up",
+        "--no-bundled-roles",
+        "--node-name",
+        name,
+        "--api",
+        api,
+        "--transport",
+        transport,
+        "--bootstrap",
+        "--peers",
+        &peers.join(","),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// A `hivemind up` process started from the binary next to this benchmark.
 pub struct HostProcess {
     pub child: std::process::Child,

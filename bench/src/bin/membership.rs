@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hivemind::membership::GossipPreset;
 use hivemind::membership::simulation::{SimulationSetup, run};
-use hivemind_bench::{Api, millis, summarize};
+use hivemind_bench::{Api, bootstrap_args, free_port, millis, summarize};
 use serde_json::{Value, json};
 
 const HOSTS: usize = 5;
@@ -30,14 +30,6 @@ const SECRET: &str = "bench-cluster-secret-0123456789";
 const PATIENCE: Duration = Duration::from_secs(60);
 const CALLS: usize = 2000;
 const CALL_THREADS: usize = 16;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Host {
     name: String,
@@ -98,23 +90,7 @@ fn start_cluster(dir: &std::path::Path) -> anyhow::Result<Vec<Host>> {
     for (i, transport) in transports.iter().enumerate() {
         let data = dir.join(format!("n{i}"));
         let api = format!("127.0.0.1:{}", free_port());
-        let args = [
-            "--data-dir",
-            &data.display().to_string(),
-            "up",
-            "--no-bundled-roles",
-            "--node-name",
-            &format!("n{i}"),
-            "--api",
-            &api,
-            "--transport",
-            transport,
-            "--bootstrap",
-            "--peers",
-            &transports.join(","),
-        ]
-        .map(String::from)
-        .to_vec();
+        let args = bootstrap_args(&data, &format!("n{i}"), &api, transport, &transports);
         let mut host = Host {
             name: format!("n{i}"),
             data,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use base64::Engine;
-use hivemind_bench::{Api, millis, summarize};
+use hivemind_bench::{Api, bootstrap_args, free_port, millis, summarize};
 use serde_json::json;
 
 const MEMBERS: usize = 3;
@@ -29,14 +29,6 @@ const FAILOVER_CLIENTS: usize = 8;
 /// Bytes of every written value.
 const PAYLOAD_BYTES: usize = 128;
 const SECRET: &str = "bench-cluster-secret-0123456789";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One member process of either system, restartable with the same command.
 struct Member {
@@ -140,23 +132,7 @@ impl Cluster {
             let client = format!("127.0.0.1:{}", free_port());
             members.push(Member {
                 program: binary.display().to_string(),
-                args: [
-                    "--data-dir",
-                    &data.display().to_string(),
-                    "up",
-                    "--no-bundled-roles",
-                    "--node-name",
-                    &format!("n{i}"),
-                    "--api",
-                    &client,
-                    "--transport",
-                    transport,
-                    "--bootstrap",
-                    "--peers",
-                    &transports.join(","),
-                ]
-                .map(String::from)
-                .to_vec(),
+                args: bootstrap_args(&data, &format!("n{i}"), &client, transport, &transports),
                 env: vec![
                     ("HIVEMIND_CLUSTER_SECRET".into(), SECRET.into()),
                     ("RUST_LOG".into(), "error".into()),
