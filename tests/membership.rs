@@ -128,6 +128,18 @@ fn a_clean_stop_is_recorded_as_left() {
     wait_nodes(&cluster.nodes[0], "the stopped node is listed as left", |nodes| {
         entry(nodes, &leaving_id).is_some_and(|entry| entry["health"] == json!("left"))
     });
+    let (status, table) = cluster.nodes[0]
+        .client()
+        .send("GET", "/v1/nodes?format=text", b"", "text/plain")
+        .unwrap();
+    let table = String::from_utf8_lossy(&table).into_owned();
+    assert_eq!(status, 200, "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|line| line.starts_with(&cluster.nodes[2].name) && line.contains("left")),
+        "{table}"
+    );
     let left = cluster.converged_events("node.left", 1);
     assert_eq!(left.iter().filter(|(_, key)| *key == leaving_id).count(), 1, "{left:?}");
     // Well past the failure detector and the grace: still no node.failed.

@@ -446,13 +446,15 @@ struct NodesQuery {
     wait_stable_ms: Option<u64>,
     /// How long either wait may take; 30 s by default.
     timeout_ms: Option<u64>,
+    /// `text` for the registry's human dump instead of JSON.
+    format: Option<String>,
 }
 
 /// `GET /v1/nodes`: the registry, the node × role table.
 async fn list_nodes(
     State(state): State<ApiState>,
     query: Result<Query<NodesQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let Query(query) = query.map_err(|error| {
         ApiError::new(
             400,
@@ -476,11 +478,19 @@ async fn list_nodes(
         ),
         None => None,
     };
-    Ok(Json(json!({
-        "last_changed": state.registry.last_changed(),
-        "stable": stable,
-        "nodes": state.registry.nodes(query.role.as_deref(), query.healthy),
-    })))
+    match query.format.as_deref() {
+        None | Some("json") => Ok(Json(json!({
+            "last_changed": state.registry.last_changed(),
+            "stable": stable,
+            "nodes": state.registry.nodes(query.role.as_deref(), query.healthy),
+        }))
+        .into_response()),
+        Some("text") => Ok(state.registry.dump().into_response()),
+        Some(other) => Err(ApiError::new(
+            400,
+            format!("format={other} is not one of `json`, `text`"),
+        )),
+    }
 }
 
 #[derive(Deserialize)]

@@ -367,6 +367,21 @@ mod tests {
         assert!(by_id(2).healthy && by_id(2).runs("dns"));
         assert!(!by_id(3).healthy);
         assert!(!by_id(9).healthy && !by_id(9).admitted && by_id(9).name == "gossip-9");
+
+        let registry = Registry::new(1, address("a"));
+        registry.update(&inputs);
+        let dump = registry.dump();
+        assert_eq!(dump.lines().count(), 4, "{dump}");
+        assert!(
+            dump.lines()
+                .any(|line| line.starts_with("a ") && line.contains("healthy") && line.contains("nginx@0.1.0")),
+            "{dump}"
+        );
+        assert!(
+            dump.lines()
+                .any(|line| line.starts_with("c ") && line.contains("failed")),
+            "{dump}"
+        );
     }
 
     /// `last_changed` moves only when the table changes, and waiters wake.
