@@ -545,7 +545,8 @@ impl QuorumLog {
             ..Default::default()
         };
         let config = Arc::new(config.validate()?);
-        let (log_store, state_machine, applied) = storage::open(&store)?;
+        let (mut log_store, state_machine, applied) = storage::open(&store)?;
+        log_store.set_node_id(id);
         let connector = files.identity.connector()?;
         let raft = Raft::new(
             id,

@@ -212,6 +212,11 @@ pub struct LogStore {
     /// Tells the purger how far the log is purged.
     purged: Arc<watch::Sender<Option<u64>>>,
     writes: std::sync::mpsc::Sender<LogWrite>,
+    /// Appends sent to the writer and not yet done.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// This node, once known: entries another leader made are a follower's
+    /// appends, which openraft waits for anyway.
+    me: Option<NodeId>,
 }
 
 /// Work for the log writer thread, done in the order sent.
@@ -225,7 +230,12 @@ enum LogWrite {
 }
 
 /// The log writer thread: group-commits queued appends, then reports them.
-fn write_log(db: Arc<Database>, tail: Arc<std::sync::RwLock<LogTail>>, writes: std::sync::mpsc::Receiver<LogWrite>) {
+fn write_log(
+    db: Arc<Database>,
+    tail: Arc<std::sync::RwLock<LogTail>>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    writes: std::sync::mpsc::Receiver<LogWrite>,
+) {
     while let Ok(first) = writes.recv() {
         let mut batch = vec![first];
         while let Ok(next) = writes.try_recv() {
@@ -258,6 +268,7 @@ fn write_log(db: Arc<Database>, tail: Arc<std::sync::RwLock<LogTail>>, writes: s
         for write in batch {
             match write {
                 LogWrite::Append { callback, .. } => {
+                    queued.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     callback.log_io_completed(result.clone().map_err(std::io::Error::other));
                 }
                 LogWrite::Barrier(done) => {
@@ -284,18 +295,28 @@ impl LogStore {
             .spawn(move || delete_purged(thread_db, watch))
             .expect("start the log purger thread");
         let tail = Arc::new(std::sync::RwLock::new(LogTail::default()));
-        let (writes, queued) = std::sync::mpsc::channel();
-        let (thread_db, thread_tail) = (db.clone(), tail.clone());
+        let (writes, received) = std::sync::mpsc::channel();
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (thread_db, thread_tail, thread_queued) = (db.clone(), tail.clone(), queued.clone());
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || write_log(thread_db, thread_tail, queued))
+            .spawn(move || write_log(thread_db, thread_tail, thread_queued, received))
             .expect("start the log writer thread");
         LogStore {
             db,
             tail,
             purged: Arc::new(purged),
             writes,
+            queued,
+            me: None,
         }
+    }
+
+    /// Names this node, so appends of entries another leader made (this
+    /// node following) commit inline: openraft waits for them before it
+    /// answers the leader, and a thread hop would only add latency.
+    pub fn set_node_id(&mut self, me: NodeId) {
+        self.me = Some(me);
     }
 
     /// Waits until every append sent so far is durable.
@@ -565,13 +586,44 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map(|(entry, (_, bytes))| (entry, bytes.len()))
                 .collect(),
         );
+        let following = self.me.is_some_and(|me| {
+            encoded
+                .first()
+                .is_some_and(|(log_id, _)| log_id.leader_id.node_id != me)
+        });
+        // With appends still queued (this node led a moment ago), the
+        // writer keeps the order.
+        if following && self.queued.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            let last = encoded.last().map(|(log_id, _)| log_id.index);
+            let result = self.commit(ErrorSubject::Logs, |txn| {
+                let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
+                for (log_id, bytes) in &encoded {
+                    table.insert(log_id.index, bytes.as_slice()).map_err(write_error)?;
+                }
+                Ok(())
+            });
+            if result.is_ok()
+                && let Some(last) = last
+            {
+                self.tail.write().unwrap().mark_durable(last);
+            }
+            callback.log_io_completed(
+                result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|error| std::io::Error::other(error.to_string())),
+            );
+            return result;
+        }
         let entries = encoded
             .into_iter()
             .map(|(log_id, bytes)| (log_id.index, bytes))
             .collect();
-        self.writes
-            .send(LogWrite::Append { entries, callback })
-            .map_err(|_| io_error(ErrorSubject::Logs, ErrorVerb::Write, "the log writer stopped"))
+        self.queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.writes.send(LogWrite::Append { entries, callback }).map_err(|_| {
+            self.queued.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            io_error(ErrorSubject::Logs, ErrorVerb::Write, "the log writer stopped")
+        })
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
