@@ -911,3 +911,21 @@ fn print_status(status: &Value, roles: &Value) {
         }
     }
 }
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+
+    /// Durations take ms, s, m or bare seconds; anything else is refused
+    /// with the fix in the message.
+    #[test]
+    fn durations_parse_with_units_and_refuse_the_rest() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("2x").unwrap_err().contains("use ms, s or m"));
+        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("-1s").unwrap_err().contains("not a duration"));
+    }
+}

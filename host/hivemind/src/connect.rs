@@ -204,7 +204,7 @@ impl Connect {
         let link = self.link(node);
         let _use = LinkUse(link.clone());
         let in_flight = link.in_flight.fetch_add(1, Ordering::SeqCst);
-        let _slot = scopeguard(&link.in_flight);
+        let _slot = release_on_drop(&link.in_flight);
         if in_flight >= self.limits.max_in_flight {
             return Err(HostError::Overloaded(format!(
                 "{} calls to node {node} are already in flight; try again",
@@ -354,7 +354,7 @@ impl Connect {
 }
 
 /// Decrements the counter when dropped.
-fn scopeguard(counter: &AtomicUsize) -> impl Drop + '_ {
+fn release_on_drop(counter: &AtomicUsize) -> impl Drop + '_ {
     struct Release<'a>(&'a AtomicUsize);
     impl Drop for Release<'_> {
         fn drop(&mut self) {

@@ -115,7 +115,7 @@ pub struct GossipMember {
     pub liveness: Liveness,
 }
 
-/// Packets this node dropped, by reason.
+/// Datagrams this node sent and received, and those it dropped, by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GossipCounters {
     pub sent: u64,
