@@ -463,3 +463,79 @@ async fn call_reaches_local_roles_and_refuses_other_nodes() {
     assert!(remote.error().contains("not a member"), "{}", remote.error());
     host.stop().await;
 }
+
+/// A role built against the first contract, `hivemind:role@0.1.0`, loads
+/// and works on a host that implements a later, compatible one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_built_against_the_first_contract_still_loads() {
+    let host = TestHost::start().await;
+    let legacy = read(artifacts::ROLE_LEGACY);
+    host.drop_role("legacy", &legacy, None);
+    host.wait_live("legacy", &legacy).await;
+    let reply = host.api().role("legacy", "hello", &[]).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().starts_with("legacy on "), "{}", reply.text());
+    host.stop().await;
+}
+
+/// A tiny HTTP server: 200 on `/ok`, 500 on anything else.
+async fn http_server() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 1024];
+                let read = stream.read(&mut request).await.unwrap_or(0);
+                let status = if request[..read].starts_with(b"GET /ok ") {
+                    "200 OK"
+                } else {
+                    "500 Oops"
+                };
+                let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    address
+}
+
+/// `check` probes TCP and HTTP targets the manifest grants: a listening
+/// port and a 2xx answer are healthy, a closed port and a 500 are not (with
+/// the reason), and an ungranted host is denied naming the grant.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_checks_run_only_on_granted_hosts() {
+    let host = TestHost::start().await;
+    host.drop_role("probe", &probe(), Some("[grants]\ncheck = [\"127.0.0.1\"]\n"));
+    host.wait_live("probe", &probe()).await;
+    let server = http_server().await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let check = |kind: &'static str, target: String| {
+        let api = host.api();
+        async move { api.role("probe", "check", &[kind, &target]).await.json() }
+    };
+    let open = check("tcp", server.to_string()).await;
+    assert_eq!(open["healthy"], true, "{open}");
+    let refused = check("tcp", closed.to_string()).await;
+    assert_eq!(refused["healthy"], false, "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains(&closed.to_string()),
+        "{refused}"
+    );
+    let ok = check("http", format!("http://{server}/ok")).await;
+    assert_eq!(ok["healthy"], true, "{ok}");
+    let failing = check("http", format!("http://{server}/broken")).await;
+    assert_eq!(failing["healthy"], false, "{failing}");
+    assert!(failing["error"].as_str().unwrap().contains("500"), "{failing}");
+    let denied = check("tcp", "localhost:80".to_string()).await;
+    assert_eq!(denied["denied"], true, "{denied}");
+    assert!(denied["error"].as_str().unwrap().contains("grants.check"), "{denied}");
+    let garbage = check("tcp", "no-port-here".to_string()).await;
+    assert_eq!(garbage["healthy"], false, "{garbage}");
+    assert!(garbage["error"].as_str().unwrap().contains("HOST:PORT"), "{garbage}");
+    host.stop().await;
+}

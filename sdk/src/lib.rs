@@ -78,7 +78,7 @@ pub mod bindings {
 /// Re-exported so a role needs no direct dependency on wit-bindgen.
 pub use wit_bindgen;
 
-pub use bindings::hivemind::role::host::{ExecOutput, Level};
+pub use bindings::hivemind::role::host::{ExecOutput, HealthCheck, Level};
 pub use bindings::hivemind::role::types::{Description, Event, HostError, Node, Request, Response};
 
 /// A role's handlers. Only [`Role::describe`] is required.
@@ -288,7 +288,7 @@ impl Response {
 /// Calls into the host: logging, the event log, the node table, config, the
 /// connect layer, files and programs.
 pub mod host {
-    use super::{ExecOutput, HostError, Level, Node, Request, Response};
+    use super::{ExecOutput, HealthCheck, HostError, Level, Node, Request, Response};
     use crate::bindings::hivemind::role::host as raw;
     use serde::Serialize;
     use serde::de::DeserializeOwned;
@@ -344,6 +344,19 @@ pub mod host {
     /// Runs a granted program.
     pub fn exec(program: &str, args: &[String], timeout_ms: u32) -> Result<ExecOutput, HostError> {
         raw::exec(program, args, timeout_ms)
+    }
+
+    /// Checks that a TCP connection to `address` (`host:port`) opens within
+    /// `timeout_ms`; `Ok` with the milliseconds it took. The host must be
+    /// listed in the manifest's `grants.check`.
+    pub fn check_tcp(address: &str, timeout_ms: u32) -> Result<u32, HostError> {
+        raw::check(&HealthCheck::Tcp(address.to_string()), timeout_ms)
+    }
+
+    /// Checks that a GET of `url` (`http://host:port/path`) answers 2xx
+    /// within `timeout_ms`; `Ok` with the milliseconds it took.
+    pub fn check_http(url: &str, timeout_ms: u32) -> Result<u32, HostError> {
+        raw::check(&HealthCheck::Http(url.to_string()), timeout_ms)
     }
 }
 

@@ -53,6 +53,9 @@ impl RoleHost for QuietHost {
     async fn exec(&self, _: String, _: Vec<String>, _: u32) -> Result<ExecOutput, HostError> {
         Err(HostError::Denied("bench".into()))
     }
+    async fn check(&self, _: hivemind_runtime::HealthCheck, _: u32) -> Result<u32, HostError> {
+        Err(HostError::Denied("bench".into()))
+    }
     async fn state_get(&self, _: String) -> Result<Option<Vec<u8>>, HostError> {
         Ok(None)
     }

@@ -21,7 +21,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use hivemind::role::host::{ExecOutput, Level};
+pub use hivemind::role::host::{ExecOutput, HealthCheck, Level};
 pub use hivemind::role::types::{HostError, Node};
 
 /// Data of one instance's store.
@@ -208,6 +208,11 @@ impl hivemind::role::host::Host for InstanceState {
     ) -> wasmtime::Result<Result<ExecOutput, HostError>> {
         let host = self.host.clone();
         Ok(host_time!(self, host.exec(program, args, timeout_ms).await))
+    }
+
+    async fn check(&mut self, target: HealthCheck, timeout_ms: u32) -> wasmtime::Result<Result<u32, HostError>> {
+        let host = self.host.clone();
+        Ok(host_time!(self, host.check(target, timeout_ms).await))
     }
 }
 

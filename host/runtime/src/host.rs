@@ -6,7 +6,7 @@
 //! plug into: the event log's backing, the node table and the connect layer
 //! change behind it, never the WIT.
 
-use crate::{Event, ExecOutput, HostError, Level, Node, Request, Response};
+use crate::{Event, ExecOutput, HealthCheck, HostError, Level, Node, Request, Response};
 
 /// The host services one role's instances call into. One value per loaded
 /// version of a role, shared by all its instances.
@@ -41,6 +41,9 @@ pub trait RoleHost: Send + Sync + 'static {
 
     /// Runs a granted program.
     async fn exec(&self, program: String, args: Vec<String>, timeout_ms: u32) -> Result<ExecOutput, HostError>;
+
+    /// Runs one granted health check; `Ok` with the milliseconds it took.
+    async fn check(&self, target: HealthCheck, timeout_ms: u32) -> Result<u32, HostError>;
 
     /// The role's durable state.
     async fn state_get(&self, key: String) -> Result<Option<Vec<u8>>, HostError>;

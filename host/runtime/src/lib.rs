@@ -25,7 +25,7 @@ mod host;
 mod limits;
 mod role;
 
-pub use bindings::{Description, Event, ExecOutput, HostError, Level, Node, Request, Response};
+pub use bindings::{Description, Event, ExecOutput, HealthCheck, HostError, Level, Node, Request, Response};
 pub use engine::{Allocator, CompiledRole, EPOCH_TICK, Runtime, RuntimeConfig};
 pub use error::{CallError, LoadError};
 pub use host::{FailureKind, RoleFailure, RoleHost};
@@ -33,4 +33,4 @@ pub use limits::RoleLimits;
 pub use role::{LoadedRole, RoleStats};
 
 /// The version of the role contract this runtime implements.
-pub const CONTRACT: &str = "hivemind:role@0.1.0";
+pub const CONTRACT: &str = "hivemind:role@0.1.1";

@@ -14,6 +14,7 @@
 //! emit = ["service."]                  # event kind prefixes it may emit (default: none)
 //! write_dir = "/etc/nginx/hivemind"    # where write-file may write (default: nowhere)
 //! exec = ["nginx -t", "nginx -s reload"]  # command prefixes it may run (default: none)
+//! check = ["127.0.0.1"]                  # hosts it may health-check (default: none; "*" for any)
 //!
 //! [[listeners]]
 //! name = "dns"                 # passed to on-packet
@@ -67,6 +68,10 @@ pub struct Grants {
     pub write_dir: Option<PathBuf>,
     #[serde(default)]
     pub exec: Vec<String>,
+    /// Hosts the role may health-check (`check`): names or addresses as
+    /// written in the check's target, or `*` for any.
+    #[serde(default)]
+    pub check: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -3,9 +3,11 @@
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hivemind_runtime::{Event, ExecOutput, HostError, Level, Node, Request, Response, RoleFailure, RoleHost};
+use hivemind_runtime::{
+    Event, ExecOutput, HealthCheck, HostError, Level, Node, Request, Response, RoleFailure, RoleHost,
+};
 
 use crate::log::{EventLog, LogError, NewEvent};
 use crate::notify::Notifier;
@@ -20,6 +22,23 @@ const MAX_WRITE_BYTES: usize = 8 << 20;
 const MAX_EXEC_OUTPUT: usize = 1 << 20;
 /// Longest a granted program may run.
 const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// A health check that takes longer than this is a failed one anyway.
+const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The host part of a check's `host:port` target, as the grant names it;
+/// `default_port` (if any) stands in for a missing port.
+fn check_host_of(target: &str, default_port: &str) -> Result<String, HostError> {
+    let invalid = || HostError::Invalid(format!("`{target}` is not HOST:PORT"));
+    let (host, port) = match target.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') => (host, port),
+        _ if !default_port.is_empty() => (target, default_port),
+        _ => return Err(invalid()),
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(invalid());
+    }
+    Ok(host.trim_start_matches('[').trim_end_matches(']').to_string())
+}
 
 /// Everything a role's imports reach, shared by the daemon's subsystems.
 #[derive(Clone)]
@@ -163,6 +182,60 @@ impl RoleHost for RoleServices {
         tokio::task::spawn_blocking(move || write_atomically(&target, &contents))
             .await
             .map_err(|error| HostError::Failed(error.to_string()))?
+    }
+
+    async fn check(&self, target: HealthCheck, timeout_ms: u32) -> Result<u32, HostError> {
+        let timeout = Duration::from_millis(timeout_ms.max(1) as u64).min(MAX_CHECK_TIMEOUT);
+        let (what, host, started) = match &target {
+            HealthCheck::Tcp(address) => ("TCP", check_host_of(address, "")?, Instant::now()),
+            HealthCheck::Http(url) => {
+                let rest = url.strip_prefix("http://").ok_or_else(|| {
+                    HostError::Invalid(format!("`{url}` is not an http:// URL; write http://HOST:PORT/PATH"))
+                })?;
+                (
+                    "HTTP",
+                    check_host_of(rest.split('/').next().unwrap_or(""), "80")?,
+                    Instant::now(),
+                )
+            }
+        };
+        let granted = self
+            .manifest
+            .grants
+            .check
+            .iter()
+            .any(|grant| grant == "*" || grant.eq_ignore_ascii_case(&host));
+        if !granted {
+            return Err(HostError::Denied(format!(
+                "role `{}` may not check `{host}`; add \"{host}\" (or \"*\") to grants.check in {}.toml",
+                self.name, self.name
+            )));
+        }
+        let outcome = match target {
+            HealthCheck::Tcp(address) => tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address.clone()))
+                .await
+                .map_err(|_| format!("no TCP connection to {address} within {} ms", timeout.as_millis()))
+                .and_then(|connected| connected.map(drop).map_err(|error| format!("TCP {address}: {error}"))),
+            HealthCheck::Http(url) => {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .timeout_global(Some(timeout))
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
+                tokio::task::spawn_blocking(move || match agent.get(&url).call() {
+                    Ok(response) if response.status().is_success() => Ok(()),
+                    Ok(response) => Err(format!("GET {url} answered {}", response.status())),
+                    Err(error) => Err(format!("GET {url}: {error}")),
+                })
+                .await
+                .map_err(|error| error.to_string())
+                .and_then(|result| result)
+            }
+        };
+        match outcome {
+            Ok(()) => Ok(started.elapsed().as_millis().min(u32::MAX as u128) as u32),
+            Err(reason) => Err(HostError::Unavailable(format!("{what} check failed: {reason}"))),
+        }
     }
 
     async fn exec(&self, program: String, args: Vec<String>, timeout_ms: u32) -> Result<ExecOutput, HostError> {

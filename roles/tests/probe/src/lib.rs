@@ -119,6 +119,23 @@ impl Role for Probe {
                 ),
                 Err(error) => Response::error(403, error.message()),
             },
+            "check" => {
+                let result = match arg(0) {
+                    "tcp" => host::check_tcp(arg(1), 2000),
+                    _ => host::check_http(arg(1), 2000),
+                };
+                match result {
+                    Ok(millis) => Response::json(200, &serde_json::json!({ "healthy": true, "ms": millis })),
+                    Err(error) => Response::json(
+                        200,
+                        &serde_json::json!({
+                            "healthy": false,
+                            "denied": matches!(error, hivemind_sdk::HostError::Denied(_)),
+                            "error": error.message(),
+                        }),
+                    ),
+                }
+            }
             "sleep" => {
                 let millis = arg(0).parse().unwrap_or(100);
                 std::thread::sleep(std::time::Duration::from_millis(millis));
