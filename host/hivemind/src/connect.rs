@@ -520,7 +520,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_calls_share_one_connection() {
         let (connect, _registry, _, _shutdown) = setup(limits()).await;
-        let peer = crate::registry::node_id_text(PEER);
+        let peer = crate::quorum::hex_id(PEER);
         let calls = (0..4).map(|_| connect.call(&peer, "echo", request()));
         for response in futures::future::join_all(calls).await {
             assert_eq!(response.unwrap().body, b"echo");
@@ -536,7 +536,7 @@ mod tests {
     async fn a_peer_declared_down_fails_calls_in_flight_at_once() {
         let (connect, registry, transport, _shutdown) = setup(limits()).await;
         tokio::spawn(connect.clone().maintain(CancellationToken::new()));
-        let peer = crate::registry::node_id_text(PEER);
+        let peer = crate::quorum::hex_id(PEER);
         let waiting = {
             let (connect, peer) = (connect.clone(), peer.clone());
             tokio::spawn(async move { connect.call(&peer, "slow", request()).await })
@@ -562,7 +562,7 @@ mod tests {
     #[tokio::test]
     async fn calls_past_the_bound_are_refused() {
         let (connect, _registry, _, _shutdown) = setup(limits()).await;
-        let peer = crate::registry::node_id_text(PEER);
+        let peer = crate::quorum::hex_id(PEER);
         let mut slow = Vec::new();
         for _ in 0..4 {
             let (connect, peer) = (connect.clone(), peer.clone());
@@ -585,7 +585,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_link_is_closed() {
         let (connect, _registry, _, _shutdown) = setup(limits()).await;
-        let peer = crate::registry::node_id_text(PEER);
+        let peer = crate::quorum::hex_id(PEER);
         connect.call(&peer, "echo", request()).await.unwrap();
         connect.sweep();
         assert_eq!(connect.open_links(), 1, "a link in recent use stays");

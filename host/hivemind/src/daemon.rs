@@ -304,15 +304,9 @@ async fn start_gossip(
     let now_ms = crate::quorum::now_ms();
     let generation = membership::identity::next_generation(previous, now_ms);
     store.set_setting(GENERATION_SETTING, Some(&generation.to_string()))?;
-    let transport_addr = &address.transport;
-    let advertise = match transport_addr.parse::<SocketAddr>() {
-        Ok(addr) => addr,
-        Err(_) => tokio::net::lookup_host(transport_addr)
-            .await
-            .ok()
-            .and_then(|mut addrs| addrs.next())
-            .with_context(|| format!("cannot resolve the advertised address {transport_addr} for gossip"))?,
-    };
+    let advertise = membership::gossip_address(&address.transport)
+        .await
+        .with_context(|| format!("cannot resolve the advertised address {} for gossip", address.transport))?;
     let metadata = NodeMetadata {
         node,
         generation,

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::membership::{GossipView, Liveness};
-use crate::quorum::{MemberRecord, NodeAddress, NodeHealth, NodeId};
+use crate::quorum::{MemberRecord, NodeAddress, NodeHealth, NodeId, hex_id};
 
 /// One node as the registry shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -80,10 +80,6 @@ pub struct RegistryInputs {
     pub local_roles: Vec<(String, String)>,
 }
 
-pub fn node_id_text(id: NodeId) -> String {
-    format!("{id:016x}")
-}
-
 /// Builds the table: every admitted member, then every node only gossip
 /// knows, sorted by name then id.
 pub fn build_table(me: NodeId, me_address: &NodeAddress, inputs: &RegistryInputs) -> Vec<NodeEntry> {
@@ -118,7 +114,7 @@ pub fn build_table(me: NodeId, me_address: &NodeAddress, inputs: &RegistryInputs
             // before the members table names it.
             let admitted = record.is_some() || (is_self && inputs.members.is_empty());
             NodeEntry {
-                id: node_id_text(id),
+                id: hex_id(id),
                 name: address
                     .map(|address| address.name.clone())
                     .or_else(|| metadata.map(|metadata| metadata.name.clone()))
@@ -180,7 +176,7 @@ impl Registry {
     }
 
     pub fn self_id(&self) -> String {
-        node_id_text(self.me)
+        hex_id(self.me)
     }
 
     /// Rebuilds the table; bumps `last_changed` when it differs.
@@ -362,7 +358,7 @@ mod tests {
             local_roles: vec![("nginx".into(), "0.1.0".into())],
         };
         let table = build_table(1, &address("a"), &inputs);
-        let by_id = |id: NodeId| table.iter().find(|node| node.id == node_id_text(id)).unwrap();
+        let by_id = |id: NodeId| table.iter().find(|node| node.id == hex_id(id)).unwrap();
         assert!(by_id(1).healthy && by_id(1).is_self && by_id(1).runs("nginx"));
         assert!(by_id(2).healthy && by_id(2).runs("dns"));
         assert!(!by_id(3).healthy);

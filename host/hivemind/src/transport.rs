@@ -725,11 +725,6 @@ impl MuxConnection {
     pub fn close(&self) {
         self.closed.cancel();
     }
-
-    /// Resolves once the connection is closed, from either side.
-    pub async fn closed(&self) {
-        self.closed.cancelled().await
-    }
 }
 
 impl Drop for MuxConnection {

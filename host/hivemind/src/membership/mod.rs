@@ -62,11 +62,25 @@ pub struct GossipView {
 impl GossipView {
     /// Liveness and generation per node, as the decider wants them.
     pub fn liveness(&self) -> HashMap<NodeId, (Liveness, u64)> {
-        self.members
-            .iter()
-            .map(|member| (member.id.node, (member.liveness, member.id.generation)))
-            .collect()
+        liveness_of(&self.members)
     }
+}
+
+/// Liveness and generation per node of `members`.
+pub fn liveness_of(members: &[GossipMember]) -> HashMap<NodeId, (Liveness, u64)> {
+    members
+        .iter()
+        .map(|member| (member.id.node, (member.liveness, member.id.generation)))
+        .collect()
+}
+
+/// The UDP address gossip reaches a node at, from its transport address
+/// (`ip:port`, or `name:port` resolved once here).
+pub async fn gossip_address(transport: &str) -> Option<SocketAddr> {
+    if let Ok(addr) = transport.parse() {
+        return Some(addr);
+    }
+    tokio::net::lookup_host(transport).await.ok()?.next()
 }
 
 enum Input {
@@ -237,10 +251,13 @@ impl Driver {
                 }
                 input = inputs.recv() => match input {
                     None => break,
-                    Some(Input::Seeds(seeds)) => {
+                    // Sent on every registry refresh; only new seeds are
+                    // announced to at once, the rest wait for the tick.
+                    Some(Input::Seeds(seeds)) if seeds != self.seeds => {
                         self.seeds = seeds;
                         self.announce_to_missing();
                     }
+                    Some(Input::Seeds(_)) => {}
                     Some(Input::Roles { roles, epoch }) => self.core.set_roles_and_epoch(roles, epoch),
                     Some(Input::Size(members)) => self.core.size_for(members),
                     Some(Input::Leave(done)) => {

@@ -161,11 +161,7 @@ impl Simulation {
     }
 
     fn leader_view(&self) -> HashMap<NodeId, (Liveness, u64)> {
-        self.cores[0]
-            .members()
-            .into_iter()
-            .map(|member| (member.id.node, (member.liveness, member.id.generation)))
-            .collect()
+        super::liveness_of(&self.cores[0].members())
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::Membership;
 use super::decider::{Decision, FailureDecider};
 use crate::config::GossipSettings;
-use crate::quorum::{CommandResult, NodeHealth, NodeId, QuorumLog};
+use crate::quorum::{CommandResult, NodeHealth, NodeId, QuorumLog, hex_id};
 use crate::registry::{Registry, RegistryInputs};
 
 /// Applied entries arrive at thousands per second under load; the table is
@@ -50,7 +50,7 @@ pub async fn keep_registry(
             if *id == me {
                 continue;
             }
-            if let Some(addr) = gossip_address(&address.transport, &mut resolved).await {
+            if let Some(addr) = cached_gossip_address(&address.transport, &mut resolved).await {
                 seeds.push((*id, addr));
             }
         }
@@ -98,15 +98,12 @@ pub async fn keep_registry(
     }
 }
 
-/// The UDP address gossip reaches a member at: its transport address.
-async fn gossip_address(transport: &str, resolved: &mut BTreeMap<String, SocketAddr>) -> Option<SocketAddr> {
-    if let Ok(addr) = transport.parse() {
-        return Some(addr);
-    }
+/// The UDP address gossip reaches a member at, names resolved once.
+async fn cached_gossip_address(transport: &str, resolved: &mut BTreeMap<String, SocketAddr>) -> Option<SocketAddr> {
     if let Some(addr) = resolved.get(transport) {
         return Some(*addr);
     }
-    let addr = tokio::net::lookup_host(transport).await.ok()?.next()?;
+    let addr = super::gossip_address(transport).await?;
     resolved.insert(transport.to_string(), addr);
     Some(addr)
 }
@@ -157,7 +154,7 @@ pub async fn decide_health(
                 .await
             {
                 Ok(CommandResult::Event { seq }) => {
-                    tracing::info!(node = %format!("{id:016x}"), ?health, seq, "member health decided");
+                    tracing::info!(node = %hex_id(id), ?health, seq, "member health decided");
                 }
                 Ok(_) => {}
                 Err(error) => tracing::debug!(%error, "member health decision not committed; trying again"),

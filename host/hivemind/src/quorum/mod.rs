@@ -517,7 +517,8 @@ async fn forward_now(
 /// How long a membership change may take before it is reported failed.
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn hex_id(id: NodeId) -> String {
+/// A node id as users see it: 16 hex digits.
+pub fn hex_id(id: NodeId) -> String {
     format!("{id:016x}")
 }
 

@@ -803,7 +803,7 @@ impl Applier<'_, '_> {
             } => {
                 let Some(member) = self.cluster.members.get_mut(&id) else {
                     return Ok(CommandResult::Refused {
-                        reason: format!("node {id:016x} is not a member of this cluster"),
+                        reason: format!("node {} is not a member of this cluster", super::hex_id(id)),
                     });
                 };
                 if member.health == health {
@@ -817,8 +817,8 @@ impl Applier<'_, '_> {
                 });
                 let seq = self.record(
                     health.event_kind().into(),
-                    format!("{id:016x}"),
-                    format!("{id:016x}"),
+                    super::hex_id(id),
+                    super::hex_id(id),
                     timestamp_ms,
                     payload,
                 )?;
