@@ -1,24 +1,42 @@
-//! The `dns` role: answers DNS for the cluster's zone on a host-owned UDP
-//! listener.
+//! The `dns` role: answers DNS for the cluster's zone (default `hive.`) on
+//! host-owned UDP and TCP listeners. It is authoritative for the zone and
+//! does not recurse: names outside it are REFUSED.
 //!
-//! This version answers for nodes: `NODE.node.ZONE` gives the node's address
-//! as A (or AAAA). The zone apex answers SOA and NS; any other name in the
-//! zone is NXDOMAIN with the SOA in the authority section (so resolvers cache
-//! the negative answer for `ttl` seconds); names outside the zone are
-//! REFUSED, because this server does not recurse.
+//! - `NODE.node.ZONE` A/AAAA: a live node's address (by name or id).
+//! - `SERVICE.service.ZONE` A/AAAA: the healthy instances' addresses, in a
+//!   new random order per answer; TXT: each instance's tags; SRV: as below.
+//! - `TAG.SERVICE.service.ZONE`: the same, only instances with that tag.
+//! - `_SERVICE._tcp.service.ZONE` SRV: port and target per healthy
+//!   instance, the targets' addresses in the additional section.
+//! - `HEX.addr.ZONE` A/AAAA: an SRV target for an instance that is not on
+//!   its node's address (`7f000001` is 127.0.0.1).
+//! - The apex answers SOA and NS. A name without records is NXDOMAIN, and a
+//!   name without records of the asked type is NODATA, both with the SOA so
+//!   resolvers cache the answer for `ttl` seconds.
 //!
-//! Config (`[config]` in dns.toml): `zone` (default `hive.`), `ttl` in
-//! seconds (default 5). Commands: `hivemind role dns records` lists what it
-//! serves; `hivemind role dns lookup NAME [TYPE]` answers one query as JSON.
+//! EDNS0 is answered (payload size `edns_payload`); an answer bigger than the
+//! client's UDP size is sent empty with the TC bit so it retries over TCP.
+//!
+//! The table comes from `service.*` and `node.*` events (see `table.rs`) and
+//! lives in the instance's memory, so a query costs no host call. The
+//! manifest runs one instance (`workers = 1`): events and queries then see
+//! the same table. Commands: `records [--json]`, `lookup NAME [TYPE]`.
 
+mod table;
+
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use domain::base::iana::{Class, Rcode};
-use domain::base::{Message, MessageBuilder, Name, Rtype, Serial, Ttl};
-use domain::rdata::{A, Aaaa, Ns, Soa};
-use hivemind_sdk::{Description, Request, Response, Role, export_role, host};
+use domain::base::iana::{Class, Opcode, OptRcode, Rcode};
+use domain::base::message_builder::{AdditionalBuilder, AnswerBuilder, AuthorityBuilder, PushError, StaticCompressor};
+use domain::base::record::ComposeRecord;
+use domain::base::{Message, MessageBuilder, Name, ParsedName, Rtype, Serial, ToName, Ttl};
+use domain::rdata::{A, Aaaa, Ns, Soa, Srv, Txt};
+use hivemind_sdk::{Description, Event, Request, Response, Role, export_role, host};
 use serde::Deserialize;
+
+use crate::table::{Served, Table};
 
 struct Dns;
 
@@ -27,6 +45,8 @@ struct Dns;
 struct Config {
     zone: String,
     ttl: u32,
+    /// The UDP payload size announced in EDNS answers.
+    edns_payload: u16,
 }
 
 impl Default for Config {
@@ -34,223 +54,537 @@ impl Default for Config {
         Config {
             zone: "hive.".into(),
             ttl: 5,
+            edns_payload: 1232,
         }
     }
 }
 
-impl Config {
-    fn load() -> Result<Config, String> {
+/// What the zone needs besides the table, built once per instance.
+struct Zone {
+    config: Config,
+    /// `hive.`, lower case with the final dot.
+    suffix: String,
+    apex: Name<Vec<u8>>,
+    ns: Name<Vec<u8>>,
+    soa: Soa<Name<Vec<u8>>>,
+    /// This node's address: the answer for `ns.ZONE`.
+    self_address: Option<IpAddr>,
+}
+
+impl Zone {
+    fn load() -> Result<Zone, String> {
         let mut config: Config = host::config()?;
         config.zone = config.zone.trim_end_matches('.').to_ascii_lowercase() + ".";
-        Ok(config)
+        if config.edns_payload < 512 {
+            return Err(format!(
+                "edns_payload {} is below 512, the DNS minimum",
+                config.edns_payload
+            ));
+        }
+        let name = |text: String| {
+            Name::<Vec<u8>>::from_str(&text)
+                .map_err(|error| format!("zone {:?} does not make a domain name ({text}): {error}", config.zone))
+        };
+        let apex = name(config.zone.clone())?;
+        let ns = name(format!("ns.{}", config.zone))?;
+        let soa = Soa::new(
+            ns.clone(),
+            name(format!("hostmaster.{}", config.zone))?,
+            Serial(1),
+            Ttl::from_secs(3600),
+            Ttl::from_secs(600),
+            Ttl::from_secs(86400),
+            Ttl::from_secs(config.ttl),
+        );
+        Ok(Zone {
+            suffix: config.zone.clone(),
+            apex,
+            ns,
+            soa,
+            self_address: table::ip_of(&host::self_node().address),
+            config,
+        })
     }
 }
 
-/// A record this role serves.
-#[derive(serde::Serialize)]
-struct Answer {
-    name: String,
-    r#type: &'static str,
-    ttl: u32,
-    data: String,
+/// The instance's zone and table; `None` until first used.
+struct Loaded {
+    zone: Zone,
+    table: Table,
+    /// xorshift state for shuffling answers.
+    shuffle: u64,
 }
 
-/// What a name in the zone resolves to.
-enum Lookup {
-    /// The name exists; these are its records of the asked type (maybe none).
-    Records(Vec<(Rtype, IpAddr)>),
-    /// The zone apex itself.
+thread_local! {
+    static LOADED: RefCell<Option<Loaded>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` on the instance's table, loading it from state first if this
+/// instance has none yet.
+fn with_loaded<T>(f: impl FnOnce(&mut Loaded) -> T) -> Result<T, String> {
+    LOADED.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            let zone = Zone::load()?;
+            let mut table = Table::load(&zone.suffix)?;
+            table.rebuild(&zone.suffix);
+            *slot = Some(Loaded {
+                shuffle: 0x9e37_79b9_7f4a_7c15 ^ table.last_seq,
+                zone,
+                table,
+            });
+        }
+        Ok(f(slot.as_mut().expect("loaded above")))
+    })
+}
+
+/// Where a name in the zone points.
+enum Found<'a> {
     Apex,
+    NameServer,
+    Node(IpAddr),
+    Address(IpAddr),
+    /// Healthy instances of a service, filtered by tag when asked.
+    Service(Vec<&'a Served>),
+    /// `_SERVICE._tcp`: SRV only.
+    ServiceSrv(Vec<&'a Served>),
     NxDomain,
     Refused,
 }
 
-fn lookup(config: &Config, qname: &str, qtype: Rtype) -> Lookup {
+fn find<'a>(zone: &Zone, table: &'a Table, qname: &str) -> Found<'a> {
     let qname = qname.trim_end_matches('.').to_ascii_lowercase() + ".";
-    let Some(inside) = qname.strip_suffix(config.zone.as_str()) else {
-        return Lookup::Refused;
+    let inside = if qname == zone.suffix {
+        ""
+    } else {
+        match qname
+            .strip_suffix(zone.suffix.as_str())
+            .and_then(|rest| rest.strip_suffix('.'))
+        {
+            Some(inside) => inside,
+            None => return Found::Refused,
+        }
     };
     if inside.is_empty() {
-        return Lookup::Apex;
+        return Found::Apex;
     }
-    let Some(node_name) = inside.strip_suffix(".node.") else {
-        return Lookup::NxDomain;
-    };
-    let nodes = host::nodes(None, true);
-    let Some(node) = nodes
-        .iter()
-        .find(|node| node.name.eq_ignore_ascii_case(node_name) || node.id == node_name)
-    else {
-        return Lookup::NxDomain;
-    };
-    let address = node_ip(&node.address);
-    let records = match (address, qtype) {
-        (Some(ip @ IpAddr::V4(_)), Rtype::A) => vec![(Rtype::A, ip)],
-        (Some(ip @ IpAddr::V6(_)), Rtype::AAAA) => vec![(Rtype::AAAA, ip)],
-        (Some(ip @ IpAddr::V4(_)), Rtype::ANY) => vec![(Rtype::A, ip)],
-        (Some(ip @ IpAddr::V6(_)), Rtype::ANY) => vec![(Rtype::AAAA, ip)],
-        _ => Vec::new(),
-    };
-    Lookup::Records(records)
-}
-
-/// The IP part of a node address (`IP:PORT`, `[IPv6]:PORT` or a bare IP).
-fn node_ip(address: &str) -> Option<IpAddr> {
-    if let Ok(socket) = std::net::SocketAddr::from_str(address) {
-        return Some(socket.ip());
+    if inside == "ns" {
+        return Found::NameServer;
     }
-    IpAddr::from_str(address).ok()
+    let labels: Vec<&str> = inside.rsplit('.').collect();
+    let instances = |service: &str, tag: Option<&str>| -> Vec<&'a Served> {
+        table
+            .services
+            .get(service)
+            .map(|all| {
+                all.iter()
+                    .filter(|served| tag.is_none_or(|tag| served.tags.iter().any(|t| t.eq_ignore_ascii_case(tag))))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let found = match labels.as_slice() {
+        ["node", name] => table.node_addresses.get(*name).map(|address| Found::Node(*address)),
+        ["addr", label] => table.addresses.get(*label).map(|address| Found::Address(*address)),
+        ["service", "_tcp", service] => service
+            .strip_prefix('_')
+            .map(|service| Found::ServiceSrv(instances(service, None))),
+        ["service", service] => Some(Found::Service(instances(service, None))),
+        ["service", service, tag] => Some(Found::Service(instances(service, Some(tag)))),
+        _ => None,
+    };
+    match found {
+        Some(Found::Service(list) | Found::ServiceSrv(list)) if list.is_empty() => Found::NxDomain,
+        Some(found) => found,
+        None => Found::NxDomain,
+    }
 }
 
-fn zone_name(config: &Config) -> Result<Name<Vec<u8>>, String> {
-    Name::from_str(&config.zone).map_err(|error| format!("zone {:?} is not a domain name: {error}", config.zone))
+/// One record of an answer.
+enum Data {
+    A(std::net::Ipv4Addr),
+    Aaaa(std::net::Ipv6Addr),
+    Srv(u16, Name<Vec<u8>>),
+    Txt(Txt<Vec<u8>>),
+    Soa,
+    Ns,
 }
 
-fn soa(config: &Config) -> Result<Soa<Name<Vec<u8>>>, String> {
-    let mname = Name::from_str(&format!("ns.{}", config.zone)).map_err(|error| error.to_string())?;
-    let rname = Name::from_str(&format!("hostmaster.{}", config.zone)).map_err(|error| error.to_string())?;
-    let ttl = Ttl::from_secs(config.ttl);
-    Ok(Soa::new(
-        mname,
-        rname,
-        Serial(1),
-        Ttl::from_secs(3600),
-        Ttl::from_secs(600),
-        Ttl::from_secs(86400),
-        ttl,
-    ))
+impl Data {
+    fn address(address: IpAddr) -> Data {
+        match address {
+            IpAddr::V4(v4) => Data::A(v4),
+            IpAddr::V6(v6) => Data::Aaaa(v6),
+        }
+    }
+
+    fn rtype(&self) -> Rtype {
+        match self {
+            Data::A(_) => Rtype::A,
+            Data::Aaaa(_) => Rtype::AAAA,
+            Data::Srv(..) => Rtype::SRV,
+            Data::Txt(_) => Rtype::TXT,
+            Data::Soa => Rtype::SOA,
+            Data::Ns => Rtype::NS,
+        }
+    }
 }
 
-/// Answers one DNS query; `None` for input that is not a query at all.
-fn answer(config: &Config, query: &[u8]) -> Option<Vec<u8>> {
+/// Whose name a record carries.
+enum Owner {
+    /// The question's name, as the client wrote it.
+    Query,
+    Apex,
+    Named(Name<Vec<u8>>),
+}
+
+struct Reply {
+    rcode: Rcode,
+    answer: Vec<(Owner, Data)>,
+    authority: Vec<(Owner, Data)>,
+    additional: Vec<(Owner, Data)>,
+}
+
+fn txt_of(tags: &[String]) -> Option<Txt<Vec<u8>>> {
+    let mut builder = domain::rdata::rfc1035::TxtBuilder::<Vec<u8>>::new();
+    for tag in tags {
+        builder.append_slice(tag.as_bytes()).ok()?;
+        builder.close_charstr();
+    }
+    builder.finish().ok()
+}
+
+/// Fisher-Yates with xorshift: a cheap new order per answer.
+fn shuffle<T>(items: &mut [T], state: &mut u64) {
+    for index in (1..items.len()).rev() {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        items.swap(index, (*state % (index as u64 + 1)) as usize);
+    }
+}
+
+/// The records for `qtype` at `qname`.
+fn resolve(loaded: &mut Loaded, qname: &str, qtype: Rtype) -> Reply {
+    let Loaded {
+        zone,
+        table,
+        shuffle: state,
+    } = loaded;
+    let mut reply = Reply {
+        rcode: Rcode::NOERROR,
+        answer: Vec::new(),
+        authority: Vec::new(),
+        additional: Vec::new(),
+    };
+    let wants = |rtype: Rtype| qtype == rtype || qtype == Rtype::ANY;
+    let push_address = |reply: &mut Reply, address: IpAddr| {
+        let data = Data::address(address);
+        if wants(data.rtype()) {
+            reply.answer.push((Owner::Query, data));
+        }
+    };
+    match find(zone, table, qname) {
+        Found::Refused => reply.rcode = Rcode::REFUSED,
+        Found::NxDomain => reply.rcode = Rcode::NXDOMAIN,
+        Found::Apex => {
+            if wants(Rtype::SOA) {
+                reply.answer.push((Owner::Query, Data::Soa));
+            }
+            if wants(Rtype::NS) {
+                reply.answer.push((Owner::Query, Data::Ns));
+                if let Some(address) = zone.self_address {
+                    reply
+                        .additional
+                        .push((Owner::Named(zone.ns.clone()), Data::address(address)));
+                }
+            }
+        }
+        Found::NameServer => {
+            if let Some(address) = zone.self_address {
+                push_address(&mut reply, address);
+            }
+        }
+        Found::Node(address) | Found::Address(address) => push_address(&mut reply, address),
+        Found::Service(mut instances) => {
+            shuffle(&mut instances, state);
+            let mut seen = Vec::new();
+            for served in &instances {
+                if !seen.contains(&served.address) {
+                    seen.push(served.address);
+                    push_address(&mut reply, served.address);
+                }
+            }
+            if wants(Rtype::TXT) {
+                let mut tag_sets: Vec<&[String]> = Vec::new();
+                for served in &instances {
+                    if !served.tags.is_empty() && !tag_sets.contains(&served.tags.as_slice()) {
+                        tag_sets.push(&served.tags);
+                    }
+                }
+                for tags in tag_sets {
+                    if let Some(txt) = txt_of(tags) {
+                        reply.answer.push((Owner::Query, Data::Txt(txt)));
+                    }
+                }
+            }
+            if qtype == Rtype::SRV {
+                srv_records(&mut reply, &instances);
+            }
+        }
+        Found::ServiceSrv(mut instances) => {
+            shuffle(&mut instances, state);
+            if wants(Rtype::SRV) {
+                srv_records(&mut reply, &instances);
+            }
+        }
+    }
+    if reply.rcode != Rcode::REFUSED && reply.answer.is_empty() {
+        reply.authority.push((Owner::Apex, Data::Soa));
+    }
+    reply
+}
+
+fn srv_records(reply: &mut Reply, instances: &[&Served]) {
+    let mut targets: Vec<(&Name<Vec<u8>>, IpAddr)> = Vec::new();
+    for served in instances {
+        reply
+            .answer
+            .push((Owner::Query, Data::Srv(served.port, served.target.clone())));
+        if !targets.iter().any(|(target, _)| *target == &served.target) {
+            targets.push((&served.target, served.address));
+        }
+    }
+    for (target, address) in targets {
+        reply
+            .additional
+            .push((Owner::Named(target.clone()), Data::address(address)));
+    }
+}
+
+type Builder = StaticCompressor<Vec<u8>>;
+
+/// The message sections records are pushed to.
+trait Section {
+    fn push_record(&mut self, record: impl ComposeRecord) -> Result<(), PushError>;
+}
+
+impl Section for AnswerBuilder<Builder> {
+    fn push_record(&mut self, record: impl ComposeRecord) -> Result<(), PushError> {
+        self.push(record)
+    }
+}
+
+impl Section for AuthorityBuilder<Builder> {
+    fn push_record(&mut self, record: impl ComposeRecord) -> Result<(), PushError> {
+        self.push(record)
+    }
+}
+
+impl Section for AdditionalBuilder<Builder> {
+    fn push_record(&mut self, record: impl ComposeRecord) -> Result<(), PushError> {
+        self.push(record)
+    }
+}
+
+/// Pushes one record, its owner resolved to a name.
+fn push_owned(
+    section: &mut impl Section,
+    zone: &Zone,
+    qname: &ParsedName<&[u8]>,
+    owner: &Owner,
+    data: &Data,
+) -> Result<(), PushError> {
+    match owner {
+        Owner::Query => push_data(section, zone, qname, data),
+        Owner::Apex => push_data(section, zone, &zone.apex, data),
+        Owner::Named(name) => push_data(section, zone, name, data),
+    }
+}
+
+fn push_data(section: &mut impl Section, zone: &Zone, owner: impl ToName, data: &Data) -> Result<(), PushError> {
+    let ttl = zone.config.ttl;
+    match data {
+        Data::A(v4) => section.push_record((owner, Class::IN, ttl, A::new(*v4))),
+        Data::Aaaa(v6) => section.push_record((owner, Class::IN, ttl, Aaaa::new(*v6))),
+        Data::Srv(port, target) => section.push_record((owner, Class::IN, ttl, Srv::new(1, 1, *port, target))),
+        Data::Txt(txt) => section.push_record((owner, Class::IN, ttl, txt)),
+        Data::Soa => section.push_record((owner, Class::IN, ttl, &zone.soa)),
+        Data::Ns => section.push_record((owner, Class::IN, ttl, Ns::new(&zone.ns))),
+    }
+}
+
+/// Encodes `reply` for `request`; when it does not fit in `limit` bytes the
+/// answer is sent without records and with the TC bit.
+fn encode(
+    zone: &Zone,
+    request: &Message<&[u8]>,
+    qname: &ParsedName<&[u8]>,
+    reply: &Reply,
+    limit: usize,
+    edns: Option<u16>,
+) -> Option<Vec<u8>> {
+    // The OPT record takes 11 bytes; keep room for it under the limit.
+    let room = if edns.is_some() { 11 } else { 0 };
+    match build(zone, request, qname, reply, limit - room, edns, false) {
+        Ok(message) => Some(message),
+        Err(PushError::ShortBuf) => build(zone, request, qname, reply, limit - room, edns, true).ok(),
+        Err(_) => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build(
+    zone: &Zone,
+    request: &Message<&[u8]>,
+    qname: &ParsedName<&[u8]>,
+    reply: &Reply,
+    limit: usize,
+    edns: Option<u16>,
+    truncated: bool,
+) -> Result<Vec<u8>, PushError> {
+    let mut message =
+        MessageBuilder::from_target(StaticCompressor::new(Vec::with_capacity(512))).map_err(|_| PushError::ShortBuf)?;
+    message.set_push_limit(limit);
+    let mut answer = message.start_answer(request, reply.rcode)?;
+    let header = answer.header_mut();
+    header.set_aa(reply.rcode != Rcode::REFUSED);
+    header.set_ra(false);
+    header.set_tc(truncated);
+    let mut additional = if truncated {
+        answer.additional()
+    } else {
+        for (owner, data) in &reply.answer {
+            push_owned(&mut answer, zone, qname, owner, data)?;
+        }
+        let mut authority = answer.authority();
+        for (owner, data) in &reply.authority {
+            push_owned(&mut authority, zone, qname, owner, data)?;
+        }
+        let mut additional = authority.additional();
+        for (owner, data) in &reply.additional {
+            // Additional records are optional (RFC 2181 9): stop at the
+            // first that does not fit instead of truncating.
+            if push_owned(&mut additional, zone, qname, owner, data).is_err() {
+                break;
+            }
+        }
+        additional
+    };
+    finish_edns(&mut additional, edns, OptRcode::NOERROR)?;
+    Ok(additional.finish().into_target())
+}
+
+/// Adds the OPT record when the query had one.
+fn finish_edns(
+    additional: &mut AdditionalBuilder<Builder>,
+    edns: Option<u16>,
+    rcode: OptRcode,
+) -> Result<(), PushError> {
+    let Some(payload) = edns else { return Ok(()) };
+    additional.opt(|opt| {
+        opt.set_udp_payload_size(payload);
+        if rcode != OptRcode::NOERROR {
+            opt.set_rcode(rcode);
+        }
+        Ok(())
+    })
+}
+
+/// A reply to a message that is not a query we can answer.
+fn error_reply(request: &Message<&[u8]>, rcode: OptRcode, edns: Option<u16>) -> Option<Vec<u8>> {
+    let builder = MessageBuilder::from_target(StaticCompressor::new(Vec::with_capacity(64))).ok()?;
+    let mut answer = builder.start_error(request, rcode.rcode());
+    answer.header_mut().set_ra(false);
+    let mut additional = answer.additional();
+    finish_edns(&mut additional, edns, rcode).ok()?;
+    Some(additional.finish().into_target())
+}
+
+/// Answers one DNS message; `None` for input that gets no answer at all
+/// (too short for a header, or itself a response).
+fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<Vec<u8>> {
     let request = Message::from_octets(query).ok()?;
     if request.header().qr() {
         return None;
     }
-    let Ok(question) = request.sole_question() else {
-        let builder = MessageBuilder::new_vec().start_error(&request, Rcode::FORMERR);
-        return Some(builder.finish());
-    };
-    let qname = question.qname().to_string();
-    let qtype = question.qtype();
-    let zone = zone_name(config).ok()?;
-    let ttl = config.ttl;
-    let outcome = lookup(config, &qname, qtype);
-    let rcode = match outcome {
-        Lookup::Refused => Rcode::REFUSED,
-        Lookup::NxDomain => Rcode::NXDOMAIN,
-        _ => Rcode::NOERROR,
-    };
-    let mut builder = MessageBuilder::new_vec().start_answer(&request, rcode).ok()?;
-    builder.header_mut().set_aa(!matches!(outcome, Lookup::Refused));
-    builder.header_mut().set_ra(false);
-    let owner = question.qname();
-    match outcome {
-        Lookup::Refused => return Some(builder.finish()),
-        Lookup::Apex => match qtype {
-            Rtype::SOA | Rtype::ANY => {
-                builder.push((&zone, ttl, soa(config).ok()?)).ok()?;
-            }
-            Rtype::NS => {
-                let ns = Name::<Vec<u8>>::from_str(&format!("ns.{}", config.zone)).ok()?;
-                builder.push((&zone, ttl, Ns::new(ns))).ok()?;
-            }
-            _ => {
-                let mut authority = builder.authority();
-                authority.push((&zone, ttl, soa(config).ok()?)).ok()?;
-                return Some(authority.finish());
-            }
-        },
-        Lookup::Records(records) if records.is_empty() => {
-            let mut authority = builder.authority();
-            authority.push((&zone, ttl, soa(config).ok()?)).ok()?;
-            return Some(authority.finish());
-        }
-        Lookup::Records(records) => {
-            for (_, ip) in records {
-                match ip {
-                    IpAddr::V4(v4) => builder.push((owner, Class::IN, ttl, A::new(v4))).ok()?,
-                    IpAddr::V6(v6) => builder.push((owner, Class::IN, ttl, Aaaa::new(v6))).ok()?,
-                }
-            }
-        }
-        Lookup::NxDomain => {
-            let mut authority = builder.authority();
-            authority.push((&zone, ttl, soa(config).ok()?)).ok()?;
-            return Some(authority.finish());
-        }
+    let announced = loaded.zone.config.edns_payload;
+    let client_edns = request.opt();
+    let edns = client_edns.as_ref().map(|_| announced);
+    if request.header().opcode() != Opcode::QUERY {
+        return error_reply(&request, OptRcode::NOTIMP, edns);
     }
-    Some(builder.finish())
-}
-
-fn records(config: &Config) -> Vec<Answer> {
-    host::nodes(None, true)
-        .into_iter()
-        .filter_map(|node| {
-            let ip = node_ip(&node.address)?;
-            Some(Answer {
-                name: format!("{}.node.{}", node.name.to_ascii_lowercase(), config.zone),
-                r#type: if ip.is_ipv4() { "A" } else { "AAAA" },
-                ttl: config.ttl,
-                data: ip.to_string(),
-            })
-        })
-        .collect()
+    if client_edns.as_ref().is_some_and(|opt| opt.version() > 0) {
+        return error_reply(&request, OptRcode::BADVERS, edns);
+    }
+    let Ok(question) = request.sole_question() else {
+        return error_reply(&request, OptRcode::FORMERR, edns);
+    };
+    if question.qclass() != Class::IN && question.qclass() != Class::ANY {
+        return error_reply(&request, OptRcode::REFUSED, edns);
+    }
+    let limit = if over_udp {
+        let client = client_edns.as_ref().map(|opt| opt.udp_payload_size()).unwrap_or(512);
+        client.clamp(512, announced.max(512)) as usize
+    } else {
+        u16::MAX as usize
+    };
+    let qname = question.qname();
+    let reply = resolve(loaded, &qname.to_string(), question.qtype());
+    encode(&loaded.zone, &request, &qname, &reply, limit, edns)
 }
 
 impl Role for Dns {
     fn describe() -> Description {
         Description::new("dns", env!("CARGO_PKG_VERSION"))
+            .subscribe("service.")
+            .subscribe("node.")
+            // Catches up with the log now and then: events applied by the
+            // previous version while this one was loading reach it here.
+            .tick_every(1000)
     }
 
     fn init() -> Result<(), String> {
-        let config = Config::load()?;
-        zone_name(&config)?;
-        Ok(())
+        with_loaded(|_| ())
     }
 
-    fn on_packet(_listener: String, _peer: String, data: Vec<u8>) -> Option<Vec<u8>> {
-        let config = Config::load().ok()?;
-        answer(&config, &data)
+    fn on_event(event: Event) -> Result<(), String> {
+        with_loaded(|loaded| {
+            if loaded.table.apply(&event)? {
+                loaded.table.rebuild(&loaded.zone.suffix);
+            }
+            Ok(())
+        })?
+    }
+
+    fn on_tick() {
+        let outcome = with_loaded(|loaded| loaded.table.catch_up(&loaded.zone.suffix).map(|_| ()));
+        if let Err(error) | Ok(Err(error)) = outcome.map_err(|error| error.to_string()) {
+            hivemind_sdk::warn!("{error}");
+        }
+    }
+
+    fn on_packet(_listener: String, peer: String, data: Vec<u8>) -> Option<Vec<u8>> {
+        let over_udp = !peer.starts_with("tcp://");
+        with_loaded(|loaded| answer(loaded, &data, over_udp)).ok().flatten()
     }
 
     fn on_request(request: Request) -> Response {
-        let config = match Config::load() {
-            Ok(config) => config,
-            Err(error) => return Response::error(500, &error),
-        };
         let args = request.args();
-        match request.command() {
-            "records" => Response::json(200, &records(&config)),
-            "lookup" => {
-                let Some(name) = args.first() else {
-                    return Response::error(400, "usage: lookup NAME [A|AAAA|SOA|NS|ANY]");
-                };
-                let qtype = match args.get(1).map(|kind| kind.to_ascii_uppercase()).as_deref() {
-                    None | Some("A") => Rtype::A,
-                    Some("AAAA") => Rtype::AAAA,
-                    Some("SOA") => Rtype::SOA,
-                    Some("NS") => Rtype::NS,
-                    Some("ANY") => Rtype::ANY,
-                    Some(other) => return Response::error(400, &format!("record type {other} is not served")),
-                };
-                let (status, body) = match lookup(&config, name, qtype) {
-                    Lookup::Refused => ("REFUSED", Vec::new()),
-                    Lookup::NxDomain => ("NXDOMAIN", Vec::new()),
-                    Lookup::Apex => ("NOERROR", vec![format!("{} SOA", config.zone)]),
-                    Lookup::Records(records) => (
-                        "NOERROR",
-                        records.into_iter().map(|(kind, ip)| format!("{kind} {ip}")).collect(),
-                    ),
-                };
-                Response::json(
-                    200,
-                    &serde_json::json!({ "name": name, "rcode": status, "answers": body }),
-                )
-            }
-            _ => Response::not_found(&request),
-        }
+        let json = args.iter().any(|arg| arg == "--json");
+        let args: Vec<&String> = args.iter().filter(|arg| *arg != "--json").collect();
+        let outcome = with_loaded(|loaded| match request.command() {
+            "records" => commands::records(loaded, json),
+            "lookup" => commands::lookup(loaded, &args, json),
+            other => Response::error(
+                404,
+                &format!("no command {other:?}; dns has: records [--json], lookup NAME [TYPE] [--json]"),
+            ),
+        });
+        outcome.unwrap_or_else(|error| Response::error(500, &error))
     }
 }
+
+mod commands;
 
 export_role!(Dns);

@@ -66,8 +66,17 @@ pub enum Command {
         timestamp_ms: u64,
         payload: serde_json::Value,
     },
-    /// The cluster's identity, written once by the node that formed it.
-    Formed { cluster_id: String, secret: String },
+    /// The cluster's identity, written once by the node that formed it,
+    /// with the founding voters (each gets its `node.joined`; later nodes
+    /// get theirs when admitted).
+    Formed {
+        cluster_id: String,
+        secret: String,
+        #[serde(default)]
+        founders: BTreeMap<NodeId, NodeAddress>,
+        #[serde(default)]
+        timestamp_ms: u64,
+    },
     /// A single-use join token (see [`join`]).
     TokenIssued {
         id: String,
@@ -712,9 +721,20 @@ impl QuorumLog {
         {
             return;
         }
+        let founders = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, address)| (*id, address.clone()))
+            .collect();
         let command = Command::Formed {
             cluster_id: self.cluster_id.clone(),
             secret: secret.clone(),
+            founders,
+            timestamp_ms: now_ms(),
         };
         if let Err(error) = self.write(command, WRITE_TIMEOUT).await {
             tracing::warn!(%error, "the cluster's identity is not recorded yet; trying again");

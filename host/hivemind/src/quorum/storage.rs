@@ -726,11 +726,22 @@ impl Applier<'_, '_> {
                     .map(|command| self.apply(command))
                     .collect::<StorageResult<_>>()?,
             ),
-            Command::Formed { cluster_id, secret } => {
+            Command::Formed {
+                cluster_id,
+                secret,
+                founders,
+                timestamp_ms,
+            } => {
                 // Only the first one counts: a cluster's identity never changes.
                 if self.cluster.cluster_id.is_empty() {
                     self.cluster.cluster_id = cluster_id;
                     self.cluster.secret = secret;
+                    let epoch = self.cluster.epoch;
+                    for (id, address) in founders {
+                        let payload = joined_payload(&address, epoch);
+                        let id = format!("{id:016x}");
+                        self.record("node.joined".into(), id.clone(), id, timestamp_ms, payload)?;
+                    }
                 }
                 CommandResult::Nothing
             }
@@ -779,12 +790,7 @@ impl Applier<'_, '_> {
                     joined_epoch: epoch,
                     ..MemberRecord::default()
                 });
-                let payload = serde_json::json!({
-                    "name": address.name,
-                    "transport": address.transport,
-                    "api": address.api,
-                    "epoch": epoch,
-                });
+                let payload = joined_payload(&address, epoch);
                 let seq = self.record(
                     "node.joined".into(),
                     format!("{id:016x}"),
@@ -888,6 +894,16 @@ pub struct StateMachine {
     applied: Arc<watch::Sender<u64>>,
     /// When an apply last committed durably.
     last_durable: Arc<std::sync::Mutex<std::time::Instant>>,
+}
+
+/// The payload of `node.joined`: what a reader needs to reach the node.
+fn joined_payload(address: &NodeAddress, epoch: u64) -> serde_json::Value {
+    serde_json::json!({
+        "name": address.name,
+        "transport": address.transport,
+        "api": address.api,
+        "epoch": epoch,
+    })
 }
 
 fn latest_key(kind: &str, key: &str) -> String {

@@ -1,18 +1,73 @@
-//! Host-owned UDP listeners. The socket belongs to the role's slot, not to a
-//! version, so reloading a role never unbinds its port: datagrams that arrive
+//! Host-owned listeners: UDP sockets and TCP listeners whose messages go to
+//! the role's `on-packet`. A socket belongs to the role's slot, not to a
+//! version, so reloading a role never unbinds its port: messages that arrive
 //! during a reload are handled by whichever version is current.
+//!
+//! TCP carries messages framed as in DNS over TCP (RFC 1035 4.2.2): a
+//! two-byte big-endian length, then the message. A connection's messages
+//! are answered in order; an idle connection is closed after
+//! [`TCP_IDLE_TIMEOUT`] (RFC 7766 asks servers to close idle ones).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::roles::manager::{RoleManager, RoleSlot};
-use crate::roles::manifest::ListenerSpec;
+use crate::roles::manifest::{ListenerProtocol, ListenerSpec};
 
 /// Largest datagram read; anything bigger is truncated by the kernel anyway.
 const MAX_DATAGRAM: usize = 65_535;
+/// A TCP connection with no complete message for this long is closed.
+const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP connections served at once per listener; more wait in the backlog.
+const TCP_MAX_CONNECTIONS: usize = 256;
+
+/// A bound socket, shared between the versions of a role that want it.
+#[derive(Clone)]
+pub(crate) enum Socket {
+    Udp(Arc<UdpSocket>),
+    Tcp(Arc<TcpListener>),
+}
+
+impl Socket {
+    fn protocol(&self) -> ListenerProtocol {
+        match self {
+            Socket::Udp(_) => ListenerProtocol::Udp,
+            Socket::Tcp(_) => ListenerProtocol::Tcp,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Socket::Udp(socket) => socket.local_addr(),
+            Socket::Tcp(listener) => listener.local_addr(),
+        }
+    }
+
+    async fn bind(spec: &ListenerSpec) -> Result<Socket, String> {
+        let bound = match spec.protocol {
+            ListenerProtocol::Udp => UdpSocket::bind(spec.address)
+                .await
+                .map(|socket| Socket::Udp(Arc::new(socket))),
+            ListenerProtocol::Tcp => TcpListener::bind(spec.address)
+                .await
+                .map(|listener| Socket::Tcp(Arc::new(listener))),
+        };
+        bound.map_err(|error| {
+            format!(
+                "listener {:?}: cannot bind {} {}: {error}",
+                spec.name,
+                spec.protocol.as_str(),
+                spec.address
+            )
+        })
+    }
+}
 
 pub struct Listener {
     pub name: String,
@@ -20,8 +75,14 @@ pub struct Listener {
     pub address: SocketAddr,
     /// The address bound (differs when the manifest asked for port 0).
     pub local_addr: SocketAddr,
-    socket: Arc<UdpSocket>,
+    socket: Socket,
     task: Option<JoinHandle<()>>,
+}
+
+impl Listener {
+    pub fn protocol(&self) -> ListenerProtocol {
+        self.socket.protocol()
+    }
 }
 
 impl Drop for Listener {
@@ -32,25 +93,24 @@ impl Drop for Listener {
     }
 }
 
+/// What [`prepare`] bound or kept: name, address asked for, socket.
+pub(crate) type Prepared = Vec<(String, SocketAddr, Socket)>;
+
 /// The sockets a version with `specs` needs: existing ones are reused, new
 /// ones are bound now. Nothing is closed or started until [`commit`].
-pub(crate) async fn prepare(
-    slot: &RoleSlot,
-    specs: &[ListenerSpec],
-) -> Result<Vec<(String, SocketAddr, Arc<UdpSocket>)>, String> {
-    let existing: Vec<(SocketAddr, Arc<UdpSocket>)> = RoleManager::slot_listeners(slot)
+pub(crate) async fn prepare(slot: &RoleSlot, specs: &[ListenerSpec]) -> Result<Prepared, String> {
+    let existing: Vec<(SocketAddr, Socket)> = RoleManager::slot_listeners(slot)
         .iter()
         .map(|listener| (listener.address, listener.socket.clone()))
         .collect();
     let mut prepared = Vec::new();
     for spec in specs {
-        let socket = match existing.iter().find(|(address, _)| *address == spec.address) {
+        let reused = existing
+            .iter()
+            .find(|(address, socket)| *address == spec.address && socket.protocol() == spec.protocol);
+        let socket = match reused {
             Some((_, socket)) => socket.clone(),
-            None => Arc::new(
-                UdpSocket::bind(spec.address)
-                    .await
-                    .map_err(|error| format!("listener {:?}: cannot bind udp {}: {error}", spec.name, spec.address))?,
-            ),
+            None => Socket::bind(spec).await?,
         };
         prepared.push((spec.name.clone(), spec.address, socket));
     }
@@ -58,13 +118,16 @@ pub(crate) async fn prepare(
 }
 
 /// Makes `prepared` the slot's listeners: sockets no longer wanted close,
-/// each kept socket gets a receive task that dispatches to the slot.
-pub(crate) fn commit(slot: &Arc<RoleSlot>, prepared: Vec<(String, SocketAddr, Arc<UdpSocket>)>) {
+/// each kept socket gets a task that dispatches to the slot.
+pub(crate) fn commit(slot: &Arc<RoleSlot>, prepared: Prepared) {
     let mut listeners = RoleManager::slot_listeners(slot);
     let mut next = Vec::with_capacity(prepared.len());
     for (name, address, socket) in prepared {
         let local_addr = socket.local_addr().unwrap_or(address);
-        let task = slot.tracker.spawn(receive(slot.clone(), name.clone(), socket.clone()));
+        let task = match &socket {
+            Socket::Udp(udp) => slot.tracker.spawn(receive(slot.clone(), name.clone(), udp.clone())),
+            Socket::Tcp(tcp) => slot.tracker.spawn(accept(slot.clone(), name.clone(), tcp.clone())),
+        };
         next.push(Listener {
             name,
             address,
@@ -109,5 +172,78 @@ async fn receive(slot: Arc<RoleSlot>, name: String, socket: Arc<UdpSocket>) {
                 Err(error) => tracing::debug!(role = role.name(), %peer, %error, "datagram dropped"),
             }
         });
+    }
+}
+
+async fn accept(slot: Arc<RoleSlot>, name: String, listener: Arc<TcpListener>) {
+    let name: Arc<str> = name.into();
+    let connections = Arc::new(Semaphore::new(TCP_MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = connections.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            _ = slot.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let slot_for_task = slot.clone();
+                let name = name.clone();
+                slot.tracker.spawn(async move {
+                    serve_connection(&slot_for_task, &name, stream, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                // Out of descriptors and the like: pause instead of spinning.
+                tracing::warn!(role = %slot.name, listener = %name, %error, "tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Answers length-prefixed messages on one connection until the peer closes
+/// it, it idles past [`TCP_IDLE_TIMEOUT`], or the role stops.
+async fn serve_connection(slot: &Arc<RoleSlot>, name: &str, mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let peer_text = format!("tcp://{peer}");
+    let mut message = Vec::new();
+    loop {
+        let read = async {
+            let length = stream.read_u16().await? as usize;
+            message.resize(length, 0);
+            stream.read_exact(&mut message).await?;
+            std::io::Result::Ok(())
+        };
+        let read = tokio::select! {
+            _ = slot.shutdown.cancelled() => return,
+            read = tokio::time::timeout(TCP_IDLE_TIMEOUT, read) => read,
+        };
+        if !matches!(read, Ok(Ok(()))) {
+            return;
+        }
+        let Some(role) = slot.serving() else { return };
+        let reply = match role.on_packet(name, &peer_text, &message).await {
+            Ok(Some(reply)) => reply,
+            // No answer for this message: like a dropped datagram, the
+            // connection closes so the client does not wait forever.
+            Ok(None) => return,
+            Err(error) => {
+                tracing::debug!(role = role.name(), %peer, %error, "tcp message dropped");
+                return;
+            }
+        };
+        let Ok(length) = u16::try_from(reply.len()) else {
+            tracing::debug!(role = role.name(), %peer, bytes = reply.len(), "tcp reply too long to frame");
+            return;
+        };
+        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.extend_from_slice(&length.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        if stream.write_all(&framed).await.is_err() {
+            return;
+        }
     }
 }

@@ -687,7 +687,7 @@ impl RoleManager {
             .iter()
             .map(|listener| ListenerInfo {
                 name: listener.name.clone(),
-                protocol: "udp",
+                protocol: listener.protocol().as_str(),
                 address: listener.local_addr.to_string(),
             })
             .collect();

@@ -18,12 +18,17 @@
 //!
 //! [[listeners]]
 //! name = "dns"                 # passed to on-packet
-//! protocol = "udp"             # only udp so far
+//! protocol = "udp"             # "udp" (datagrams) or "tcp" (see below)
 //! address = "127.0.0.1:8600"
 //!
 //! [config]                     # anything; the role reads it as JSON
 //! zone = "hive."
 //! ```
+//!
+//! A `tcp` listener carries messages framed as in DNS over TCP (RFC 1035
+//! 4.2.2): each is a two-byte big-endian length, then that many bytes. Each
+//! message goes to `on-packet` (with the peer as `tcp://IP:PORT`) and the
+//! reply, if any, is framed the same way.
 //!
 //! Unknown keys and wrong types are errors naming the file, line and key, so a
 //! typo never silently falls back to a default.
@@ -78,13 +83,28 @@ pub struct Grants {
 #[serde(deny_unknown_fields)]
 pub struct ListenerSpec {
     pub name: String,
-    #[serde(default = "default_protocol")]
-    pub protocol: String,
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
     pub address: SocketAddr,
 }
 
-fn default_protocol() -> String {
-    "udp".into()
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// Each datagram is one message.
+    #[default]
+    Udp,
+    /// Length-prefixed messages on TCP connections.
+    Tcp,
+}
+
+impl ListenerProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerProtocol::Udp => "udp",
+            ListenerProtocol::Tcp => "tcp",
+        }
+    }
 }
 
 impl Manifest {
@@ -129,12 +149,6 @@ impl Manifest {
         }
         let mut names = std::collections::HashSet::new();
         for listener in &self.listeners {
-            if listener.protocol != "udp" {
-                return Err(format!(
-                    "listener {:?}: protocol {:?} is not supported; use \"udp\"",
-                    listener.name, listener.protocol
-                ));
-            }
             if !names.insert(listener.name.as_str()) {
                 return Err(format!("listener name {:?} is used twice", listener.name));
             }
@@ -210,11 +224,14 @@ mod tests {
         assert_eq!(limits.workers, RoleLimits::default().workers);
     }
 
-    /// Listeners other than UDP are refused until the host supports them.
+    /// A listener protocol other than udp or tcp is refused, naming the key.
     #[test]
-    fn tcp_listener_is_refused() {
-        let text = "[[listeners]]\nname = \"x\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:1\"\n";
+    fn unknown_listener_protocol_is_refused() {
+        let text = "[[listeners]]\nname = \"x\"\nprotocol = \"sctp\"\naddress = \"127.0.0.1:1\"\n";
         let error = Manifest::parse(Path::new("x.toml"), text, MAX).unwrap_err();
-        assert!(error.contains("protocol \"tcp\""), "{error}");
+        assert!(error.contains("sctp") && error.contains("protocol"), "{error}");
+        let tcp = "[[listeners]]\nname = \"x\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:1\"\n";
+        let manifest = Manifest::parse(Path::new("x.toml"), tcp, MAX).unwrap();
+        assert_eq!(manifest.listeners[0].protocol, ListenerProtocol::Tcp);
     }
 }
