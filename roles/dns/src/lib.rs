@@ -428,7 +428,9 @@ fn encode(
     let room = if edns.is_some() { 11 } else { 0 };
     match build(zone, request, qname, reply, limit - room, edns, false) {
         Ok(message) => Some(message),
-        Err(PushError::ShortBuf) => build(zone, request, qname, reply, limit - room, edns, true).ok(),
+        Err(PushError::ShortBuf | PushError::LimitExceeded) => {
+            build(zone, request, qname, reply, limit - room, edns, true).ok()
+        }
         Err(_) => None,
     }
 }
@@ -531,7 +533,7 @@ fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<Vec<u8>> 
     };
     let qname = question.qname();
     let reply = resolve(loaded, &qname.to_string(), question.qtype());
-    encode(&loaded.zone, &request, &qname, &reply, limit, edns)
+    encode(&loaded.zone, &request, qname, &reply, limit, edns)
 }
 
 impl Role for Dns {
@@ -588,3 +590,6 @@ impl Role for Dns {
 mod commands;
 
 export_role!(Dns);
+
+#[cfg(test)]
+mod tests;

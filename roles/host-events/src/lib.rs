@@ -236,17 +236,10 @@ fn observe(spec: &ServiceSpec, config: &Config) -> Published {
 /// records it. Returns the event kind published, if any.
 fn publish(before: Option<&Published>, mut now: Published) -> Result<Option<&'static str>, String> {
     let kind = match before {
-        None if now.healthy => "service.up",
-        None => "service.down",
-        Some(before) if before.healthy != now.healthy => {
-            if now.healthy {
-                "service.up"
-            } else {
-                "service.down"
-            }
-        }
-        Some(before) if !before.same_shape(&now) => "service.changed",
-        Some(_) => return Ok(None),
+        Some(before) if before.healthy == now.healthy && before.same_shape(&now) => return Ok(None),
+        Some(before) if before.healthy == now.healthy => "service.changed",
+        _ if now.healthy => "service.up",
+        _ => "service.down",
     };
     let key = format!("{}@{}", now.service, now.node);
     let seq = host::emit(kind, &key, &now)
