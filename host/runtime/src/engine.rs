@@ -229,6 +229,11 @@ impl Drop for Runtime {
 fn base_config() -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true).epoch_interruption(true);
+    // `HIVEMIND_WASM_PERFMAP=1` writes /tmp/perf-PID.map, so `perf report`
+    // names the roles' compiled functions.
+    if std::env::var_os("HIVEMIND_WASM_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     config
 }
 

@@ -152,8 +152,32 @@ enum Found<'a> {
     Refused,
 }
 
+/// The question's name as `find` wants it: lower case, labels joined by
+/// dots, with the final dot. Bytes that no served name has (a dot inside a
+/// label, control characters, ...) become `\x01`, so such a name can still
+/// be told inside or outside the zone but never matches a record. Built by
+/// hand because formatting the name through `Display` was a tenth of the
+/// cost of a query.
+fn normal_name(qname: &ParsedName<&[u8]>) -> String {
+    let mut name = String::with_capacity(64);
+    for label in qname.iter() {
+        if label.is_root() {
+            break;
+        }
+        for &byte in label.as_slice() {
+            let byte = byte.to_ascii_lowercase();
+            let plain = byte.is_ascii_graphic() && byte != b'.' && byte != b'\\';
+            name.push(if plain { byte as char } else { '\x01' });
+        }
+        name.push('.');
+    }
+    if name.is_empty() {
+        name.push('.');
+    }
+    name
+}
+
 fn find<'a>(zone: &Zone, table: &'a Table, qname: &str) -> Found<'a> {
-    let qname = qname.trim_end_matches('.').to_ascii_lowercase() + ".";
     let inside = if qname == zone.suffix {
         ""
     } else {
@@ -532,7 +556,7 @@ fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<Vec<u8>> 
         u16::MAX as usize
     };
     let qname = question.qname();
-    let reply = resolve(loaded, &qname.to_string(), question.qtype());
+    let reply = resolve(loaded, &normal_name(&qname), question.qtype());
     encode(&loaded.zone, &request, qname, &reply, limit, edns)
 }
 

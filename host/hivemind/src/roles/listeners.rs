@@ -3,17 +3,25 @@
 //! version, so reloading a role never unbinds its port: messages that arrive
 //! during a reload are handled by whichever version is current.
 //!
+//! A UDP listener is served by a thread of its own, calling the role
+//! directly: no task per datagram, no hop between runtime threads, and when
+//! the role is busy the kernel's socket buffer queues (and past it drops)
+//! datagrams, as for any UDP server. It wakes every [`UDP_POLL`] to notice
+//! that it should stop.
+//!
 //! TCP carries messages framed as in DNS over TCP (RFC 1035 4.2.2): a
 //! two-byte big-endian length, then the message. A connection's messages
 //! are answered in order; an idle connection is closed after
 //! [`TCP_IDLE_TIMEOUT`] (RFC 7766 asks servers to close idle ones).
 
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
@@ -22,6 +30,9 @@ use crate::roles::manifest::{ListenerProtocol, ListenerSpec};
 
 /// Largest datagram read; anything bigger is truncated by the kernel anyway.
 const MAX_DATAGRAM: usize = 65_535;
+/// How long a UDP thread blocks in one receive before it checks whether it
+/// should stop.
+const UDP_POLL: Duration = Duration::from_millis(100);
 /// A TCP connection with no complete message for this long is closed.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP connections served at once per listener; more wait in the backlog.
@@ -30,7 +41,7 @@ const TCP_MAX_CONNECTIONS: usize = 256;
 /// A bound socket, shared between the versions of a role that want it.
 #[derive(Clone)]
 pub(crate) enum Socket {
-    Udp(Arc<UdpSocket>),
+    Udp(Arc<std::net::UdpSocket>),
     Tcp(Arc<TcpListener>),
 }
 
@@ -51,9 +62,10 @@ impl Socket {
 
     async fn bind(spec: &ListenerSpec) -> Result<Socket, String> {
         let bound = match spec.protocol {
-            ListenerProtocol::Udp => UdpSocket::bind(spec.address)
-                .await
-                .map(|socket| Socket::Udp(Arc::new(socket))),
+            ListenerProtocol::Udp => std::net::UdpSocket::bind(spec.address).and_then(|socket| {
+                socket.set_read_timeout(Some(UDP_POLL))?;
+                Ok(Socket::Udp(Arc::new(socket)))
+            }),
             ListenerProtocol::Tcp => TcpListener::bind(spec.address)
                 .await
                 .map(|listener| Socket::Tcp(Arc::new(listener))),
@@ -77,6 +89,8 @@ pub struct Listener {
     pub local_addr: SocketAddr,
     socket: Socket,
     task: Option<JoinHandle<()>>,
+    /// Tells a UDP listener's thread to stop.
+    stop: Arc<AtomicBool>,
 }
 
 impl Listener {
@@ -87,6 +101,7 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         if let Some(task) = self.task.take() {
             task.abort();
         }
@@ -124,16 +139,28 @@ pub(crate) fn commit(slot: &Arc<RoleSlot>, prepared: Prepared) {
     let mut next = Vec::with_capacity(prepared.len());
     for (name, address, socket) in prepared {
         let local_addr = socket.local_addr().unwrap_or(address);
+        let stop = Arc::new(AtomicBool::new(false));
         let task = match &socket {
-            Socket::Udp(udp) => slot.tracker.spawn(receive(slot.clone(), name.clone(), udp.clone())),
-            Socket::Tcp(tcp) => slot.tracker.spawn(accept(slot.clone(), name.clone(), tcp.clone())),
+            Socket::Udp(udp) => {
+                let (slot, name, udp, stop) = (slot.clone(), name.clone().into(), udp.clone(), stop.clone());
+                let runtime = tokio::runtime::Handle::current();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("udp-{}", slot.name))
+                    .spawn(move || serve_datagrams(&slot, name, &udp, &stop, &runtime));
+                if let Err(error) = spawned {
+                    tracing::error!(%error, %address, "cannot start the thread of a udp listener");
+                }
+                None
+            }
+            Socket::Tcp(tcp) => Some(slot.tracker.spawn(accept(slot.clone(), name.clone(), tcp.clone()))),
         };
         next.push(Listener {
             name,
             address,
             local_addr,
             socket,
-            task: Some(task),
+            task,
+            stop,
         });
     }
     // Dropping the old entries aborts their tasks; sockets shared with the
@@ -141,16 +168,24 @@ pub(crate) fn commit(slot: &Arc<RoleSlot>, prepared: Prepared) {
     *listeners = next;
 }
 
-async fn receive(slot: Arc<RoleSlot>, name: String, socket: Arc<UdpSocket>) {
+/// Reads datagrams and hands each to the serving version of the role,
+/// one at a time, until `stop` is set or the host shuts down.
+fn serve_datagrams(
+    slot: &RoleSlot,
+    name: Arc<str>,
+    socket: &std::net::UdpSocket,
+    stop: &AtomicBool,
+    runtime: &tokio::runtime::Handle,
+) {
+    // Inside the runtime's context, host calls that need its timers or
+    // sockets work; a plain executor per call is cheaper than the runtime's
+    // `block_on`, which sets up a scheduler context each time.
+    let _context = runtime.enter();
     let mut buffer = vec![0u8; MAX_DATAGRAM];
-    let name: Arc<str> = name.into();
-    loop {
-        let received = tokio::select! {
-            _ = slot.shutdown.cancelled() => return,
-            received = socket.recv_from(&mut buffer) => received,
-        };
-        let (length, peer) = match received {
+    while !stop.load(Ordering::Relaxed) && !slot.shutdown.is_cancelled() {
+        let (length, peer) = match socket.recv_from(&mut buffer) {
             Ok(received) => received,
+            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(error) => {
                 // ICMP errors from earlier sends surface here; keep serving.
                 tracing::debug!(role = %slot.name, listener = %name, %error, "udp receive error");
@@ -158,20 +193,15 @@ async fn receive(slot: Arc<RoleSlot>, name: String, socket: Arc<UdpSocket>) {
             }
         };
         let Some(role) = slot.serving() else { continue };
-        let data = buffer[..length].to_vec();
-        let socket = socket.clone();
-        let name = name.clone();
-        slot.tracker.spawn(async move {
-            match role.on_packet(&name, &peer.to_string(), &data).await {
-                Ok(Some(reply)) => {
-                    if let Err(error) = socket.send_to(&reply, peer).await {
-                        tracing::debug!(role = role.name(), %peer, %error, "udp reply not sent");
-                    }
+        match futures::executor::block_on(role.on_packet(&name, &peer.to_string(), &buffer[..length])) {
+            Ok(Some(reply)) => {
+                if let Err(error) = socket.send_to(&reply, peer) {
+                    tracing::debug!(role = role.name(), %peer, %error, "udp reply not sent");
                 }
-                Ok(None) => {}
-                Err(error) => tracing::debug!(role = role.name(), %peer, %error, "datagram dropped"),
             }
-        });
+            Ok(None) => {}
+            Err(error) => tracing::debug!(role = role.name(), %peer, %error, "datagram dropped"),
+        }
     }
 }
 
