@@ -52,6 +52,7 @@
 //! - [`Role`] and [`export_role!`]: the handlers and how they are exported.
 //! - [`host`]: logging, the event log, nodes, config, calls, files, exec.
 //! - [`state`]: the role's durable key-value store.
+//! - [`services`]: the cluster's service instances, from the log.
 //! - Helpers on [`Event`], [`Request`], [`Response`] and [`Description`].
 
 use serde::Serialize;
@@ -284,6 +285,8 @@ impl Response {
         )
     }
 }
+
+pub mod services;
 
 /// Calls into the host: logging, the event log, the node table, config, the
 /// connect layer, files and programs.

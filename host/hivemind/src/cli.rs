@@ -68,7 +68,8 @@ pub enum Command {
         command: RolesCommand,
     },
     /// Run a role's own command: `hivemind role NAME CMD [ARGS...]` calls
-    /// POST /v1/roles/NAME/CMD with {"args": [ARGS...]} and prints the answer.
+    /// POST /v1/roles/NAME/CMD with {"args": [ARGS...]} and prints the answer
+    /// (`--json` is passed on to the role).
     Role {
         /// The role.
         name: String,
@@ -462,6 +463,12 @@ pub fn run_client(data_dir: Option<&Path>, command: Command) -> anyhow::Result<(
             client,
         } => {
             let api = Client::resolve(data_dir, &client)?;
+            // `--json` right after CMD is read as the client's flag; the
+            // role's commands take it too, so it is passed on.
+            let mut args = args;
+            if client.json && !args.iter().any(|arg| arg == "--json") {
+                args.push("--json".into());
+            }
             let body = serde_json::to_vec(&json!({ "args": args }))?;
             let (status, reply) = api.send("POST", &format!("/v1/roles/{name}/{cmd}"), &body, "application/json")?;
             if !(200..300).contains(&status) {

@@ -46,7 +46,7 @@ pub fn records(loaded: &Loaded, json: bool) -> Response {
     };
     let address_type = |address: &std::net::IpAddr| if address.is_ipv4() { "A" } else { "AAAA" };
     let mut records = Vec::new();
-    for node in table.nodes.values() {
+    for node in table.services.nodes.values() {
         if let (true, Some(address)) = (node.alive, node.address) {
             records.push(record(
                 format!("{}.node.{zone}", node.name.to_ascii_lowercase()),
@@ -55,7 +55,7 @@ pub fn records(loaded: &Loaded, json: bool) -> Response {
             ));
         }
     }
-    let mut services: Vec<_> = table.services.iter().collect();
+    let mut services: Vec<_> = table.by_service.iter().collect();
     services.sort_by(|a, b| a.0.cmp(b.0));
     for (service, instances) in services {
         for served in instances {

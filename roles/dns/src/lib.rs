@@ -101,7 +101,7 @@ impl Zone {
             apex,
             ns,
             soa,
-            self_address: table::ip_of(&host::self_node().address),
+            self_address: hivemind_sdk::services::ip_of(&host::self_node().address),
             config,
         })
     }
@@ -126,10 +126,9 @@ fn with_loaded<T>(f: impl FnOnce(&mut Loaded) -> T) -> Result<T, String> {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             let zone = Zone::load()?;
-            let mut table = Table::load(&zone.suffix)?;
-            table.rebuild(&zone.suffix);
+            let table = Table::load(&zone.suffix)?;
             *slot = Some(Loaded {
-                shuffle: 0x9e37_79b9_7f4a_7c15 ^ table.last_seq,
+                shuffle: 0x9e37_79b9_7f4a_7c15 ^ table.services.last_seq,
                 zone,
                 table,
             });
@@ -198,7 +197,7 @@ fn find<'a>(zone: &Zone, table: &'a Table, qname: &str) -> Found<'a> {
     let labels: Vec<&str> = inside.rsplit('.').collect();
     let instances = |service: &str, tag: Option<&str>| -> Vec<&'a Served> {
         table
-            .services
+            .by_service
             .get(service)
             .map(|all| {
                 all.iter()
@@ -556,7 +555,7 @@ fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<Vec<u8>> 
         u16::MAX as usize
     };
     let qname = question.qname();
-    let reply = resolve(loaded, &normal_name(&qname), question.qtype());
+    let reply = resolve(loaded, &normal_name(qname), question.qtype());
     encode(&loaded.zone, &request, qname, &reply, limit, edns)
 }
 
@@ -576,7 +575,7 @@ impl Role for Dns {
 
     fn on_event(event: Event) -> Result<(), String> {
         with_loaded(|loaded| {
-            if loaded.table.apply(&event)? {
+            if loaded.table.services.apply(&event)? {
                 loaded.table.rebuild(&loaded.zone.suffix);
             }
             Ok(())
@@ -584,8 +583,13 @@ impl Role for Dns {
     }
 
     fn on_tick() {
-        let outcome = with_loaded(|loaded| loaded.table.catch_up(&loaded.zone.suffix).map(|_| ()));
-        if let Err(error) | Ok(Err(error)) = outcome.map_err(|error| error.to_string()) {
+        let outcome = with_loaded(|loaded| {
+            if loaded.table.services.catch_up()? {
+                loaded.table.rebuild(&loaded.zone.suffix);
+            }
+            Ok::<(), String>(())
+        });
+        if let Err(error) | Ok(Err(error)) = outcome {
             hivemind_sdk::warn!("{error}");
         }
     }

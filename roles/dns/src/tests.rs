@@ -6,7 +6,7 @@ use domain::base::iana::{Class, Rcode};
 use domain::base::{Message, MessageBuilder, Name, Rtype};
 
 use super::*;
-use crate::table::Instance;
+use hivemind_sdk::services::Instance;
 
 fn zone() -> Zone {
     let config = Config::default();
@@ -32,7 +32,7 @@ fn zone() -> Zone {
 fn loaded(instances: &[(&str, &str, u16, &[&str])]) -> Loaded {
     let mut table = Table::default();
     for (index, (service, address, port, tags)) in instances.iter().enumerate() {
-        table.instances.insert(
+        table.services.instances.insert(
             format!("{service}@node{index}"),
             Instance {
                 seq: index as u64 + 1,
