@@ -194,3 +194,12 @@ pub fn drop_role(roles_dir: &std::path::Path, name: &str, wasm: &[u8]) -> anyhow
     std::fs::rename(&temp, roles_dir.join(format!("{name}.wasm")))?;
     Ok(())
 }
+
+/// The SHA-256 of `bytes` in hex, as the API shows role digests.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}

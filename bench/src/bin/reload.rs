@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hivemind_bench::{HostProcess, drop_role, millis, summarize, with_nonce};
+use hivemind_bench::{HostProcess, drop_role, millis, sha256_hex, summarize, with_nonce};
 
 const RELOADS: usize = 20;
 const CLIENTS: usize = 2;
@@ -40,14 +40,6 @@ fn wait_digest(host: &HostProcess, digest: &str) -> anyhow::Result<()> {
     }
 }
 
-fn sha256(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
-}
-
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let roles = dir.path().join("roles");
@@ -57,7 +49,7 @@ fn main() -> anyhow::Result<()> {
 
     let first = with_nonce(&original, 0);
     drop_role(&roles, "probe", &first)?;
-    wait_digest(&host, &sha256(&first))?;
+    wait_digest(&host, &sha256_hex(&first))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicU64::new(0));
@@ -89,7 +81,7 @@ fn main() -> anyhow::Result<()> {
         let bytes = with_nonce(&original, nonce);
         let started = Instant::now();
         drop_role(&roles, "probe", &bytes)?;
-        wait_digest(&host, &sha256(&bytes))?;
+        wait_digest(&host, &sha256_hex(&bytes))?;
         misses.push(started.elapsed());
     }
     let mut hits = Vec::new();
@@ -97,7 +89,7 @@ fn main() -> anyhow::Result<()> {
         let bytes = with_nonce(&original, if round % 2 == 0 { 1 } else { 2 });
         let started = Instant::now();
         drop_role(&roles, "probe", &bytes)?;
-        wait_digest(&host, &sha256(&bytes))?;
+        wait_digest(&host, &sha256_hex(&bytes))?;
         hits.push(started.elapsed());
     }
     stop.store(true, Ordering::Relaxed);

@@ -26,6 +26,12 @@ use serde::{Deserialize, Serialize};
 struct Nginx;
 
 const TICK_MS: u32 = 100;
+/// Ticks between reads of the log for events this version may have missed.
+const CATCH_UP_EVERY: u32 = 10;
+
+thread_local! {
+    static CATCH_UP_COUNTDOWN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 const TABLE_PREFIX: &str = "table";
 const PROGRESS_KEY: &str = "progress";
 const PROBE_PATH: &str = "/hivemind/generation/";
@@ -169,11 +175,22 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+thread_local! {
+    /// The instance's copy of the progress in state (read once, written
+    /// through), so a tick costs no state read.
+    static PROGRESS: std::cell::RefCell<Option<Progress>> = const { std::cell::RefCell::new(None) };
+}
+
 fn load_progress() -> Progress {
-    state::get_json(PROGRESS_KEY).ok().flatten().unwrap_or_default()
+    PROGRESS.with(|cell| {
+        cell.borrow_mut()
+            .get_or_insert_with(|| state::get_json(PROGRESS_KEY).ok().flatten().unwrap_or_default())
+            .clone()
+    })
 }
 
 fn save_progress(progress: &Progress) {
+    PROGRESS.with(|cell| *cell.borrow_mut() = Some(progress.clone()));
     if let Err(error) = state::set_json(PROGRESS_KEY, progress) {
         hivemind_sdk::error!("{error}");
     }
@@ -450,12 +467,25 @@ fn with_table<T>(f: impl FnOnce(&mut ServiceTable) -> T) -> Result<T, String> {
 
 fn tick() -> Result<(), String> {
     let config = Config::load()?;
+    if config.upstreams.is_empty() {
+        return Ok(());
+    }
     let mut progress = load_progress();
     let before = serde_json::to_string(&progress).unwrap_or_default();
     if progress.awaiting.is_some() {
         check_awaited(&config, &mut progress);
     } else {
-        let changed = with_table(|table| table.catch_up())??;
+        // Events arrive through on-event; reading the log as well, now and
+        // then, catches what a predecessor took while this version loaded.
+        let changed = CATCH_UP_COUNTDOWN.with(|countdown| {
+            let due = countdown.get() == 0;
+            countdown.set(if due { CATCH_UP_EVERY } else { countdown.get() - 1 });
+            if due {
+                with_table(|table| table.catch_up())?
+            } else {
+                Ok(false)
+            }
+        })?;
         if changed && progress.dirty_since_ms.is_none() {
             progress.dirty_since_ms = Some(now_ms());
         }

@@ -1,0 +1,532 @@
+//! The dns role against dnsmasq (Debian's package), serving the same 1000
+//! names, alternating, three rounds, with dnsperf (Debian's package) as the
+//! load: (a) saturating load, queries/s and lost queries; (b) a fixed 20k
+//! queries/s, the server's CPU per query and p50/p99 latency from a small
+//! client beside dnsperf. Each server is pinned to core 0 and the clients to
+//! core 1. Then: 20 reloads of the dns role under 20k queries/s, counting
+//! lost queries; and, on a 3-node cluster, the time from registering a
+//! service on node A to node C's first correct answer for it.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hivemind_bench::{Api, bootstrap_args, free_port, millis, sha256_hex, summarize, with_nonce};
+use serde_json::{Value, json};
+
+const NAMES: usize = 1000;
+const ROUNDS: usize = 3;
+const SATURATE_SECS: u32 = 8;
+const FIXED_SECS: u32 = 8;
+const FIXED_RATE: u32 = 20_000;
+const RELOADS: u64 = 20;
+const TRIALS: usize = 50;
+const SECRET: &str = "bench-cluster-secret-0123456789";
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn dns_manifest(port: u16) -> String {
+    format!(
+        "[limits]\nworkers = 1\nmemory_mb = 64\n\n\
+         [[listeners]]\nname = \"udp\"\nprotocol = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\n\
+         [[listeners]]\nname = \"tcp\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:{port}\"\n\n\
+         [config]\nzone = \"hive.\"\nttl = 5\n"
+    )
+}
+
+const HOST_EVENTS_MANIFEST: &str = "[limits]\nworkers = 1\n[grants]\nemit = [\"service.\"]\ncheck = [\"*\"]\n";
+
+/// The address of the i-th bench name.
+fn address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+/// A `hivemind up` process.
+struct Host {
+    child: Child,
+    api: Api,
+    dir: PathBuf,
+}
+
+impl Host {
+    fn start(dir: &Path, args: Vec<String>) -> anyhow::Result<Host> {
+        Host::spawn(dir, args)?.wait_api()
+    }
+
+    /// Starts the process without waiting for its API (bootstrap voters
+    /// answer only once all of them run).
+    fn spawn(dir: &Path, args: Vec<String>) -> anyhow::Result<Spawned> {
+        let binary = std::env::current_exe()?.with_file_name("hivemind");
+        let _ = std::fs::remove_file(dir.join("api.addr"));
+        let child = Command::new(binary)
+            .args(args)
+            .env("HIVEMIND_CLUSTER_SECRET", SECRET)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start hivemind; build it with cargo build --release -p hivemind")?;
+        Ok(Spawned {
+            child,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn install(&self, name: &str, wasm: &[u8], manifest: &str) -> anyhow::Result<()> {
+        let roles = self.dir.join("roles");
+        std::fs::create_dir_all(&roles)?;
+        std::fs::write(roles.join(format!("{name}.toml")), manifest)?;
+        hivemind_bench::drop_role(&roles, name, wasm)
+    }
+
+    fn role(&self, name: &str) -> Option<Value> {
+        let roles = self.api.get_json("/v1/roles").ok()?;
+        roles.as_array()?.iter().find(|role| role["name"] == name).cloned()
+    }
+
+    fn wait_running(&self, name: &str, digest: Option<&str>) -> anyhow::Result<()> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(role) = self.role(name)
+                && role["state"] == "running"
+                && digest.is_none_or(|digest| role["digest"].as_str().is_some_and(|d| digest.starts_with(d)))
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "role {name} did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Spawned {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Spawned {
+    fn wait_api(self) -> anyhow::Result<Host> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let (Ok(address), Ok(token)) = (
+                std::fs::read_to_string(self.dir.join("api.addr")),
+                std::fs::read_to_string(self.dir.join("token")),
+            ) {
+                let api = Api::new(address.trim(), token.trim());
+                if api.get("/v1/status").is_ok() {
+                    return Ok(Host {
+                        child: self.child,
+                        api,
+                        dir: self.dir,
+                    });
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "hivemind did not come up in {}",
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A DNS query for `name` type A with `id`, built by hand.
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut packet = id.to_be_bytes().to_vec();
+    packet.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        packet.push(label.len() as u8);
+        packet.extend_from_slice(label.as_bytes());
+    }
+    packet.extend_from_slice(&[0, 0, 1, 0, 1]);
+    packet
+}
+
+/// Whether `reply` answers `id` with NOERROR and ends with the A record
+/// `expected` (our queries carry no EDNS, so the last record is the answer).
+fn answers(reply: &[u8], id: u16, expected: Ipv4Addr) -> bool {
+    reply.len() > 16
+        && reply[..2] == id.to_be_bytes()
+        && reply[3] & 0x0f == 0
+        && u16::from_be_bytes([reply[6], reply[7]]) >= 1
+        && reply[reply.len() - 4..] == expected.octets()
+}
+
+fn pin(pid: u32, core: u32) -> anyhow::Result<()> {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", &core.to_string(), &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "taskset failed for {pid}");
+    Ok(())
+}
+
+/// User plus system CPU of a process so far.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let per_second: u64 = String::from_utf8(Command::new("getconf").arg("CLK_TCK").output()?.stdout)?
+        .trim()
+        .parse()?;
+    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+struct Perf {
+    completed: u64,
+    lost: u64,
+    qps: f64,
+}
+
+fn dnsperf(port: u16, queries: &Path, seconds: u32, rate: Option<u32>) -> anyhow::Result<Perf> {
+    let mut command = Command::new("taskset");
+    command
+        .args(["-c", "1", "dnsperf", "-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
+        .arg(queries)
+        .args(["-l", &seconds.to_string(), "-q", "500"]);
+    if let Some(rate) = rate {
+        command.args(["-Q", &rate.to_string()]);
+    }
+    let output = command.output().context("dnsperf (Debian package dnsperf)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let field = |label: &str| -> anyhow::Result<f64> {
+        text.lines()
+            .find_map(|line| line.trim().strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|number| number.parse().ok())
+            .with_context(|| format!("dnsperf printed no {label:?}:\n{text}"))
+    };
+    Ok(Perf {
+        completed: field("Queries completed:")? as u64,
+        lost: field("Queries lost:")? as u64,
+        qps: field("Queries per second:")?,
+    })
+}
+
+/// One query per millisecond for `duration`, round-trip times.
+fn latencies(port: u16, duration: Duration) -> anyhow::Result<Vec<Duration>> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    let mut buffer = [0u8; 1500];
+    let mut id = 0u16;
+    while started.elapsed() < duration {
+        id = id.wrapping_add(1);
+        let i = id as usize % NAMES;
+        let sent = Instant::now();
+        socket.send_to(&query(id, &format!("svc{i}.service.hive.")), server)?;
+        loop {
+            let (length, _) = socket.recv_from(&mut buffer).context("a latency query got no answer")?;
+            if buffer[..2] == id.to_be_bytes() {
+                anyhow::ensure!(answers(&buffer[..length], id, address(i)), "wrong answer for svc{i}");
+                break;
+            }
+        }
+        samples.push(sent.elapsed());
+        std::thread::sleep(Duration::from_millis(1).saturating_sub(sent.elapsed()));
+    }
+    Ok(samples)
+}
+
+struct Figures {
+    saturated_qps: Vec<f64>,
+    saturated_lost: Vec<u64>,
+    cpu_per_query: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+fn measure(pid: u32, port: u16, queries: &Path, figures: &mut Figures) -> anyhow::Result<()> {
+    let saturated = dnsperf(port, queries, SATURATE_SECS, None)?;
+    figures.saturated_qps.push(saturated.qps);
+    figures.saturated_lost.push(saturated.lost);
+    let before = cpu_time(pid)?;
+    let probe = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        latencies(port, Duration::from_secs(FIXED_SECS as u64 - 4))
+    });
+    let fixed = dnsperf(port, queries, FIXED_SECS, Some(FIXED_RATE))?;
+    let mut samples = probe.join().expect("latency client")?;
+    let cpu = cpu_time(pid)? - before;
+    let served = fixed.completed + samples.len() as u64;
+    figures.cpu_per_query.push(cpu.as_secs_f64() * 1e6 / served as f64);
+    let summary = summarize(&mut samples);
+    figures.p50.push(summary.median.as_secs_f64() * 1e6);
+    figures.p99.push(summary.p99.as_secs_f64() * 1e6);
+    Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+fn list(values: &[f64], digits: usize) -> String {
+    values
+        .iter()
+        .map(|value| format!("{value:.digits$}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
+fn main() -> anyhow::Result<()> {
+    for tool in ["dnsperf", "dnsmasq", "taskset"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()?
+            .stdout
+            .is_empty()
+        {
+            bail!("{tool} is missing; bench/run installs it (Debian packages dnsperf, dnsmasq-base, util-linux)");
+        }
+    }
+    let root = tempfile::tempdir()?;
+    let queries = root.path().join("queries.txt");
+    let hosts = root.path().join("dnsmasq.hosts");
+    let mut query_lines = String::new();
+    let mut host_lines = String::new();
+    for i in 0..NAMES {
+        query_lines.push_str(&format!("svc{i}.service.hive A\n"));
+        host_lines.push_str(&format!("{} svc{i}.service.hive\n", address(i)));
+    }
+    std::fs::write(&queries, query_lines)?;
+    std::fs::write(&hosts, host_lines)?;
+
+    // The dns role on one host, with the same 1000 names.
+    let dns_port = free_port();
+    let data = root.path().join("host");
+    let args: Vec<String> = [
+        "--data-dir",
+        &data.display().to_string(),
+        "up",
+        "--no-bundled-roles",
+        "--api",
+        "127.0.0.1:0",
+        "--transport",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
+    let host = Host::start(&data, args)?;
+    let dns_wasm = std::fs::read(hivemind_role_artifacts::ROLE_DNS)?;
+    host.install("dns", &dns_wasm, &dns_manifest(dns_port))?;
+    host.wait_running("dns", None)?;
+    for i in 0..NAMES {
+        let payload = json!({
+            "service": format!("svc{i}"), "node": "bench", "address": address(i).to_string(),
+            "port": 80, "tags": [], "healthy": true,
+        });
+        let body = json!({ "kind": "service.up", "key": format!("svc{i}@bench"), "payload": payload });
+        let (status, reply) = host
+            .api
+            .send("POST", "/v1/events", &serde_json::to_vec(&body)?, "application/json")?;
+        anyhow::ensure!(status < 300, "emit: {}", String::from_utf8_lossy(&reply));
+    }
+    let last = NAMES - 1;
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        socket.send_to(&query(7, &format!("svc{last}.service.hive.")), ("127.0.0.1", dns_port))?;
+        let mut buffer = [0u8; 512];
+        if let Ok((length, _)) = socket.recv_from(&mut buffer)
+            && answers(&buffer[..length], 7, address(last))
+        {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the dns role never answered for svc{last}");
+    }
+    pin(host.pid(), 0)?;
+
+    let dnsmasq_port = free_port();
+    let mut dnsmasq = Command::new("dnsmasq")
+        .args([
+            "-k",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+        ])
+        .arg(format!("--addn-hosts={}", hosts.display()))
+        .arg(format!("--port={dnsmasq_port}"))
+        .arg("--user=root")
+        .arg(format!("--pid-file={}", root.path().join("dnsmasq.pid").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("dnsmasq (Debian package dnsmasq-base)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    pin(dnsmasq.id(), 0)?;
+
+    let mut ours = Figures {
+        saturated_qps: vec![],
+        saturated_lost: vec![],
+        cpu_per_query: vec![],
+        p50: vec![],
+        p99: vec![],
+    };
+    let mut theirs = Figures {
+        saturated_qps: vec![],
+        saturated_lost: vec![],
+        cpu_per_query: vec![],
+        p50: vec![],
+        p99: vec![],
+    };
+    for _ in 0..ROUNDS {
+        measure(dnsmasq.id(), dnsmasq_port, &queries, &mut theirs)?;
+        measure(host.pid(), dns_port, &queries, &mut ours)?;
+    }
+    let _ = dnsmasq.kill();
+    let _ = dnsmasq.wait();
+
+    println!("dns role vs dnsmasq, {NAMES} names, {ROUNDS} rounds (server on core 0, dnsperf on core 1)");
+    let qps_ratio = median(&ours.saturated_qps) / median(&theirs.saturated_qps);
+    println!(
+        "  saturating: dns role {} q/s (lost {:?}), dnsmasq {} q/s (lost {:?}): {qps_ratio:.2}x   (target >= 1.0x -> {})",
+        list(&ours.saturated_qps, 0),
+        ours.saturated_lost,
+        list(&theirs.saturated_qps, 0),
+        theirs.saturated_lost,
+        verdict(qps_ratio >= 1.0)
+    );
+    let cpu_ratio = median(&ours.cpu_per_query) / median(&theirs.cpu_per_query);
+    println!(
+        "  at {FIXED_RATE} q/s, CPU per query: dns role {} us, dnsmasq {} us: {cpu_ratio:.2}x   (target <= 1.0x -> {})",
+        list(&ours.cpu_per_query, 1),
+        list(&theirs.cpu_per_query, 1),
+        verdict(cpu_ratio <= 1.0)
+    );
+    let p99_ratio = median(&ours.p99) / median(&theirs.p99);
+    println!(
+        "  at {FIXED_RATE} q/s, latency: dns role p50 {} us p99 {} us; dnsmasq p50 {} us p99 {} us: p99 {p99_ratio:.2}x   (target <= 1.5x -> {})",
+        list(&ours.p50, 0),
+        list(&ours.p99, 0),
+        list(&theirs.p50, 0),
+        list(&theirs.p99, 0),
+        verdict(p99_ratio <= 1.5)
+    );
+
+    // Reloads under load: a new build of the role (a nonce in a custom
+    // section) 20 times while dnsperf sends 20k q/s.
+    let load = {
+        let queries = queries.clone();
+        std::thread::spawn(move || dnsperf(dns_port, &queries, 25, Some(FIXED_RATE)))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let mut reload_times = Vec::new();
+    for nonce in 1..=RELOADS {
+        let bytes = with_nonce(&dns_wasm, nonce);
+        let digest = sha256_hex(&bytes);
+        let started = Instant::now();
+        hivemind_bench::drop_role(&host.dir.join("roles"), "dns", &bytes)?;
+        host.wait_running("dns", Some(&digest))?;
+        reload_times.push(started.elapsed());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let reloaded = load.join().expect("dnsperf thread")?;
+    let reload_times = summarize(&mut reload_times);
+    println!(
+        "  {RELOADS} reloads under {FIXED_RATE} q/s: {} queries, {} lost   (target 0 -> {}); reload p50 {:.0} ms",
+        reloaded.completed,
+        reloaded.lost,
+        verdict(reloaded.lost == 0),
+        millis(reload_times.median)
+    );
+    drop(host);
+
+    register_to_answer(root.path())?;
+    Ok(())
+}
+
+/// 3 nodes; a service registered on A, timed until C answers it.
+fn register_to_answer(root: &Path) -> anyhow::Result<()> {
+    let transports: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let mut spawned = Vec::new();
+    for (i, transport) in transports.iter().enumerate() {
+        let dir = root.join(format!("n{i}"));
+        let api = format!("127.0.0.1:{}", free_port());
+        spawned.push(Host::spawn(
+            &dir,
+            bootstrap_args(&dir, &format!("n{i}"), &api, transport, &transports),
+        )?);
+    }
+    let mut nodes = Vec::new();
+    let mut ports = Vec::new();
+    for spawned in spawned {
+        let node = spawned.wait_api()?;
+        let port = free_port();
+        node.install(
+            "host-events",
+            &std::fs::read(hivemind_role_artifacts::ROLE_HOST_EVENTS)?,
+            HOST_EVENTS_MANIFEST,
+        )?;
+        node.install(
+            "dns",
+            &std::fs::read(hivemind_role_artifacts::ROLE_DNS)?,
+            &dns_manifest(port),
+        )?;
+        nodes.push(node);
+        ports.push(port);
+    }
+    for node in &nodes {
+        node.wait_running("dns", None)?;
+        node.wait_running("host-events", None)?;
+    }
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_read_timeout(Some(Duration::from_millis(1)))?;
+    let mut samples = Vec::new();
+    let mut buffer = [0u8; 1500];
+    for trial in 0..TRIALS {
+        let name = format!("reg{trial}");
+        let expected = Ipv4Addr::new(127, 0, 9, trial as u8 + 1);
+        let body = json!({ "args": [name, "--port", "80", "--address", expected.to_string()] });
+        let started = Instant::now();
+        let (status, reply) = nodes[0].api.send(
+            "POST",
+            "/v1/roles/host-events/register",
+            &serde_json::to_vec(&body)?,
+            "application/json",
+        )?;
+        anyhow::ensure!(status < 300, "register: {}", String::from_utf8_lossy(&reply));
+        let id = trial as u16 + 1;
+        let packet = query(id, &format!("{name}.service.hive."));
+        loop {
+            socket.send_to(&packet, ("127.0.0.1", ports[2]))?;
+            if let Ok((length, _)) = socket.recv_from(&mut buffer)
+                && answers(&buffer[..length], id, expected)
+            {
+                break;
+            }
+            anyhow::ensure!(started.elapsed() < PATIENCE, "node C never answered {name}");
+        }
+        samples.push(started.elapsed());
+    }
+    let summary = summarize(&mut samples);
+    println!(
+        "  register on node A -> first correct answer on node C: median {:.1} ms, p99 {:.1} ms over {TRIALS}   (target median <= 100 ms -> {})",
+        millis(summary.median),
+        millis(summary.p99),
+        verdict(millis(summary.median) <= 100.0)
+    );
+    Ok(())
+}
