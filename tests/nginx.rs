@@ -270,7 +270,7 @@ fn nginx_follows_registrations_and_keeps_serving_through_bad_configs() {
         &read(artifacts::ROLE_NGINX),
         &nginx_manifest(&nginx, probe, Some(broken)),
     );
-    // Until the role reloads with the new manifest, a render still works.
+    // Forced renders are retried until the role runs with the new manifest.
     wait_until("a forced render with the broken template", || {
         stdout(&node.cli(&["role", "nginx", "render"])).contains("nginx rejected")
     });

@@ -16,7 +16,7 @@
 //! The events: `service.up`, `service.down` and `service.changed`, keyed
 //! `SERVICE@NODE_ID` by the host-events role, with a JSON payload of at
 //! least `service`, `node`, `address`, `port`, `tags` and `healthy`;
-//! `node.joined` (name and API address) and `node.failed`, `node.left`,
+//! `node.joined` (name and transport address) and `node.failed`, `node.left`,
 //! `node.rejoined`, keyed by node id.
 
 use std::collections::BTreeMap;
@@ -71,7 +71,21 @@ struct ServicePayload {
 #[derive(Deserialize)]
 struct JoinedPayload {
     name: String,
-    api: String,
+    /// The address other nodes reach it at (its advertised transport).
+    transport: String,
+}
+
+/// The event's payload, or `None` (logged) when it is not the JSON this
+/// table reads: one bad event, from any writer of the log, must not stop
+/// every event after it.
+fn payload_or_warn<T: serde::de::DeserializeOwned>(event: &Event) -> Option<T> {
+    match event.payload_json() {
+        Ok(payload) => Some(payload),
+        Err(error) => {
+            crate::warn!("{error}; ignored");
+            None
+        }
+    }
 }
 
 /// The IP part of an address (`IP:PORT`, `[IPv6]:PORT` or a bare IP).
@@ -157,7 +171,9 @@ impl ServiceTable {
     /// the table. Events of other kinds, and ones no newer than what the
     /// table holds for their key, change nothing.
     pub fn apply(&mut self, event: &Event) -> Result<bool, String> {
-        self.last_seq = self.last_seq.max(event.seq);
+        // `last_seq` is not moved here: a live event may be newer than
+        // events a predecessor took while this version loaded, and only
+        // `catch_up`, reading the log in order, may skip past those.
         if let Some(change) = event.kind.strip_prefix("service.") {
             return self.apply_service(event, change);
         }
@@ -169,10 +185,12 @@ impl ServiceTable {
         match change {
             "joined" => {
                 if node.info_seq < event.seq {
-                    let payload: JoinedPayload = event.payload_json()?;
+                    let Some(payload) = payload_or_warn::<JoinedPayload>(event) else {
+                        return Ok(false);
+                    };
                     node.info_seq = event.seq;
                     node.name = payload.name;
-                    node.address = ip_of(&payload.api);
+                    node.address = ip_of(&payload.transport);
                 }
                 if node.health_seq < event.seq {
                     node.health_seq = event.seq;
@@ -204,7 +222,9 @@ impl ServiceTable {
         {
             return Ok(false);
         }
-        let payload: ServicePayload = event.payload_json()?;
+        let Some(payload) = payload_or_warn::<ServicePayload>(event) else {
+            return Ok(false);
+        };
         let Some(address) = ip_of(&payload.address) else {
             crate::warn!(
                 "event {} ({} {}): address {:?} is not an IP address; ignored",

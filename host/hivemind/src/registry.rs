@@ -60,7 +60,9 @@ impl NodeEntry {
         hivemind_runtime::Node {
             id: self.id.clone(),
             name: self.name.clone(),
-            address: self.api.clone(),
+            // Where other nodes reach it (the advertised transport address):
+            // roles use its IP for the node's services and DNS records.
+            address: self.transport.clone(),
             roles: self.roles.iter().map(|role| role.name.clone()).collect(),
             healthy: self.healthy,
         }

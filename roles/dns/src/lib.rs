@@ -11,8 +11,9 @@
 //! - `HEX.addr.ZONE` A/AAAA: an SRV target for an instance that is not on
 //!   its node's address (`7f000001` is 127.0.0.1).
 //! - The apex answers SOA and NS. A name without records is NXDOMAIN, and a
-//!   name without records of the asked type is NODATA, both with the SOA so
-//!   resolvers cache the answer for `ttl` seconds.
+//!   name without records of the asked type (or with names only below it,
+//!   like `service.ZONE`) is NODATA, both with the SOA so resolvers cache
+//!   the answer for `ttl` seconds.
 //!
 //! EDNS0 is answered (payload size `edns_payload`); an answer bigger than the
 //! client's UDP size is sent empty with the TC bit so it retries over TCP.
@@ -117,6 +118,7 @@ struct Loaded {
 
 thread_local! {
     static LOADED: RefCell<Option<Loaded>> = const { RefCell::new(None) };
+    static LOAD_ERROR_LOGGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Runs `f` on the instance's table, loading it from state first if this
@@ -147,6 +149,10 @@ enum Found<'a> {
     Service(Vec<&'a Served>),
     /// `_SERVICE._tcp`: SRV only.
     ServiceSrv(Vec<&'a Served>),
+    /// A name with names below it but no records of its own
+    /// (`service.ZONE`, `node.ZONE`, ...): NOERROR without records, as
+    /// NXDOMAIN would tell resolvers nothing exists below it (RFC 8020).
+    Empty,
     NxDomain,
     Refused,
 }
@@ -212,6 +218,7 @@ fn find<'a>(zone: &Zone, table: &'a Table, qname: &str) -> Found<'a> {
         ["service", "_tcp", service] => service
             .strip_prefix('_')
             .map(|service| Found::ServiceSrv(instances(service, None))),
+        ["service"] | ["node"] | ["addr"] | ["service", "_tcp"] => Some(Found::Empty),
         ["service", service] => Some(Found::Service(instances(service, None))),
         ["service", service, tag] => Some(Found::Service(instances(service, Some(tag)))),
         _ => None,
@@ -310,6 +317,7 @@ fn resolve(loaded: &mut Loaded, qname: &str, qtype: Rtype) -> Reply {
     match find(zone, table, qname) {
         Found::Refused => reply.rcode = Rcode::REFUSED,
         Found::NxDomain => reply.rcode = Rcode::NXDOMAIN,
+        Found::Empty => {}
         Found::Apex => {
             if wants(Rtype::SOA) {
                 reply.answer.push((Owner::Query, Data::Soa));
@@ -596,7 +604,18 @@ impl Role for Dns {
 
     fn on_packet(_listener: String, peer: String, data: Vec<u8>) -> Option<Vec<u8>> {
         let over_udp = !peer.starts_with("tcp://");
-        with_loaded(|loaded| answer(loaded, &data, over_udp)).ok().flatten()
+        match with_loaded(|loaded| answer(loaded, &data, over_udp)) {
+            Ok(reply) => reply,
+            Err(error) => {
+                // Said once per instance; every query would repeat it.
+                LOAD_ERROR_LOGGED.with(|logged| {
+                    if !logged.replace(true) {
+                        hivemind_sdk::error!("queries get no answer: {error}");
+                    }
+                });
+                None
+            }
+        }
     }
 
     fn on_request(request: Request) -> Response {

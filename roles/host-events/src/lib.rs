@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use hivemind_sdk::services::ip_of;
 use hivemind_sdk::{Description, HostError, Request, Response, Role, export_role, host, state};
 use serde::{Deserialize, Serialize};
 
@@ -182,14 +183,6 @@ fn published(name: &str) -> Option<Published> {
     state::get_json(&format!("{PUBLISHED}{name}")).ok().flatten()
 }
 
-/// The IP part of a node address (`IP:PORT`, `[IPv6]:PORT` or a bare IP).
-fn ip_of(address: &str) -> String {
-    if let Ok(socket) = std::net::SocketAddr::from_str(address) {
-        return socket.ip().to_string();
-    }
-    address.to_string()
-}
-
 /// `host:port` for `address`, bracketing IPv6.
 fn host_port(address: &str, port: u16) -> String {
     if address.contains(':') {
@@ -202,7 +195,10 @@ fn host_port(address: &str, port: u16) -> String {
 /// Checks `spec` now and returns what should be published.
 fn observe(spec: &ServiceSpec, config: &Config) -> Published {
     let node = host::self_node();
-    let address = spec.address.clone().unwrap_or_else(|| ip_of(&node.address));
+    let address = spec.address.clone().unwrap_or_else(|| match ip_of(&node.address) {
+        Some(ip) => ip.to_string(),
+        None => node.address.clone(),
+    });
     let target = host_port(&address, spec.port);
     let outcome = match parse_check(spec.check.as_deref()) {
         Ok(Check::None) => Ok("no check".to_string()),
@@ -411,7 +407,7 @@ struct Listed {
     detail: String,
 }
 
-fn list(config: &Config, args: &[String]) -> Response {
+fn list(config: &Config, json: bool) -> Response {
     let rows: Vec<Listed> = declared(config)
         .into_values()
         .map(|(spec, source)| {
@@ -436,7 +432,7 @@ fn list(config: &Config, args: &[String]) -> Response {
             }
         })
         .collect();
-    if args.iter().any(|arg| arg == "--json") {
+    if json {
         return Response::json(200, &rows);
     }
     let mut text = format!(
@@ -482,11 +478,13 @@ impl Role for HostEvents {
             Ok(config) => config,
             Err(error) => return Response::error(500, &error),
         };
-        let args = request.args();
+        // `--json` is for `list`; the CLI passes it to every command.
+        let json = request.args().iter().any(|arg| arg == "--json");
+        let args: Vec<String> = request.args().into_iter().filter(|arg| arg != "--json").collect();
         match request.command() {
             "register" => register(&config, &args),
             "deregister" => deregister(&config, &args),
-            "list" => list(&config, &args),
+            "list" => list(&config, json),
             _ => Response::error(
                 404,
                 &format!(

@@ -342,19 +342,32 @@ fn run(config: &Config, command: &[String]) -> Result<(), String> {
     ))
 }
 
-/// Puts the last good files back and reloads, after `error`.
-fn roll_back(config: &Config, progress: &mut Progress, error: String) {
+/// Puts the last good files back after `error`: a file written now that
+/// has no good version gets an empty one, so nginx never restarts on a
+/// rejected file. `reload` when nginx may already run the bad files.
+fn roll_back(config: &Config, progress: &mut Progress, written: &[String], reload: bool, error: String) {
     hivemind_sdk::error!("{error}");
     let mut message = error;
-    for (file, contents) in &progress.good {
-        if let Err(restore) = host::write_file(file, contents.as_bytes()) {
-            message.push_str(&format!("; restoring {file} failed too: {}", restore.message()));
+    let mut restore: BTreeMap<&String, &str> = progress
+        .good
+        .iter()
+        .map(|(file, contents)| (file, contents.as_str()))
+        .collect();
+    for file in written {
+        restore
+            .entry(file)
+            .or_insert("# No configuration nginx accepted yet.\n");
+    }
+    for (file, contents) in restore {
+        if let Err(failed) = host::write_file(file, contents.as_bytes()) {
+            message.push_str(&format!("; restoring {file} failed too: {}", failed.message()));
         }
     }
+    if reload && let Err(failed) = run(config, &config.reload) {
+        message.push_str(&format!("; reloading the restored config failed: {failed}"));
+    }
     if progress.good.is_empty() {
-        message.push_str("; there is no earlier good config to restore");
-    } else if let Err(reload) = run(config, &config.reload) {
-        message.push_str(&format!("; reloading the restored config failed: {reload}"));
+        message.push_str("; there was no earlier good config, so the files are empty");
     } else {
         message.push_str(&format!("; restored generation {}", progress.confirmed));
     }
@@ -378,23 +391,18 @@ fn apply(config: &Config, table: &ServiceTable, progress: &mut Progress) {
         return;
     }
     progress.generation = generation;
+    let files: Vec<String> = rendered.outputs.keys().cloned().collect();
     let written = match write_files(config, &rendered.outputs, generation) {
         Ok(written) => written,
-        Err(error) => return roll_back(config, progress, error),
+        Err(error) => return roll_back(config, progress, &files, false, error),
     };
     if let Err(error) = run(config, &config.validate) {
-        return roll_back(
-            config,
-            progress,
-            format!("nginx rejected generation {generation}: {error}"),
-        );
+        let error = format!("nginx rejected generation {generation}: {error}");
+        return roll_back(config, progress, &files, false, error);
     }
     if let Err(error) = run(config, &config.reload) {
-        return roll_back(
-            config,
-            progress,
-            format!("reloading generation {generation} failed: {error}"),
-        );
+        let error = format!("reloading generation {generation} failed: {error}");
+        return roll_back(config, progress, &files, true, error);
     }
     progress.rendered = rendered.outputs;
     progress.kept = rendered.kept;
@@ -437,9 +445,12 @@ fn check_awaited(config: &Config, progress: &mut Progress) {
         }
         Err(error) if now_ms().saturating_sub(since) > config.confirm_timeout_ms => {
             progress.awaiting = None;
+            let files: Vec<String> = progress.rendered.keys().cloned().collect();
             roll_back(
                 config,
                 progress,
+                &files,
+                true,
                 format!(
                     "nginx accepted the reload of generation {generation} but is not serving it after {} ms \
                      ({url}: {}); see nginx's error log (a listen address it cannot bind?)",

@@ -67,7 +67,7 @@ pub enum Command {
         payload: serde_json::Value,
     },
     /// The cluster's identity, written once by the node that formed it,
-    /// with the founding voters (each gets its `node.joined`; later nodes
+    /// with the founding members (each gets its `node.joined`; later nodes
     /// get theirs when admitted).
     Formed {
         cluster_id: String,

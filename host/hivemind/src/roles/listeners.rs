@@ -42,21 +42,23 @@ const TCP_MAX_CONNECTIONS: usize = 256;
 #[derive(Clone)]
 pub(crate) enum Socket {
     Udp(Arc<std::net::UdpSocket>),
-    Tcp(Arc<TcpListener>),
+    /// The listener and its bound on connections served at once, shared by
+    /// every version so a reload does not raise it.
+    Tcp(Arc<TcpListener>, Arc<Semaphore>),
 }
 
 impl Socket {
     fn protocol(&self) -> ListenerProtocol {
         match self {
             Socket::Udp(_) => ListenerProtocol::Udp,
-            Socket::Tcp(_) => ListenerProtocol::Tcp,
+            Socket::Tcp(..) => ListenerProtocol::Tcp,
         }
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
             Socket::Udp(socket) => socket.local_addr(),
-            Socket::Tcp(listener) => listener.local_addr(),
+            Socket::Tcp(listener, _) => listener.local_addr(),
         }
     }
 
@@ -68,7 +70,7 @@ impl Socket {
             }),
             ListenerProtocol::Tcp => TcpListener::bind(spec.address)
                 .await
-                .map(|listener| Socket::Tcp(Arc::new(listener))),
+                .map(|listener| Socket::Tcp(Arc::new(listener), Arc::new(Semaphore::new(TCP_MAX_CONNECTIONS)))),
         };
         bound.map_err(|error| {
             format!(
@@ -144,15 +146,26 @@ pub(crate) fn commit(slot: &Arc<RoleSlot>, prepared: Prepared) {
             Socket::Udp(udp) => {
                 let (slot, name, udp, stop) = (slot.clone(), name.clone().into(), udp.clone(), stop.clone());
                 let runtime = tokio::runtime::Handle::current();
+                // Counted by the slot's tracker, so shutting the role down
+                // waits until the thread has left its last call.
+                let tracked = slot.tracker.token();
                 let spawned = std::thread::Builder::new()
                     .name(format!("udp-{}", slot.name))
-                    .spawn(move || serve_datagrams(&slot, name, &udp, &stop, &runtime));
+                    .spawn(move || {
+                        serve_datagrams(&slot, name, &udp, &stop, &runtime);
+                        drop(tracked);
+                    });
                 if let Err(error) = spawned {
                     tracing::error!(%error, %address, "cannot start the thread of a udp listener");
                 }
                 None
             }
-            Socket::Tcp(tcp) => Some(slot.tracker.spawn(accept(slot.clone(), name.clone(), tcp.clone()))),
+            Socket::Tcp(tcp, connections) => {
+                Some(
+                    slot.tracker
+                        .spawn(accept(slot.clone(), name.clone(), tcp.clone(), connections.clone())),
+                )
+            }
         };
         next.push(Listener {
             name,
@@ -187,8 +200,9 @@ fn serve_datagrams(
             Ok(received) => received,
             Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(error) => {
-                // ICMP errors from earlier sends surface here; keep serving.
+                // Unexpected: keep serving, without spinning if it persists.
                 tracing::debug!(role = %slot.name, listener = %name, %error, "udp receive error");
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
@@ -205,9 +219,8 @@ fn serve_datagrams(
     }
 }
 
-async fn accept(slot: Arc<RoleSlot>, name: String, listener: Arc<TcpListener>) {
+async fn accept(slot: Arc<RoleSlot>, name: String, listener: Arc<TcpListener>, connections: Arc<Semaphore>) {
     let name: Arc<str> = name.into();
-    let connections = Arc::new(Semaphore::new(TCP_MAX_CONNECTIONS));
     loop {
         let Ok(permit) = connections.clone().acquire_owned().await else {
             return;
