@@ -533,6 +533,9 @@ fn status(args: &[String]) -> Response {
         "generation {} written, {} confirmed live; {} reload(s)\n",
         progress.generation, progress.confirmed, progress.reloads
     );
+    if Config::load().is_ok_and(|config| config.upstreams.is_empty()) {
+        text.push_str("no upstreams configured: list them as [[config.upstreams]] in nginx.toml\n");
+    }
     if let Some((generation, _)) = progress.awaiting {
         text.push_str(&format!("waiting for nginx to serve generation {generation}\n"));
     }
