@@ -32,7 +32,7 @@ use std::str::FromStr;
 use domain::base::iana::{Class, Opcode, OptRcode, Rcode};
 use domain::base::message_builder::{AdditionalBuilder, AnswerBuilder, AuthorityBuilder, PushError, StaticCompressor};
 use domain::base::record::ComposeRecord;
-use domain::base::{Message, MessageBuilder, Name, ParsedName, Rtype, Serial, ToName, Ttl};
+use domain::base::{Message, MessageBuilder, Name, ParsedName, Question, Rtype, Serial, ToName, Ttl};
 use domain::rdata::{A, Aaaa, Ns, Soa, Srv, Txt};
 use hivemind_sdk::{Description, Event, Request, Response, Role, export_role, host};
 use serde::Deserialize;
@@ -450,17 +450,17 @@ fn push_data(section: &mut impl Section, zone: &Zone, owner: impl ToName, data: 
 fn encode(
     zone: &Zone,
     request: &Message<&[u8]>,
-    qname: &ParsedName<&[u8]>,
+    question: &Question<ParsedName<&[u8]>>,
     reply: &Reply,
     limit: usize,
     edns: Option<u16>,
 ) -> Option<Vec<u8>> {
     // The OPT record takes 11 bytes; keep room for it under the limit.
     let room = if edns.is_some() { 11 } else { 0 };
-    match build(zone, request, qname, reply, limit - room, edns, false) {
+    match build(zone, request, question, reply, limit - room, edns, false) {
         Ok(message) => Some(message),
         Err(PushError::ShortBuf | PushError::LimitExceeded) => {
-            build(zone, request, qname, reply, limit - room, edns, true).ok()
+            build(zone, request, question, reply, limit - room, edns, true).ok()
         }
         Err(_) => None,
     }
@@ -470,7 +470,7 @@ fn encode(
 fn build(
     zone: &Zone,
     request: &Message<&[u8]>,
-    qname: &ParsedName<&[u8]>,
+    question: &Question<ParsedName<&[u8]>>,
     reply: &Reply,
     limit: usize,
     edns: Option<u16>,
@@ -479,11 +479,21 @@ fn build(
     let mut message =
         MessageBuilder::from_target(StaticCompressor::new(Vec::with_capacity(512))).map_err(|_| PushError::ShortBuf)?;
     message.set_push_limit(limit);
-    let mut answer = message.start_answer(request, reply.rcode)?;
-    let header = answer.header_mut();
+    // What `start_answer` does, with the question already parsed instead
+    // of parsed again from the request.
+    let header = message.header_mut();
+    header.set_id(request.header().id());
+    header.set_qr(true);
+    header.set_opcode(request.header().opcode());
+    header.set_rd(request.header().rd());
+    header.set_rcode(reply.rcode);
     header.set_aa(reply.rcode != Rcode::REFUSED);
     header.set_ra(false);
     header.set_tc(truncated);
+    let mut questions = message.question();
+    questions.push(question)?;
+    let mut answer = questions.answer();
+    let qname = question.qname();
     let mut additional = if truncated {
         answer.additional()
     } else {
@@ -562,9 +572,8 @@ fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<Vec<u8>> 
     } else {
         u16::MAX as usize
     };
-    let qname = question.qname();
-    let reply = resolve(loaded, &normal_name(qname), question.qtype());
-    encode(&loaded.zone, &request, qname, &reply, limit, edns)
+    let reply = resolve(loaded, &normal_name(question.qname()), question.qtype());
+    encode(&loaded.zone, &request, &question, &reply, limit, edns)
 }
 
 impl Role for Dns {
