@@ -107,21 +107,69 @@ pub struct HostProcess {
     pub data_dir: std::path::PathBuf,
 }
 
+/// The cluster secret the benchmarks' hosts share.
+pub const BENCH_SECRET: &str = "bench-cluster-secret-0123456789";
+
+/// A `hivemind up` process whose API may not answer yet.
+pub struct SpawnedHost {
+    child: std::process::Child,
+    data_dir: std::path::PathBuf,
+}
+
+impl SpawnedHost {
+    /// Waits until the host's API answers.
+    pub fn wait_api(self) -> anyhow::Result<HostProcess> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let (Ok(address), Ok(token)) = (
+                std::fs::read_to_string(self.data_dir.join("api.addr")),
+                std::fs::read_to_string(self.data_dir.join("token")),
+            ) {
+                let api = Api::new(address.trim(), token.trim());
+                if api.get("/v1/status").is_ok() {
+                    return Ok(HostProcess {
+                        child: self.child,
+                        api,
+                        data_dir: self.data_dir,
+                    });
+                }
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "hivemind did not come up in {}",
+                self.data_dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
 impl HostProcess {
     /// Starts `hivemind up` on `data_dir` and waits until its API answers.
     pub fn start(data_dir: &std::path::Path) -> anyhow::Result<HostProcess> {
+        let data = data_dir.display().to_string();
+        let args = [
+            "--data-dir",
+            &data,
+            "up",
+            "--api",
+            "127.0.0.1:0",
+            "--transport",
+            "127.0.0.1:0",
+        ]
+        .map(String::from);
+        HostProcess::spawn(data_dir, &args)?.wait_api()
+    }
+
+    /// Starts `hivemind ARGS...` (which name `data_dir` with `--data-dir`)
+    /// without waiting for its API (bootstrap voters answer only once all
+    /// of them run).
+    pub fn spawn(data_dir: &std::path::Path, args: &[String]) -> anyhow::Result<SpawnedHost> {
         let binary = std::env::current_exe()?.with_file_name("hivemind");
         let _ = std::fs::remove_file(data_dir.join("api.addr"));
         let child = std::process::Command::new(&binary)
-            .args([
-                "--data-dir",
-                &data_dir.display().to_string(),
-                "up",
-                "--api",
-                "127.0.0.1:0",
-                "--transport",
-                "127.0.0.1:0",
-            ])
+            .args(args)
+            .env("HIVEMIND_CLUSTER_SECRET", BENCH_SECRET)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -131,24 +179,10 @@ impl HostProcess {
                     binary.display()
                 )
             })?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let (Ok(address), Ok(token)) = (
-                std::fs::read_to_string(data_dir.join("api.addr")),
-                std::fs::read_to_string(data_dir.join("token")),
-            ) {
-                let api = Api::new(address.trim(), token.trim());
-                if api.get("/v1/status").is_ok() {
-                    return Ok(HostProcess {
-                        child,
-                        api,
-                        data_dir: data_dir.to_path_buf(),
-                    });
-                }
-            }
-            anyhow::ensure!(std::time::Instant::now() < deadline, "hivemind did not come up");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        Ok(SpawnedHost {
+            child,
+            data_dir: data_dir.to_path_buf(),
+        })
     }
 
     /// Waits until every role is running.

@@ -8,12 +8,12 @@
 //! service on node A to node C's first correct answer for it.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use hivemind_bench::{Api, bootstrap_args, free_port, millis, sha256_hex, summarize, with_nonce};
+use hivemind_bench::{HostProcess, bootstrap_args, free_port, millis, sha256_hex, summarize, with_nonce};
 use serde_json::{Value, json};
 
 const NAMES: usize = 1000;
@@ -23,7 +23,6 @@ const FIXED_SECS: u32 = 8;
 const FIXED_RATE: u32 = 20_000;
 const RELOADS: u64 = 20;
 const TRIALS: usize = 50;
-const SECRET: &str = "bench-cluster-secret-0123456789";
 const PATIENCE: Duration = Duration::from_secs(60);
 
 fn dns_manifest(port: u16) -> String {
@@ -42,46 +41,25 @@ fn address(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
-/// A `hivemind up` process.
+/// A `hivemind up` process, killed when dropped.
 struct Host {
-    child: Child,
-    api: Api,
-    dir: PathBuf,
+    process: HostProcess,
 }
 
 impl Host {
-    fn start(dir: &Path, args: Vec<String>) -> anyhow::Result<Host> {
-        Host::spawn(dir, args)?.wait_api()
-    }
-
-    /// Starts the process without waiting for its API (bootstrap voters
-    /// answer only once all of them run).
-    fn spawn(dir: &Path, args: Vec<String>) -> anyhow::Result<Spawned> {
-        let binary = std::env::current_exe()?.with_file_name("hivemind");
-        let _ = std::fs::remove_file(dir.join("api.addr"));
-        let child = Command::new(binary)
-            .args(args)
-            .env("HIVEMIND_CLUSTER_SECRET", SECRET)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start hivemind; build it with cargo build --release -p hivemind")?;
-        Ok(Spawned {
-            child,
-            dir: dir.to_path_buf(),
-        })
+    fn new(process: HostProcess) -> Host {
+        Host { process }
     }
 
     fn install(&self, name: &str, wasm: &[u8], manifest: &str) -> anyhow::Result<()> {
-        let roles = self.dir.join("roles");
+        let roles = self.process.data_dir.join("roles");
         std::fs::create_dir_all(&roles)?;
         std::fs::write(roles.join(format!("{name}.toml")), manifest)?;
         hivemind_bench::drop_role(&roles, name, wasm)
     }
 
     fn role(&self, name: &str) -> Option<Value> {
-        let roles = self.api.get_json("/v1/roles").ok()?;
+        let roles = self.process.api.get_json("/v1/roles").ok()?;
         roles.as_array()?.iter().find(|role| role["name"] == name).cloned()
     }
 
@@ -100,46 +78,14 @@ impl Host {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.child.id()
     }
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Spawned {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Spawned {
-    fn wait_api(self) -> anyhow::Result<Host> {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let (Ok(address), Ok(token)) = (
-                std::fs::read_to_string(self.dir.join("api.addr")),
-                std::fs::read_to_string(self.dir.join("token")),
-            ) {
-                let api = Api::new(address.trim(), token.trim());
-                if api.get("/v1/status").is_ok() {
-                    return Ok(Host {
-                        child: self.child,
-                        api,
-                        dir: self.dir,
-                    });
-                }
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "hivemind did not come up in {}",
-                self.dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let _ = self.process.child.kill();
+        let _ = self.process.child.wait();
     }
 }
 
@@ -327,7 +273,7 @@ fn main() -> anyhow::Result<()> {
     ]
     .map(String::from)
     .to_vec();
-    let host = Host::start(&data, args)?;
+    let host = Host::new(HostProcess::spawn(&data, &args)?.wait_api()?);
     let dns_wasm = std::fs::read(hivemind_role_artifacts::ROLE_DNS)?;
     host.install("dns", &dns_wasm, &dns_manifest(dns_port))?;
     host.wait_running("dns", None)?;
@@ -337,9 +283,10 @@ fn main() -> anyhow::Result<()> {
             "port": 80, "tags": [], "healthy": true,
         });
         let body = json!({ "kind": "service.up", "key": format!("svc{i}@bench"), "payload": payload });
-        let (status, reply) = host
-            .api
-            .send("POST", "/v1/events", &serde_json::to_vec(&body)?, "application/json")?;
+        let (status, reply) =
+            host.process
+                .api
+                .send("POST", "/v1/events", &serde_json::to_vec(&body)?, "application/json")?;
         anyhow::ensure!(status < 300, "emit: {}", String::from_utf8_lossy(&reply));
     }
     let last = NAMES - 1;
@@ -438,7 +385,7 @@ fn main() -> anyhow::Result<()> {
         let bytes = with_nonce(&dns_wasm, nonce);
         let digest = sha256_hex(&bytes);
         let started = Instant::now();
-        hivemind_bench::drop_role(&host.dir.join("roles"), "dns", &bytes)?;
+        hivemind_bench::drop_role(&host.process.data_dir.join("roles"), "dns", &bytes)?;
         host.wait_running("dns", Some(&digest))?;
         reload_times.push(started.elapsed());
         std::thread::sleep(Duration::from_millis(300));
@@ -465,15 +412,13 @@ fn register_to_answer(root: &Path) -> anyhow::Result<()> {
     for (i, transport) in transports.iter().enumerate() {
         let dir = root.join(format!("n{i}"));
         let api = format!("127.0.0.1:{}", free_port());
-        spawned.push(Host::spawn(
-            &dir,
-            bootstrap_args(&dir, &format!("n{i}"), &api, transport, &transports),
-        )?);
+        let args = bootstrap_args(&dir, &format!("n{i}"), &api, transport, &transports);
+        spawned.push(HostProcess::spawn(&dir, &args)?);
     }
     let mut nodes = Vec::new();
     let mut ports = Vec::new();
     for spawned in spawned {
-        let node = spawned.wait_api()?;
+        let node = Host::new(spawned.wait_api()?);
         let port = free_port();
         node.install(
             "host-events",
@@ -501,7 +446,7 @@ fn register_to_answer(root: &Path) -> anyhow::Result<()> {
         let expected = Ipv4Addr::new(127, 0, 9, trial as u8 + 1);
         let body = json!({ "args": [name, "--port", "80", "--address", expected.to_string()] });
         let started = Instant::now();
-        let (status, reply) = nodes[0].api.send(
+        let (status, reply) = nodes[0].process.api.send(
             "POST",
             "/v1/roles/host-events/register",
             &serde_json::to_vec(&body)?,

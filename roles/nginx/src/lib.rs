@@ -107,6 +107,16 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The manifest's config, parsed once per instance: it cannot change
+    /// without a reload, and `tick` runs ten times a second.
+    fn get() -> Result<std::rc::Rc<Config>, String> {
+        thread_local! {
+            static CONFIG: std::cell::OnceCell<Result<std::rc::Rc<Config>, String>> =
+                const { std::cell::OnceCell::new() };
+        }
+        CONFIG.with(|cell| cell.get_or_init(|| Config::load().map(std::rc::Rc::new)).clone())
+    }
+
     fn load() -> Result<Config, String> {
         let config: Config = host::config()?;
         for (what, command) in [("validate", &config.validate), ("reload", &config.reload)] {
@@ -477,7 +487,7 @@ fn with_table<T>(f: impl FnOnce(&mut ServiceTable) -> T) -> Result<T, String> {
 }
 
 fn tick() -> Result<(), String> {
-    let config = Config::load()?;
+    let config = Config::get()?;
     if config.upstreams.is_empty() {
         return Ok(());
     }
@@ -533,7 +543,7 @@ fn status(args: &[String]) -> Response {
         "generation {} written, {} confirmed live; {} reload(s)\n",
         progress.generation, progress.confirmed, progress.reloads
     );
-    if Config::load().is_ok_and(|config| config.upstreams.is_empty()) {
+    if Config::get().is_ok_and(|config| config.upstreams.is_empty()) {
         text.push_str("no upstreams configured: list them as [[config.upstreams]] in nginx.toml\n");
     }
     if let Some((generation, _)) = progress.awaiting {
@@ -553,7 +563,7 @@ fn status(args: &[String]) -> Response {
 }
 
 fn render_command(args: &[String]) -> Response {
-    let config = match Config::load() {
+    let config = match Config::get() {
         Ok(config) => config,
         Err(error) => return Response::error(500, &error),
     };
@@ -597,7 +607,7 @@ impl Role for Nginx {
     }
 
     fn init() -> Result<(), String> {
-        Config::load()?;
+        Config::get()?;
         with_table(|_| ())
     }
 

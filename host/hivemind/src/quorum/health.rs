@@ -46,14 +46,11 @@ pub async fn watch(log: Arc<QuorumLog>, shutdown: CancellationToken) {
             _ = ticker.tick() => {}
         }
         let peers: Vec<(NodeId, String)> = log
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .filter(|(id, _)| **id != log.id)
-            .map(|(id, node)| (*id, node.transport.clone()))
+            .member_addresses()
+            .0
+            .into_iter()
+            .filter(|(id, _)| *id != log.id)
+            .map(|(id, node)| (id, node.transport))
             .collect();
         for (id, address) in peers {
             let log = log.clone();

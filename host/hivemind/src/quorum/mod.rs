@@ -721,19 +721,10 @@ impl QuorumLog {
         {
             return;
         }
-        let founders = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(id, address)| (*id, address.clone()))
-            .collect();
         let command = Command::Formed {
             cluster_id: self.cluster_id.clone(),
             secret: secret.clone(),
-            founders,
+            founders: self.member_addresses().0,
             timestamp_ms: now_ms(),
         };
         if let Err(error) = self.write(command, WRITE_TIMEOUT).await {
