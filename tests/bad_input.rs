@@ -164,15 +164,18 @@ async fn failing_init_keeps_old_version() {
 #[tokio::test(flavor = "multi_thread")]
 async fn misbehaving_calls_are_contained() {
     let host = host_with_probe().await;
+    // The call budget is wall time less host time, so on a busy machine
+    // touching 64 MiB can outlast the default 100 ms; a second keeps the
+    // memory limit the one `hog` reaches first.
     host.drop_role(
         "misbehave",
         &misbehave(),
-        Some("[limits]\nmax_consecutive_traps = 100\n"),
+        Some("[limits]\nmax_consecutive_traps = 100\ncpu_ms = 1000\n"),
     );
     host.wait_live("misbehave", &misbehave()).await;
     let api = host.api();
     for (command, status, expected) in [
-        ("loop", 502, "CPU time limit of 100 ms"),
+        ("loop", 502, "CPU time limit of 1000 ms"),
         ("hog", 502, "memory limit of 64 MiB"),
         ("trap", 502, "unreachable"),
         ("panic", 502, "misbehave panicked on purpose"),
