@@ -43,6 +43,7 @@ pub struct ApiState {
     pub membership: crate::membership::Membership,
     pub connect: Arc<crate::connect::Connect>,
     pub notifier: Arc<Notifier>,
+    pub bridges: Arc<crate::bridge::Bridges>,
     pub token: Arc<str>,
     pub started: Instant,
     /// Ends long-lived responses (event streams) when the host stops.
@@ -70,6 +71,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cluster/members", get(list_members))
         .route("/v1/cluster/members/{node}/{action}", post(change_member))
         .route("/v1/cluster/tokens", post(issue_token))
+        .route("/v1/bridges", get(list_bridges))
+        .route("/v1/bridges/{name}", get(bridge_status).patch(act_on_bridge))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(TraceLayer::new_for_http());
@@ -412,6 +415,18 @@ async fn emit_event(
             format!("event body must be JSON {{\"kind\", \"key\", \"payload\"}}: {error}"),
         )
     })?;
+    // Bridges route by these; only the bridges and their operator
+    // actions (which check names and require a reason) write them.
+    if body.kind.starts_with(crate::bridge::ledger::PREFIX) {
+        return Err(ApiError::new(
+            400,
+            format!(
+                "kind {:?}: bridge.* events are written by the bridges; use PATCH /v1/bridges/NAME (or `hivemind \
+                 bridge ...`) to act on a bridge",
+                body.kind
+            ),
+        ));
+    }
     let payload = if body.payload.is_null() {
         b"{}".to_vec()
     } else {
@@ -579,4 +594,38 @@ async fn stream_events(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+async fn list_bridges(State(state): State<ApiState>) -> Json<serde_json::Value> {
+    Json(serde_json::Value::Array(state.bridges.list().await))
+}
+
+async fn bridge_status(State(state): State<ApiState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    state
+        .bridges
+        .status(&name)
+        .await
+        .map(Json)
+        .map_err(|error| ApiError::new(error.status, error.message))
+}
+
+async fn act_on_bridge(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<crate::bridge::Action>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(action) = body.map_err(|error| {
+        ApiError::new(
+            400,
+            format!(
+                "body must be JSON with one of \"enabled\", \"pin\", \"drain\", \"undrain\" and a \"reason\": {error}"
+            ),
+        )
+    })?;
+    state
+        .bridges
+        .act(&name, action)
+        .await
+        .map(Json)
+        .map_err(|error| ApiError::new(error.status, error.message))
 }

@@ -86,6 +86,11 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// TCP bridges: status, and routing on/off, pin, drain (each with a reason).
+    Bridge {
+        #[command(subcommand)]
+        command: crate::bridge::cli::BridgeCommand,
+    },
     /// Cluster members: each node, its roles and health (the registry);
     /// promote/demote voters, remove, join tokens.
     Members {
@@ -456,6 +461,7 @@ pub fn run_client(data_dir: Option<&Path>, command: Command) -> anyhow::Result<(
             }
         }
         Command::Roles { command } => run_roles(data_dir, command)?,
+        Command::Bridge { command } => crate::bridge::cli::run(data_dir, command)?,
         Command::Role {
             name,
             cmd,
@@ -727,7 +733,7 @@ fn print_event(event: &Value) {
     );
 }
 
-fn print_json(value: &Value) {
+pub(crate) fn print_json(value: &Value) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 

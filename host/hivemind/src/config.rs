@@ -61,6 +61,14 @@
 //! # How long gossip must hold a member down before the leader commits
 //! # node.failed, ms.
 //! failed_grace_ms = 500
+//!
+//! # TCP bridges: see `bridge::config` for every key.
+//! [[bridge]]
+//! name = "db"
+//! listen = "127.0.0.1:15432"
+//! [[bridge.backends]]
+//! name = "primary"
+//! address = "10.0.0.1:5432"
 //! ```
 
 use std::net::SocketAddr;
@@ -99,6 +107,8 @@ pub struct FileConfig {
     pub raft: RaftSection,
     #[serde(default)]
     pub gossip: GossipSection,
+    #[serde(default)]
+    pub bridge: Vec<crate::bridge::config::BridgeSection>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -266,6 +276,7 @@ pub struct HostConfig {
     /// Raft timing and snapshot threshold.
     pub raft: crate::quorum::Timing,
     pub gossip: GossipSettings,
+    pub bridges: Vec<crate::bridge::config::BridgeConfig>,
 }
 
 impl HostConfig {
@@ -291,6 +302,7 @@ impl HostConfig {
                 preset: crate::membership::GossipPreset::Fast,
                 failed_grace: Duration::from_millis(200),
             },
+            bridges: Vec::new(),
         }
     }
 
@@ -319,6 +331,10 @@ impl HostConfig {
         let cluster = ClusterMode::from_parts(file.cluster.bootstrap_peers, file.cluster.join, file.cluster.join_token)
             .map_err(|error| anyhow::anyhow!("config [cluster]: {error}"))?;
         let runtime_defaults = hivemind_runtime::RuntimeConfig::new("");
+        let bridges = crate::bridge::config::resolve_all(&file.bridge).map_err(|error| match path {
+            Some(path) => anyhow::anyhow!("config {}: {error}", path.display()),
+            None => error,
+        })?;
         Ok(HostConfig {
             transport,
             advertise: file.advertise,
@@ -339,6 +355,7 @@ impl HostConfig {
                 .unwrap_or(runtime_defaults.pool_max_memory_bytes),
             raft: file.raft.timing()?,
             gossip: file.gossip.settings()?,
+            bridges,
         })
     }
 }

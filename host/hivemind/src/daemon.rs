@@ -188,6 +188,10 @@ impl Daemon {
             config.gossip.clone(),
             shutdown.clone(),
         )));
+        let (bridges, bridge_tasks) =
+            crate::bridge::Bridges::start(config.bridges.clone(), log.clone(), config.node_name.clone(), &shutdown)
+                .await?;
+        tasks.extend(bridge_tasks);
         let notifier = Arc::new(Notifier::new(node_id, config.webhook.clone()));
         let parts = HostParts {
             log: log.clone() as Arc<dyn crate::log::EventLog>,
@@ -212,6 +216,7 @@ impl Daemon {
             membership: membership.clone(),
             connect,
             notifier,
+            bridges,
             token: token.clone().into(),
             started,
             shutdown: shutdown.clone(),

@@ -21,10 +21,13 @@
 //!   multiplexed connections for role calls.
 //! - `connect`: role-to-role calls across nodes, one shared link per peer.
 //! - `notify`: the failure notification sink (log + webhook).
+//! - `bridge`: TCP proxies routing to the backend the log agreed on.
+//! - `probe`: TCP and HTTP health probes (bridges, the roles' `check`).
 //! - `api`: the HTTP API.
 //! - `cli`, `scaffold`: the command line.
 
 pub mod api;
+pub mod bridge;
 pub mod cli;
 pub mod config;
 pub mod connect;
@@ -33,6 +36,7 @@ pub mod enrollment;
 pub mod log;
 pub mod membership;
 pub mod notify;
+pub mod probe;
 pub mod quorum;
 pub mod registry;
 pub mod roles;

@@ -1332,6 +1332,18 @@ impl QuorumLog {
         }
     }
 
+    /// Whether this node reaches a majority of the voters (itself
+    /// included): without that, nothing it proposes can commit.
+    pub fn has_quorum(&self) -> bool {
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let reachable = voters
+            .iter()
+            .filter(|id| **id == self.id || self.health.reachable(**id))
+            .count();
+        reachable * 2 > voters.len()
+    }
+
     fn missing_voters(&self) -> Vec<String> {
         let membership = self.raft.metrics().borrow().membership_config.membership().clone();
         membership

@@ -212,25 +212,8 @@ impl RoleHost for RoleServices {
             )));
         }
         let outcome = match target {
-            HealthCheck::Tcp(address) => tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address.clone()))
-                .await
-                .map_err(|_| format!("no TCP connection to {address} within {} ms", timeout.as_millis()))
-                .and_then(|connected| connected.map(drop).map_err(|error| format!("TCP {address}: {error}"))),
-            HealthCheck::Http(url) => {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .timeout_global(Some(timeout))
-                    .http_status_as_error(false)
-                    .build()
-                    .into();
-                tokio::task::spawn_blocking(move || match agent.get(&url).call() {
-                    Ok(response) if response.status().is_success() => Ok(()),
-                    Ok(response) => Err(format!("GET {url} answered {}", response.status())),
-                    Err(error) => Err(format!("GET {url}: {error}")),
-                })
-                .await
-                .map_err(|error| error.to_string())
-                .and_then(|result| result)
-            }
+            HealthCheck::Tcp(address) => crate::probe::tcp(&address, timeout).await,
+            HealthCheck::Http(url) => crate::probe::http_get(&url, timeout).await.map(drop),
         };
         match outcome {
             Ok(()) => Ok(started.elapsed().as_millis().min(u32::MAX as u128) as u32),

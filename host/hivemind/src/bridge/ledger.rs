@@ -1,0 +1,296 @@
+//! What the log says about each bridge: the committed active backend,
+//! routing on or off, pin, drained backends and every node's health
+//! reports, folded from `bridge.*` events in log order.
+//!
+//! Every node folds the same events, so every node's bridges agree; the
+//! leader also decides from it (see `policy`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::log::StoredEvent;
+
+/// One node's view of one backend, reported when it changes.
+pub const HEALTH: &str = "bridge.health";
+/// The leader's decision of the active backend.
+pub const ACTIVE: &str = "bridge.active";
+/// An operator turned routing on or off.
+pub const ROUTING: &str = "bridge.routing";
+/// An operator pinned a backend, or unpinned.
+pub const PIN: &str = "bridge.pin";
+/// An operator drained a backend, or put it back.
+pub const DRAIN: &str = "bridge.drain";
+/// Every kind above starts with this.
+pub const PREFIX: &str = "bridge.";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub bridge: String,
+    pub backend: String,
+    /// The reporting node's id (hex).
+    pub node: String,
+    #[serde(default)]
+    pub node_name: String,
+    pub healthy: bool,
+    #[serde(default)]
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActiveDecision {
+    pub bridge: String,
+    /// `None`: no backend to route to.
+    pub backend: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutingChange {
+    pub bridge: String,
+    pub enabled: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PinChange {
+    pub bridge: String,
+    /// `None`: unpinned.
+    pub backend: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainChange {
+    pub bridge: String,
+    pub backend: String,
+    pub drained: bool,
+    pub reason: String,
+}
+
+/// A committed value with the entry that set it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Committed<T> {
+    pub value: T,
+    pub reason: String,
+    /// The event's seq; 0 for a default nobody committed.
+    pub seq: u64,
+    pub timestamp_ms: u64,
+}
+
+impl<T> Committed<T> {
+    fn from_event(value: T, reason: String, event: &StoredEvent) -> Committed<T> {
+        Committed {
+            value,
+            reason,
+            seq: event.seq,
+            timestamp_ms: event.timestamp_ms,
+        }
+    }
+}
+
+/// A node's latest report on a backend.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub node_name: String,
+    pub healthy: bool,
+    pub detail: String,
+    pub seq: u64,
+    pub timestamp_ms: u64,
+}
+
+/// Everything committed about one bridge.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BridgeRecord {
+    /// `None` until the leader first decides.
+    pub active: Option<Committed<Option<String>>>,
+    pub routing: Committed<bool>,
+    pub pinned: Option<Committed<String>>,
+    /// Drained backends and why.
+    pub drained: BTreeMap<String, Committed<()>>,
+    /// backend → node id (hex) → its latest report.
+    pub reports: BTreeMap<String, BTreeMap<String, Report>>,
+}
+
+impl Default for BridgeRecord {
+    fn default() -> Self {
+        BridgeRecord {
+            active: None,
+            routing: Committed {
+                value: true,
+                reason: "routing is on until an operator turns it off".into(),
+                seq: 0,
+                timestamp_ms: 0,
+            },
+            pinned: None,
+            drained: BTreeMap::new(),
+            reports: BTreeMap::new(),
+        }
+    }
+}
+
+impl BridgeRecord {
+    /// The committed active backend, if any.
+    pub fn active_backend(&self) -> Option<&str> {
+        self.active.as_ref().and_then(|active| active.value.as_deref())
+    }
+
+    pub fn is_drained(&self, backend: &str) -> bool {
+        self.drained.contains_key(backend)
+    }
+
+    /// How many of `nodes` last reported `backend` up, and how many down.
+    pub fn votes(&self, backend: &str, nodes: &BTreeSet<String>) -> (usize, usize) {
+        let Some(reports) = self.reports.get(backend) else {
+            return (0, 0);
+        };
+        reports
+            .iter()
+            .filter(|(node, _)| nodes.contains(*node))
+            .fold((0, 0), |(up, down), (_, report)| {
+                if report.healthy { (up + 1, down) } else { (up, down + 1) }
+            })
+    }
+}
+
+/// The fold of every `bridge.*` event read so far.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    pub bridges: BTreeMap<String, BridgeRecord>,
+    /// The seq of the last event folded.
+    pub last_seq: u64,
+}
+
+impl Ledger {
+    /// Folds one event. Malformed payloads are skipped with a warning: an
+    /// event written by hand through the API must not stop the bridges.
+    pub fn apply(&mut self, event: &StoredEvent) {
+        self.last_seq = self.last_seq.max(event.seq);
+        if let Err(error) = self.fold(event) {
+            tracing::warn!(seq = event.seq, kind = %event.kind, %error, "skipping a malformed bridge event");
+        }
+    }
+
+    fn fold(&mut self, event: &StoredEvent) -> Result<(), serde_json::Error> {
+        let payload = event.payload.clone();
+        match event.kind.as_str() {
+            HEALTH => {
+                let report: HealthReport = serde_json::from_value(payload)?;
+                self.bridges
+                    .entry(report.bridge)
+                    .or_default()
+                    .reports
+                    .entry(report.backend)
+                    .or_default()
+                    .insert(
+                        report.node,
+                        Report {
+                            node_name: report.node_name,
+                            healthy: report.healthy,
+                            detail: report.detail,
+                            seq: event.seq,
+                            timestamp_ms: event.timestamp_ms,
+                        },
+                    );
+            }
+            ACTIVE => {
+                let decision: ActiveDecision = serde_json::from_value(payload)?;
+                self.bridges.entry(decision.bridge).or_default().active =
+                    Some(Committed::from_event(decision.backend, decision.reason, event));
+            }
+            ROUTING => {
+                let change: RoutingChange = serde_json::from_value(payload)?;
+                self.bridges.entry(change.bridge).or_default().routing =
+                    Committed::from_event(change.enabled, change.reason, event);
+            }
+            PIN => {
+                let change: PinChange = serde_json::from_value(payload)?;
+                let record = self.bridges.entry(change.bridge).or_default();
+                record.pinned = change
+                    .backend
+                    .map(|backend| Committed::from_event(backend, change.reason, event));
+            }
+            DRAIN => {
+                let change: DrainChange = serde_json::from_value(payload)?;
+                let record = self.bridges.entry(change.bridge).or_default();
+                if change.drained {
+                    record
+                        .drained
+                        .insert(change.backend, Committed::from_event((), change.reason, event));
+                } else {
+                    record.drained.remove(&change.backend);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub fn record(&self, bridge: &str) -> BridgeRecord {
+        self.bridges.get(bridge).cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub fn event(seq: u64, kind: &str, payload: serde_json::Value) -> StoredEvent {
+        StoredEvent {
+            seq,
+            epoch: 1,
+            kind: kind.into(),
+            key: "k".into(),
+            source: "test".into(),
+            timestamp_ms: seq * 10,
+            payload,
+        }
+    }
+
+    /// Each kind lands where status and policy read it; a later event
+    /// replaces an earlier one; undrain and unpin clear.
+    #[test]
+    fn folds_each_kind() {
+        let mut ledger = Ledger::default();
+        for (seq, kind, payload) in [
+            (1, HEALTH, json!({"bridge": "db", "backend": "a", "node": "n1", "healthy": true})),
+            (2, HEALTH, json!({"bridge": "db", "backend": "a", "node": "n2", "healthy": false, "detail": "refused"})),
+            (3, ACTIVE, json!({"bridge": "db", "backend": "a", "reason": "first"})),
+            (4, ROUTING, json!({"bridge": "db", "enabled": false, "reason": "maintenance"})),
+            (5, PIN, json!({"bridge": "db", "backend": "b", "reason": "testing b"})),
+            (6, DRAIN, json!({"bridge": "db", "backend": "a", "drained": true, "reason": "upgrade"})),
+            (7, HEALTH, json!({"bridge": "db", "backend": "a", "node": "n2", "healthy": true})),
+        ] {
+            ledger.apply(&event(seq, kind, payload));
+        }
+        let record = ledger.record("db");
+        assert_eq!(record.active_backend(), Some("a"));
+        assert!(!record.routing.value);
+        assert_eq!(record.routing.reason, "maintenance");
+        assert_eq!(record.pinned.as_ref().unwrap().value, "b");
+        assert!(record.is_drained("a"));
+        let nodes: BTreeSet<String> = ["n1".to_string(), "n2".to_string()].into();
+        assert_eq!(record.votes("a", &nodes), (2, 0));
+        assert_eq!(ledger.last_seq, 7);
+
+        ledger.apply(&event(8, PIN, json!({"bridge": "db", "backend": null, "reason": "done"})));
+        ledger.apply(&event(
+            9,
+            DRAIN,
+            json!({"bridge": "db", "backend": "a", "drained": false, "reason": "back"}),
+        ));
+        let record = ledger.record("db");
+        assert!(record.pinned.is_none() && !record.is_drained("a"));
+    }
+
+    /// A malformed payload is skipped and the next event still applies.
+    #[test]
+    fn malformed_event_is_skipped() {
+        let mut ledger = Ledger::default();
+        ledger.apply(&event(1, ACTIVE, json!("not an object")));
+        ledger.apply(&event(2, ACTIVE, json!({"bridge": "db", "backend": "a", "reason": "r"})));
+        assert_eq!(ledger.record("db").active_backend(), Some("a"));
+        assert_eq!(ledger.last_seq, 2);
+    }
+}

@@ -1,0 +1,124 @@
+//! This node's checks of a bridge's backends: every interval, each backend
+//! is checked; `rise` passes in a row bring a down backend up, `fall`
+//! failures in a row take an up one down. The first result sets the state
+//! at once, so a starting node reports within one interval.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{BridgeConfig, HealthCheck};
+
+/// What this node concludes about one backend.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LocalHealth {
+    /// `None` until the first check finished.
+    pub healthy: Option<bool>,
+    /// The last check's outcome, in words.
+    pub detail: String,
+    #[serde(skip)]
+    passes: u32,
+    #[serde(skip)]
+    failures: u32,
+}
+
+impl LocalHealth {
+    /// Counts one check result and moves the state when rise or fall is reached.
+    pub fn record(&mut self, outcome: Result<(), String>, rise: u32, fall: u32) {
+        match outcome {
+            Ok(()) => {
+                self.passes += 1;
+                self.failures = 0;
+                self.detail = "check passed".into();
+                if self.healthy.is_none() || self.passes >= rise {
+                    self.healthy = Some(true);
+                }
+            }
+            Err(reason) => {
+                self.failures += 1;
+                self.passes = 0;
+                self.detail = reason;
+                if self.healthy.is_none() || self.failures >= fall {
+                    self.healthy = Some(false);
+                }
+            }
+        }
+    }
+}
+
+/// Backend name → this node's view, published after every round.
+pub type LocalView = BTreeMap<String, LocalHealth>;
+
+/// Runs one check.
+pub async fn check(target: &HealthCheck, timeout: std::time::Duration) -> Result<(), String> {
+    match target {
+        HealthCheck::Tcp { address } => crate::probe::tcp(address, timeout).await,
+        HealthCheck::Http { address, path, json } => {
+            let url = format!("http://{address}{path}");
+            let body = crate::probe::http_get(&url, timeout).await?;
+            match json {
+                None => Ok(()),
+                Some((field, expected)) => crate::probe::json_field_matches(&body, field, expected)
+                    .map_err(|reason| format!("GET {url}: {reason}")),
+            }
+        }
+    }
+}
+
+/// Checks every backend of `config` each interval until `shutdown`,
+/// publishing the view on `view`.
+pub async fn run(config: BridgeConfig, view: watch::Sender<LocalView>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let started = Instant::now();
+        let outcomes = futures::future::join_all(
+            config
+                .backends
+                .iter()
+                .map(|backend| async { (backend.name.clone(), check(&backend.check, config.timeout).await) }),
+        )
+        .await;
+        view.send_modify(|view| {
+            for (backend, outcome) in outcomes {
+                view.entry(backend)
+                    .or_default()
+                    .record(outcome, config.rise, config.fall);
+            }
+        });
+        tracing::trace!(bridge = %config.name, took_ms = started.elapsed().as_millis() as u64, "checked backends");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// First result sets the state; then `fall` failures take it down and
+    /// `rise` passes bring it back; a single blip changes nothing.
+    #[test]
+    fn rise_and_fall() {
+        let mut health = LocalHealth::default();
+        health.record(Ok(()), 2, 3);
+        assert_eq!(health.healthy, Some(true));
+        health.record(Err("refused".into()), 2, 3);
+        health.record(Ok(()), 2, 3);
+        health.record(Err("refused".into()), 2, 3);
+        health.record(Err("refused".into()), 2, 3);
+        assert_eq!(health.healthy, Some(true), "two failures of three");
+        health.record(Err("refused".into()), 2, 3);
+        assert_eq!(health.healthy, Some(false));
+        assert_eq!(health.detail, "refused");
+        health.record(Ok(()), 2, 3);
+        assert_eq!(health.healthy, Some(false), "one pass of two");
+        health.record(Ok(()), 2, 3);
+        assert_eq!(health.healthy, Some(true));
+    }
+}

@@ -1,0 +1,211 @@
+//! A bridge's data path: accept a client, connect it to the committed
+//! active backend, copy both ways, and sever the session when the route
+//! moves away from its backend or routing goes off.
+//!
+//! The route is a `watch` the bridge's follower updates from the log; a
+//! session reads it at accept and then waits for changes beside its copy,
+//! so every session of a backend is severed as soon as the committed
+//! change is applied on this node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::config::BridgeConfig;
+use super::relay::relay;
+
+/// Where new sessions go, as this node's bridge sees it now.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Route {
+    /// Routing on, and this node may route (not cut off with `when_isolated = "stop"`).
+    pub enabled: bool,
+    /// Why routing is off, or why there is no backend, in words.
+    pub reason: String,
+    /// The committed active backend: name and address.
+    pub backend: Option<(String, String)>,
+    /// Drained backends: their sessions finish on their own.
+    pub draining: BTreeSet<String>,
+}
+
+impl Route {
+    /// Whether a session to `backend` may go on under this route.
+    fn keeps(&self, backend: &str) -> bool {
+        self.enabled
+            && (self.backend.as_ref().is_some_and(|(name, _)| name == backend) || self.draining.contains(backend))
+    }
+}
+
+/// One backend's session and byte counts on this node.
+#[derive(Debug, Default)]
+pub struct BackendCounters {
+    pub current: AtomicU64,
+    pub total: AtomicU64,
+    pub severed: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub to_backend: AtomicU64,
+    pub to_client: AtomicU64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendCountersView {
+    pub current: u64,
+    pub total: u64,
+    pub severed: u64,
+    pub connect_failures: u64,
+    pub bytes_to_backend: u64,
+    pub bytes_to_client: u64,
+}
+
+impl BackendCounters {
+    pub fn view(&self) -> BackendCountersView {
+        BackendCountersView {
+            current: self.current.load(Ordering::Relaxed),
+            total: self.total.load(Ordering::Relaxed),
+            severed: self.severed.load(Ordering::Relaxed),
+            connect_failures: self.connect_failures.load(Ordering::Relaxed),
+            bytes_to_backend: self.to_backend.load(Ordering::Relaxed),
+            bytes_to_client: self.to_client.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A bridge's counters on this node.
+#[derive(Debug, Default)]
+pub struct BridgeCounters {
+    /// Clients closed at once: routing off or no backend.
+    pub refused: AtomicU64,
+    pub backends: BTreeMap<String, BackendCounters>,
+}
+
+impl BridgeCounters {
+    pub fn new(config: &BridgeConfig) -> BridgeCounters {
+        BridgeCounters {
+            refused: AtomicU64::new(0),
+            backends: config
+                .backends
+                .iter()
+                .map(|backend| (backend.name.clone(), BackendCounters::default()))
+                .collect(),
+        }
+    }
+}
+
+/// Accepts clients until `shutdown`; every session ends with it.
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<BridgeConfig>,
+    route: watch::Receiver<Route>,
+    counters: Arc<BridgeCounters>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let client = match accepted {
+            Ok((client, _)) => client,
+            Err(error) => {
+                // Out of descriptors, mostly: wait for sessions to end
+                // rather than spin on a listener that stays readable.
+                tracing::warn!(bridge = %config.name, %error, "cannot accept a client");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let mut session_route = route.clone();
+        let current = session_route.borrow_and_update().clone();
+        let Some((backend, address)) = current.backend.filter(|_| current.enabled) else {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            drop(client);
+            continue;
+        };
+        tokio::spawn(session(
+            client,
+            backend,
+            address,
+            config.clone(),
+            session_route,
+            counters.clone(),
+            shutdown.clone(),
+        ));
+    }
+}
+
+async fn session(
+    client: TcpStream,
+    backend: String,
+    address: String,
+    config: Arc<BridgeConfig>,
+    mut route: watch::Receiver<Route>,
+    counters: Arc<BridgeCounters>,
+    shutdown: CancellationToken,
+) {
+    let Some(backend_counters) = counters.backends.get(&backend) else {
+        return;
+    };
+    let connected = tokio::select! {
+        connected = tokio::time::timeout(config.connect_timeout, TcpStream::connect(&address)) => connected,
+        // Severed while connecting: the client is closed, nothing was sent.
+        _ = severed(&mut route, &backend) => return,
+        _ = shutdown.cancelled() => return,
+    };
+    let upstream = match connected {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(error)) => {
+            backend_counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(bridge = %config.name, %backend, %error, "cannot connect a session");
+            return;
+        }
+        Err(_) => {
+            backend_counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(bridge = %config.name, %backend, "connecting a session timed out");
+            return;
+        }
+    };
+    // Small request/response exchanges must not wait for Nagle.
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    backend_counters.total.fetch_add(1, Ordering::Relaxed);
+    backend_counters.current.fetch_add(1, Ordering::Relaxed);
+    tokio::select! {
+        outcome = relay(&client, &upstream, config.splice, &backend_counters.to_backend, &backend_counters.to_client) => {
+            if let Err(error) = outcome {
+                tracing::trace!(bridge = %config.name, %backend, %error, "session ended with an error");
+            }
+        }
+        _ = severed(&mut route, &backend) => {
+            backend_counters.severed.fetch_add(1, Ordering::Relaxed);
+            // A reset, not a graceful close: the peer must not take a cut
+            // session for a complete answer.
+            reset(&client);
+            reset(&upstream);
+        }
+        _ = shutdown.cancelled() => {}
+    }
+    backend_counters.current.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Returns once the route no longer keeps sessions to `backend` (or the
+/// bridge is gone).
+async fn severed(route: &mut watch::Receiver<Route>, backend: &str) {
+    loop {
+        if !route.borrow_and_update().keeps(backend) {
+            return;
+        }
+        if route.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Makes the coming close send RST instead of FIN.
+fn reset(stream: &TcpStream) {
+    let _ = stream.set_zero_linger();
+}
