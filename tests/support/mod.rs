@@ -351,6 +351,26 @@ impl NodeProcess {
         self.child.is_some()
     }
 
+    /// SIGSTOP: the process stays but answers nothing, as a hung or
+    /// cut-off machine would.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {}", self.name);
+    }
+
     /// Whether the process exited by itself, and how.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         let status = self.child.as_mut()?.try_wait().unwrap();
@@ -448,13 +468,20 @@ pub struct ProcessCluster {
 impl ProcessCluster {
     /// `count` voters formed with `--bootstrap --peers`, all started.
     pub fn bootstrap(count: usize) -> ProcessCluster {
+        Self::bootstrap_configured(count, |_, _| {})
+    }
+
+    /// Like [`Self::bootstrap`], with `configure(index, node)` called on
+    /// each node before it starts (to add arguments or write files).
+    pub fn bootstrap_configured(count: usize, mut configure: impl FnMut(usize, &mut NodeProcess)) -> ProcessCluster {
         let root = tempfile::tempdir().unwrap();
         let mut nodes: Vec<NodeProcess> = (1..=count)
             .map(|i| NodeProcess::new(root.path(), &format!("n{i}"), Vec::new()))
             .collect();
         let peers: Vec<String> = nodes.iter().map(|node| node.transport.clone()).collect();
-        for node in &mut nodes {
+        for (index, node) in nodes.iter_mut().enumerate() {
             node.args = vec!["--bootstrap".into(), "--peers".into(), peers.join(",")];
+            configure(index, node);
             node.start();
         }
         let cluster = ProcessCluster { root, nodes };

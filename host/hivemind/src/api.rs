@@ -600,7 +600,10 @@ async fn list_bridges(State(state): State<ApiState>) -> Json<serde_json::Value> 
     Json(serde_json::Value::Array(state.bridges.list().await))
 }
 
-async fn bridge_status(State(state): State<ApiState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn bridge_status(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     state
         .bridges
         .status(&name)

@@ -9,7 +9,10 @@ const MAX_BODY: u64 = 64 << 10;
 /// Opens (and closes) a TCP connection to `address` (`HOST:PORT`).
 pub async fn tcp(address: &str, timeout: Duration) -> Result<(), String> {
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
-        Err(_) => Err(format!("no TCP connection to {address} within {} ms", timeout.as_millis())),
+        Err(_) => Err(format!(
+            "no TCP connection to {address} within {} ms",
+            timeout.as_millis()
+        )),
         Ok(Err(error)) => Err(format!("TCP {address}: {error}")),
         Ok(Ok(_)) => Ok(()),
     }

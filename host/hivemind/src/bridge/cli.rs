@@ -125,7 +125,10 @@ pub fn run(data_dir: Option<&Path>, command: BridgeCommand) -> anyhow::Result<()
     )?;
     let reply: Value = serde_json::from_slice(&reply).unwrap_or(Value::Null);
     if !(200..300).contains(&status) {
-        bail!("{} (HTTP {status})", reply["error"].as_str().unwrap_or("the host refused"));
+        bail!(
+            "{} (HTTP {status})",
+            reply["error"].as_str().unwrap_or("the host refused")
+        );
     }
     if client.json {
         print_json(&reply);
@@ -149,7 +152,11 @@ fn print_bridge(bridge: &Value) {
     println!(
         "active    {} ({})",
         text(&active["backend"]),
-        if active.is_null() { "no decision yet".into() } else { text(&active["reason"]) }
+        if active.is_null() {
+            "no decision yet".into()
+        } else {
+            text(&active["reason"])
+        }
     );
     let routing = &bridge["routing"];
     if routing["enabled"] == true {

@@ -136,11 +136,7 @@ pub const DEFAULT_FALL: u32 = 2;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn valid_address(address: &str) -> bool {
@@ -260,11 +256,7 @@ impl BackendSection {
             }
             Some("http") => {
                 let path = self.path.clone().unwrap_or_else(|| "/".into());
-                anyhow::ensure!(
-                    path.starts_with('/'),
-                    "{}: {path:?} must start with '/'",
-                    at("path")
-                );
+                anyhow::ensure!(path.starts_with('/'), "{}: {path:?} must start with '/'", at("path"));
                 let json = match (&self.json_field, &self.json_value) {
                     (None, None) => None,
                     (None, Some(_)) => anyhow::bail!("{}: needs json_field", at("json_value")),

@@ -147,9 +147,12 @@ impl BridgeRecord {
         reports
             .iter()
             .filter(|(node, _)| nodes.contains(*node))
-            .fold((0, 0), |(up, down), (_, report)| {
-                if report.healthy { (up + 1, down) } else { (up, down + 1) }
-            })
+            .fold(
+                (0, 0),
+                |(up, down), (_, report)| {
+                    if report.healthy { (up + 1, down) } else { (up, down + 1) }
+                },
+            )
     }
 }
 
@@ -254,13 +257,33 @@ pub(crate) mod tests {
     fn folds_each_kind() {
         let mut ledger = Ledger::default();
         for (seq, kind, payload) in [
-            (1, HEALTH, json!({"bridge": "db", "backend": "a", "node": "n1", "healthy": true})),
-            (2, HEALTH, json!({"bridge": "db", "backend": "a", "node": "n2", "healthy": false, "detail": "refused"})),
+            (
+                1,
+                HEALTH,
+                json!({"bridge": "db", "backend": "a", "node": "n1", "healthy": true}),
+            ),
+            (
+                2,
+                HEALTH,
+                json!({"bridge": "db", "backend": "a", "node": "n2", "healthy": false, "detail": "refused"}),
+            ),
             (3, ACTIVE, json!({"bridge": "db", "backend": "a", "reason": "first"})),
-            (4, ROUTING, json!({"bridge": "db", "enabled": false, "reason": "maintenance"})),
+            (
+                4,
+                ROUTING,
+                json!({"bridge": "db", "enabled": false, "reason": "maintenance"}),
+            ),
             (5, PIN, json!({"bridge": "db", "backend": "b", "reason": "testing b"})),
-            (6, DRAIN, json!({"bridge": "db", "backend": "a", "drained": true, "reason": "upgrade"})),
-            (7, HEALTH, json!({"bridge": "db", "backend": "a", "node": "n2", "healthy": true})),
+            (
+                6,
+                DRAIN,
+                json!({"bridge": "db", "backend": "a", "drained": true, "reason": "upgrade"}),
+            ),
+            (
+                7,
+                HEALTH,
+                json!({"bridge": "db", "backend": "a", "node": "n2", "healthy": true}),
+            ),
         ] {
             ledger.apply(&event(seq, kind, payload));
         }
@@ -274,7 +297,11 @@ pub(crate) mod tests {
         assert_eq!(record.votes("a", &nodes), (2, 0));
         assert_eq!(ledger.last_seq, 7);
 
-        ledger.apply(&event(8, PIN, json!({"bridge": "db", "backend": null, "reason": "done"})));
+        ledger.apply(&event(
+            8,
+            PIN,
+            json!({"bridge": "db", "backend": null, "reason": "done"}),
+        ));
         ledger.apply(&event(
             9,
             DRAIN,
@@ -289,7 +316,11 @@ pub(crate) mod tests {
     fn malformed_event_is_skipped() {
         let mut ledger = Ledger::default();
         ledger.apply(&event(1, ACTIVE, json!("not an object")));
-        ledger.apply(&event(2, ACTIVE, json!({"bridge": "db", "backend": "a", "reason": "r"})));
+        ledger.apply(&event(
+            2,
+            ACTIVE,
+            json!({"bridge": "db", "backend": "a", "reason": "r"}),
+        ));
         assert_eq!(ledger.record("db").active_backend(), Some("a"));
         assert_eq!(ledger.last_seq, 2);
     }

@@ -140,7 +140,11 @@ impl Bridges {
             });
             let (local_sender, local) = watch::channel(LocalView::new());
             let counters = Arc::new(BridgeCounters::new(&config));
-            tasks.push(tokio::spawn(monitor::run((*config).clone(), local_sender, shutdown.clone())));
+            tasks.push(tokio::spawn(monitor::run(
+                (*config).clone(),
+                local_sender,
+                shutdown.clone(),
+            )));
             tasks.push(tokio::spawn(proxy::serve(
                 listener,
                 config.clone(),
@@ -269,6 +273,9 @@ impl Bridges {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            if !self.log.has_quorum() {
+                continue;
+            }
             let ledger = self.ledger.borrow().clone();
             for bridge in &self.bridges {
                 let record = ledger.record(&bridge.config.name);
@@ -322,10 +329,13 @@ impl Bridges {
                 _ = ledger_seen.changed() => {}
                 _ = ticker.tick() => {}
             }
-            if !self.log.is_leader() {
+            // Without a quorum nothing can commit: a cut-off leader waits.
+            if !self.log.is_leader() || !self.log.has_quorum() {
                 continue;
             }
-            let Ok(alive) = self.alive_members().await else { continue };
+            let Ok(alive) = self.alive_members().await else {
+                continue;
+            };
             let ledger = self.ledger.borrow().clone();
             for bridge in &self.bridges {
                 let record = ledger.record(&bridge.config.name);
@@ -343,7 +353,9 @@ impl Bridges {
                         // Decide again only from a ledger that holds this.
                         self.wait_applied(seq, APPLY_WAIT).await;
                     }
-                    Err(error) => tracing::warn!(bridge = %bridge.config.name, %error, "cannot commit the active backend"),
+                    Err(error) => {
+                        tracing::warn!(bridge = %bridge.config.name, %error, "cannot commit the active backend")
+                    }
                 }
             }
         }
@@ -357,7 +369,12 @@ impl Bridges {
             .member_addresses()
             .0
             .into_keys()
-            .filter(|id| state.members.get(id).is_none_or(|member| member.health == NodeHealth::Alive))
+            .filter(|id| {
+                state
+                    .members
+                    .get(id)
+                    .is_none_or(|member| member.health == NodeHealth::Alive)
+            })
             .map(hex_id)
             .collect())
     }
@@ -414,7 +431,10 @@ impl Bridges {
                 let names: Vec<&str> = bridge.config.backends.iter().map(|known| known.name.as_str()).collect();
                 Err(ActionError::new(
                     400,
-                    format!("bridge {name:?} has no backend {backend:?}; its backends: {}", names.join(", ")),
+                    format!(
+                        "bridge {name:?} has no backend {backend:?}; its backends: {}",
+                        names.join(", ")
+                    ),
                 ))
             }
         };
@@ -449,7 +469,8 @@ impl Bridges {
                 drained,
                 reason,
             };
-            self.append(ledger::DRAIN, format!("{bridge_name}/{backend}"), &change).await
+            self.append(ledger::DRAIN, format!("{bridge_name}/{backend}"), &change)
+                .await
         };
         let seq = written.map_err(|error| match error {
             LogError::Unavailable(_) => ActionError::new(503, error.to_string()),

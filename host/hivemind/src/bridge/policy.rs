@@ -36,7 +36,10 @@ pub fn decide(
         up > 0 && up >= down
     };
     let choice = if let Some(pin) = record.pinned.as_ref().filter(|pin| configured(&pin.value)) {
-        (Some(pin.value.clone()), format!("pinned by an operator: {}", pin.reason))
+        (
+            Some(pin.value.clone()),
+            format!("pinned by an operator: {}", pin.reason),
+        )
     } else {
         let usable = |name: &str| {
             !record.is_drained(name)
@@ -63,10 +66,9 @@ pub fn decide(
                 let why_not_current = match current {
                     None => "no backend was active".to_string(),
                     Some(current) if !configured(current) => format!("{current} is no longer configured"),
-                    Some(current) if record.is_drained(current) => format!(
-                        "{current} is drained: {}",
-                        record.drained[current].reason
-                    ),
+                    Some(current) if record.is_drained(current) => {
+                        format!("{current} is drained: {}", record.drained[current].reason)
+                    }
                     Some(current) => {
                         let (up, down) = record.votes(current, alive);
                         format!("{current} failed its checks on {down} of {} nodes", up + down)
@@ -232,7 +234,10 @@ mod tests {
         }
         let only_n1: BTreeSet<String> = ["n1".to_string()].into();
         assert_eq!(decide(&config(false), &record, &only_n1), None);
-        assert_eq!(chosen(decide(&config(false), &record, &alive())), Some(Some("b".into())));
+        assert_eq!(
+            chosen(decide(&config(false), &record, &alive())),
+            Some(Some("b".into()))
+        );
     }
 
     /// A pin wins over health; unpinned, the pinned backend stays while healthy.

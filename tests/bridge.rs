@@ -1,0 +1,627 @@
+//! Bridges across real `hivemind` processes on loopback, in front of real
+//! TCP backends run by the test: every node routes to the one backend the
+//! log committed, they fail over together, and operators' actions reach
+//! every node.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+/// What a test backend does with a client.
+#[derive(Clone, Copy, PartialEq)]
+enum Manner {
+    /// Sends its name and a newline, then echoes every line back.
+    Greet,
+    /// Accepts and reads, never answers.
+    Silent,
+}
+
+/// A real TCP backend on a fixed loopback port that the test can stop
+/// (listener and every connection closed) and start again.
+struct Backend {
+    name: &'static str,
+    port: u16,
+    manner: Manner,
+    running: Option<Running>,
+}
+
+struct Running {
+    stop: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<TcpStream>>>,
+    acceptor: JoinHandle<()>,
+}
+
+impl Backend {
+    fn start(name: &'static str, manner: Manner) -> Backend {
+        let mut backend = Backend {
+            name,
+            port: free_port(),
+            manner,
+            running: None,
+        };
+        backend.resume();
+        backend
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn resume(&mut self) {
+        assert!(self.running.is_none());
+        let listener = TcpListener::bind(self.address()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<TcpStream>>> = Default::default();
+        let (name, manner) = (self.name, self.manner);
+        let acceptor = {
+            let (stop, connections) = (stop.clone(), connections.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            stream.set_nonblocking(false).unwrap();
+                            connections.lock().unwrap().push(stream.try_clone().unwrap());
+                            std::thread::spawn(move || serve(stream, name, manner));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        self.running = Some(Running {
+            stop,
+            connections,
+            acceptor,
+        });
+    }
+
+    /// Closes the listener and resets every connection: a crashed backend.
+    fn kill(&mut self) {
+        let running = self.running.take().expect("running");
+        running.stop.store(true, Ordering::Relaxed);
+        running.acceptor.join().unwrap();
+        for connection in running.connections.lock().unwrap().drain(..) {
+            let _ = connection.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if self.running.is_some() {
+            self.kill();
+        }
+    }
+}
+
+fn serve(stream: TcpStream, name: &str, manner: Manner) {
+    let control = stream.try_clone().unwrap();
+    converse(stream, name, manner);
+    // The backend keeps a clone of every connection (to kill it), so the
+    // end of a conversation closes the connection explicitly.
+    let _ = control.shutdown(std::net::Shutdown::Both);
+}
+
+fn converse(stream: TcpStream, name: &str, manner: Manner) {
+    let mut writer = stream.try_clone().unwrap();
+    if manner == Manner::Greet && writeln!(writer, "{name}").is_err() {
+        return;
+    }
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while matches!(reader.read_line(&mut line), Ok(read) if read > 0) {
+        if manner == Manner::Greet && writer.write_all(line.as_bytes()).is_err() {
+            return;
+        }
+        line.clear();
+    }
+}
+
+/// A client session through a bridge.
+struct Session {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Session {
+    /// Connects to a bridge port and reads the backend's greeting; `None`
+    /// when the bridge closed the connection without one.
+    fn open(port: u16) -> Option<(Session, String)> {
+        let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut session = Session {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        };
+        let greeting = session.line()?;
+        Some((session, greeting))
+    }
+
+    fn line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(read) if read > 0 => Some(line.trim_end().to_string()),
+            _ => None,
+        }
+    }
+
+    /// Sends a line and expects it back.
+    fn echoes(&mut self, text: &str) -> bool {
+        writeln!(self.writer, "{text}").is_ok() && self.line().as_deref() == Some(text)
+    }
+
+    /// Waits until the bridge ends the session (EOF or reset).
+    fn wait_closed(&mut self, what: &str) {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        let mut buffer = [0u8; 256];
+        loop {
+            match self.reader.read(&mut buffer) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+            assert!(Instant::now() < deadline, "{what}: the session was not severed");
+        }
+    }
+}
+
+/// Which backend a new session through `port` reaches (`None`: closed at once).
+fn route_of(port: u16) -> Option<String> {
+    Session::open(port).map(|(_, greeting)| greeting)
+}
+
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `[[bridge]]` section with `backends` in order.
+fn bridge_section(name: &str, port: u16, extra: &str, backends: &[(&Backend, &str)]) -> String {
+    let mut text = format!("[[bridge]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n");
+    for (backend, check) in backends {
+        text += &format!(
+            "[[bridge.backends]]\nname = \"{}\"\naddress = \"{}\"\n{check}\n",
+            backend.name,
+            backend.address()
+        );
+    }
+    text
+}
+
+/// Writes `config` beside the node's data directory and passes it.
+fn use_config(node: &mut NodeProcess, config: &str) {
+    let path = node.dir.with_extension("toml");
+    std::fs::write(&path, config).unwrap();
+    node.args.extend(["--config".to_string(), path.display().to_string()]);
+}
+
+fn bridge_status(node: &NodeProcess, bridge: &str) -> Value {
+    let (status, body) = node
+        .client()
+        .send("GET", &format!("/v1/bridges/{bridge}"), b"", "application/json")
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn active_of(node: &NodeProcess, bridge: &str) -> Value {
+    bridge_status(node, bridge)["active"]["backend"].clone()
+}
+
+/// Waits until every node's committed active is `backend` and a new
+/// session through every node's port reaches it.
+fn wait_all_route(nodes: &[&NodeProcess], bridge: &str, ports: &[u16], backend: &str) {
+    for (node, port) in nodes.iter().zip(ports) {
+        wait_for(&format!("{} routes {bridge} to {backend}", node.name), || {
+            (active_of(node, bridge) == backend && route_of(*port).as_deref() == Some(backend)).then_some(())
+        });
+    }
+}
+
+fn patch(node: &NodeProcess, bridge: &str, body: Value) -> (u16, Value) {
+    let (status, reply) = node
+        .client()
+        .send(
+            "PATCH",
+            &format!("/v1/bridges/{bridge}"),
+            &serde_json::to_vec(&body).unwrap(),
+            "application/json",
+        )
+        .unwrap();
+    (status, serde_json::from_slice(&reply).unwrap_or(Value::Null))
+}
+
+/// The whole life of two bridges on three nodes: agreement, failover with
+/// severing, no failback (and failback when asked), disable/enable, pin,
+/// unpin and drain, each seen the same way on every node.
+#[test]
+fn every_node_routes_to_the_committed_backend() {
+    let mut a = Backend::start("a", Manner::Greet);
+    let b = Backend::start("b", Manner::Greet);
+    let c = Backend::start("c", Manner::Greet);
+    let app_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let back_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let order = [(&a, ""), (&b, ""), (&c, "")];
+    let cluster = ProcessCluster::bootstrap_configured(3, |index, node| {
+        let config = bridge_section("app", app_ports[index], "", &order)
+            + &bridge_section("back", back_ports[index], "failback = true", &order);
+        use_config(node, &config);
+    });
+    let nodes: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+
+    wait_all_route(&nodes, "app", &app_ports, "a");
+    wait_all_route(&nodes, "back", &back_ports, "a");
+    let mut sessions: Vec<Session> = app_ports
+        .iter()
+        .map(|port| {
+            let (mut session, greeting) = Session::open(*port).unwrap();
+            assert_eq!(greeting, "a");
+            assert!(session.echoes("hello"));
+            session
+        })
+        .collect();
+
+    // Kill the active backend: every node severs its sessions and moves
+    // to the same next one.
+    a.kill();
+    for (index, session) in sessions.iter_mut().enumerate() {
+        session.wait_closed(&format!("node {index}'s session to a after a died"));
+    }
+    wait_all_route(&nodes, "app", &app_ports, "b");
+    wait_all_route(&nodes, "back", &back_ports, "b");
+    let status = bridge_status(nodes[1], "app");
+    let reason = status["active"]["reason"].as_str().unwrap();
+    assert!(reason.contains("a failed its checks"), "{status:#}");
+
+    // Back again: `app` stays on b (no failback), `back` returns to a.
+    a.resume();
+    wait_all_route(&nodes, "back", &back_ports, "a");
+    for (node, port) in nodes.iter().zip(&app_ports) {
+        wait_for("every node sees a up again", || {
+            let status = bridge_status(node, "app");
+            (status["backends"][0]["health"]["up"] == 3).then_some(())
+        });
+        assert_eq!(route_of(*port).as_deref(), Some("b"), "{}", node.name);
+        assert_eq!(active_of(node, "app"), "b");
+    }
+
+    // Disable on one node: new clients are refused and sessions severed
+    // everywhere; the other bridge is untouched.
+    let (mut on_first, _) = Session::open(app_ports[0]).unwrap();
+    let (mut other_bridge, _) = Session::open(back_ports[0]).unwrap();
+    let output = nodes[1].cli(&["bridge", "disable", "app", "--reason", "maintenance window 42"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    on_first.wait_closed("a session when routing went off");
+    for (node, port) in nodes.iter().zip(&app_ports) {
+        wait_for(&format!("{} refuses app clients", node.name), || {
+            let status = bridge_status(node, "app");
+            (status["routing"]["enabled"] == false
+                && status["routing"]["reason"] == "maintenance window 42"
+                && route_of(*port).is_none())
+            .then_some(())
+        });
+    }
+    assert!(other_bridge.echoes("still here"), "the other bridge kept its session");
+    let output = nodes[2].cli(&["bridge", "enable", "app", "--reason", "done"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    wait_all_route(&nodes, "app", &app_ports, "b");
+
+    // Pin c: everyone moves there and b's sessions are severed; unpinned,
+    // c stays while healthy.
+    let (mut on_b, _) = Session::open(app_ports[2]).unwrap();
+    let output = nodes[0].cli(&["bridge", "pin", "app", "c", "--reason", "testing c", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let reply: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(reply["pinned"]["backend"], "c", "{reply:#}");
+    on_b.wait_closed("a session to b after the pin");
+    wait_all_route(&nodes, "app", &app_ports, "c");
+    assert!(
+        nodes[1]
+            .cli(&["bridge", "unpin", "app", "--reason", "c is fine"])
+            .status
+            .success()
+    );
+    wait_for("the pin is gone", || {
+        bridge_status(nodes[2], "app")["pinned"].is_null().then_some(())
+    });
+    assert_eq!(active_of(nodes[2], "app"), "c");
+    assert_eq!(route_of(app_ports[2]).as_deref(), Some("c"));
+
+    // Drain c: the first healthy backend takes over, c's session finishes
+    // on its own.
+    let (mut on_c, greeting) = Session::open(app_ports[1]).unwrap();
+    assert_eq!(greeting, "c");
+    let output = nodes[2].cli(&["bridge", "drain", "app", "c", "--reason", "upgrading c"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    wait_all_route(&nodes, "app", &app_ports, "a");
+    assert!(on_c.echoes("drained but alive"), "a drained backend keeps its sessions");
+    let status = bridge_status(nodes[0], "app");
+    assert_eq!(status["backends"][2]["drained"]["reason"], "upgrading c", "{status:#}");
+    assert!(
+        nodes[2]
+            .cli(&["bridge", "drain", "app", "c", "--undo", "--reason", "upgraded"])
+            .status
+            .success()
+    );
+
+    // Status in text names the active backend and the routing.
+    let output = nodes[0].cli(&["bridge", "status"]);
+    let text = stdout(&output);
+    assert!(
+        text.contains("bridge    app") && text.contains("bridge    back"),
+        "{text}"
+    );
+    assert!(text.contains("routing   on"), "{text}");
+}
+
+/// Bad operator input is refused with a message that says what to do,
+/// and nothing is committed.
+#[test]
+fn operator_mistakes_are_refused() {
+    let a = Backend::start("a", Manner::Greet);
+    let port = free_port();
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::new(root.path(), "n1", Vec::new());
+    use_config(&mut node, &bridge_section("app", port, "", &[(&a, "")]));
+    node.start();
+    wait_for("the bridge routes to a", || {
+        (route_of(port).as_deref() == Some("a")).then_some(())
+    });
+
+    let output = node.cli(&["bridge", "disable", "app"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("a reason is required"), "{}", stderr(&output));
+    let (status, reply) = patch(&node, "app", json!({ "enabled": false }));
+    assert_eq!(status, 400);
+    assert!(reply["error"].as_str().unwrap().contains("reason"), "{reply}");
+    let (status, reply) = patch(&node, "app", json!({ "pin": "zz", "reason": "x" }));
+    assert_eq!(status, 400);
+    assert!(reply["error"].as_str().unwrap().contains("its backends: a"), "{reply}");
+    let (status, reply) = patch(&node, "nope", json!({ "enabled": false, "reason": "x" }));
+    assert_eq!(status, 404);
+    assert!(
+        reply["error"].as_str().unwrap().contains("this node has: app"),
+        "{reply}"
+    );
+    let (status, _) = patch(&node, "app", json!({ "enabled": false, "pin": "a", "reason": "x" }));
+    assert_eq!(status, 400, "two actions at once");
+    let (status, reply) = node
+        .client()
+        .send(
+            "POST",
+            "/v1/events",
+            br#"{"kind": "bridge.routing", "key": "app", "payload": {"bridge": "app", "enabled": false, "reason": "sneaky"}}"#,
+            "application/json",
+        )
+        .unwrap();
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&reply));
+    assert_eq!(bridge_status(&node, "app")["routing"]["enabled"], true);
+    assert_eq!(route_of(port).as_deref(), Some("a"));
+
+    // A config mistake stops the start with the bridge and key named.
+    let mut broken = NodeProcess::new(root.path(), "n2", Vec::new());
+    use_config(
+        &mut broken,
+        &bridge_section("app", free_port(), "when_isolated = \"maybe\"", &[(&a, "")]),
+    );
+    broken.start();
+    let status = wait_for("the misconfigured node exits", || broken.exited());
+    assert!(!status.success());
+    let log = broken.log();
+    assert!(log.contains("when_isolated") && log.contains("\"app\""), "{log}");
+    // A listen address in use is named too.
+    let mut clash = NodeProcess::new(root.path(), "n3", Vec::new());
+    use_config(&mut clash, &bridge_section("app", port, "", &[(&a, "")]));
+    clash.start();
+    let status = wait_for("the clashing node exits", || clash.exited());
+    assert!(!status.success());
+    assert!(
+        clash.log().contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{}",
+        clash.log()
+    );
+}
+
+/// Two of three nodes hang: the third cannot reach a quorum. It keeps
+/// routing to the committed backend (or, with `when_isolated = "stop"`,
+/// refuses clients), and when that backend dies it does not pick another
+/// on its own; once the quorum is back, the cluster's choice reaches it.
+#[test]
+fn a_node_cut_off_from_the_quorum_never_chooses_on_its_own() {
+    let mut a = Backend::start("a", Manner::Greet);
+    let b = Backend::start("b", Manner::Greet);
+    let keep_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let stop_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let order = [(&a, ""), (&b, "")];
+    let cluster = ProcessCluster::bootstrap_configured(3, |index, node| {
+        let config = bridge_section("keep", keep_ports[index], "interval_ms = 100", &order)
+            + &bridge_section(
+                "stop",
+                stop_ports[index],
+                "interval_ms = 100\nwhen_isolated = \"stop\"",
+                &order,
+            );
+        use_config(node, &config);
+    });
+    let nodes: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+    wait_all_route(&nodes, "keep", &keep_ports, "a");
+    wait_all_route(&nodes, "stop", &stop_ports, "a");
+
+    nodes[1].pause();
+    nodes[2].pause();
+    let cut_off = nodes[0];
+    wait_for("node 1 knows it is cut off", || {
+        bridge_status(cut_off, "keep")["isolated"]
+            .as_bool()
+            .unwrap()
+            .then_some(())
+    });
+    assert_eq!(route_of(keep_ports[0]).as_deref(), Some("a"), "keep routes on");
+    wait_for("the stop bridge refuses clients", || {
+        route_of(stop_ports[0]).is_none().then_some(())
+    });
+    let status = bridge_status(cut_off, "stop");
+    assert_eq!(status["serving"], false);
+    assert!(
+        status["serving_reason"].as_str().unwrap().contains("quorum"),
+        "{status:#}"
+    );
+
+    a.kill();
+    wait_for("node 1 sees a down itself", || {
+        (bridge_status(cut_off, "keep")["backends"][0]["local"]["healthy"] == false).then_some(())
+    });
+    // Several check rounds later it still holds the committed choice and
+    // sends nobody to b.
+    for _ in 0..10 {
+        assert_eq!(active_of(cut_off, "keep"), "a");
+        assert_ne!(route_of(keep_ports[0]).as_deref(), Some("b"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    nodes[1].resume();
+    nodes[2].resume();
+    wait_all_route(&nodes, "keep", &keep_ports, "b");
+    wait_all_route(&nodes, "stop", &stop_ports, "b");
+}
+
+/// Raises this test process's descriptor limit: a thousand clients and
+/// the backend's thousand accepted sockets need more than 1024.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    assert!(
+        limit.rlim_cur >= 8192,
+        "the hard limit on open files is {}; raise it",
+        limit.rlim_cur
+    );
+}
+
+/// A thousand concurrent sessions; idle sessions do not hold up a busy
+/// one; a backend refusing connections closes clients at once; a backend
+/// that accepts and never answers holds only its own sessions, fails an
+/// HTTP check by its timeout, and its session is severed when the route
+/// leaves it.
+#[test]
+fn many_idle_and_stuck_sessions() {
+    raise_open_files_limit();
+    let a = Backend::start("a", Manner::Greet);
+    let silent = Backend::start("silent", Manner::Silent);
+    let refusing = Backend::start("refusing", Manner::Greet);
+    let refusing_address = refusing.address();
+    drop(refusing);
+    let port = free_port();
+    let side_port = free_port();
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::new(root.path(), "n1", Vec::new());
+    let silent_check = format!(
+        "check = \"http\"\ncheck_address = \"{}\"\npath = \"/health\"",
+        silent.address()
+    );
+    let config = bridge_section(
+        "app",
+        port,
+        "interval_ms = 100\ntimeout_ms = 300",
+        &[(&a, ""), (&silent, &silent_check)],
+    ) + &format!("[[bridge.backends]]\nname = \"refusing\"\naddress = \"{refusing_address}\"\n\n")
+        + &bridge_section("side", side_port, "", &[(&a, "")]);
+    use_config(&mut node, &config);
+    node.start();
+    wait_for("the bridge routes to a", || {
+        (route_of(port).as_deref() == Some("a")).then_some(())
+    });
+
+    let mut sessions: Vec<Session> = (0..1000)
+        .map(|index| {
+            let (session, greeting) = Session::open(port).unwrap_or_else(|| panic!("session {index} was closed"));
+            assert_eq!(greeting, "a");
+            session
+        })
+        .collect();
+    for (index, session) in sessions.iter_mut().enumerate().step_by(37) {
+        assert!(session.echoes(&format!("busy {index}")));
+    }
+    // The probe sessions of the wait above may still be closing.
+    wait_for("1000 sessions counted", || {
+        (bridge_status(&node, "app")["backends"][0]["sessions"]["current"] == 1000).then_some(())
+    });
+    // The 999 others sit idle; this one is answered.
+    assert!(sessions[500].echoes("not starved"));
+    drop(sessions);
+    wait_for("the sessions are counted closed", || {
+        (bridge_status(&node, "app")["backends"][0]["sessions"]["current"] == 0).then_some(())
+    });
+
+    // The silent backend fails its HTTP check by timeout.
+    wait_for("silent is reported down", || {
+        let status = bridge_status(&node, "app");
+        let local = &status["backends"][1]["local"];
+        (local["healthy"] == false && local["detail"].as_str()?.contains("GET")).then_some(())
+    });
+    // Pinned anyway, a client gets no answer, while the other bridge serves.
+    let (status, _) = patch(&node, "app", json!({ "pin": "silent", "reason": "try silent" }));
+    assert_eq!(status, 200);
+    wait_for("app routes to silent", || {
+        (active_of(&node, "app") == "silent").then_some(())
+    });
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut stuck = Session {
+        writer: stream.try_clone().unwrap(),
+        reader: BufReader::new(stream),
+    };
+    writeln!(stuck.writer, "anyone?").unwrap();
+    assert_eq!(stuck.line(), None, "the silent backend answers nothing");
+    assert_eq!(route_of(side_port).as_deref(), Some("a"));
+    let (status, _) = patch(&node, "app", json!({ "pin": "refusing", "reason": "try refusing" }));
+    assert_eq!(status, 200);
+    stuck.wait_closed("the session to silent after the pin moved");
+
+    // Pinned to a backend that refuses: clients are closed at once and counted.
+    wait_for("app routes to refusing", || {
+        (active_of(&node, "app") == "refusing").then_some(())
+    });
+    assert_eq!(route_of(port), None);
+    let status = bridge_status(&node, "app");
+    assert!(
+        status["backends"][2]["sessions"]["connect_failures"].as_u64().unwrap() >= 1,
+        "{status:#}"
+    );
+    let (status, _) = patch(&node, "app", json!({ "pin": null, "reason": "back to normal" }));
+    assert_eq!(status, 200);
+    wait_for("app routes to a again", || {
+        (route_of(port).as_deref() == Some("a")).then_some(())
+    });
+}
