@@ -509,26 +509,6 @@ fn a_node_cut_off_from_the_quorum_never_chooses_on_its_own() {
     wait_all_route(&nodes, "stop", &stop_ports, "b");
 }
 
-/// Raises this test process's descriptor limit: a thousand clients and
-/// the backend's thousand accepted sockets need more than 1024.
-fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write `limit`.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        limit.rlim_cur = limit.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-    assert!(
-        limit.rlim_cur >= 8192,
-        "the hard limit on open files is {}; raise it",
-        limit.rlim_cur
-    );
-}
-
 /// A thousand concurrent sessions; idle sessions do not hold up a busy
 /// one; a backend refusing connections closes clients at once; a backend
 /// that accepts and never answers holds only its own sessions, fails an
@@ -536,7 +516,13 @@ fn raise_open_files_limit() {
 /// leaves it.
 #[test]
 fn many_idle_and_stuck_sessions() {
-    raise_open_files_limit();
+    // A thousand clients and the backend's thousand accepted sockets need
+    // more than the usual 1024 descriptors in this process too.
+    let limit = hivemind::daemon::raise_open_files_limit();
+    assert!(
+        limit >= 4096,
+        "the hard limit on open files is {limit}; raise it to run this test"
+    );
     let a = Backend::start("a", Manner::Greet);
     let silent = Backend::start("silent", Manner::Silent);
     let refusing = Backend::start("refusing", Manner::Greet);

@@ -60,6 +60,42 @@ fn leb128(out: &mut Vec<u8>, mut value: u64) {
     }
 }
 
+/// The middle value (the upper one of an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// Each round's figure, `a / b / c`.
+pub fn list(values: &[f64], digits: usize) -> String {
+    values
+        .iter()
+        .map(|value| format!("{value:.digits$}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// How a figure compares with its target, in the words the README uses.
+pub fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
+/// CPU time (user + system) process `pid` has used so far, from /proc.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat has no command name"))?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
 /// The CLI's API client: blocking, keep-alive.
 pub use hivemind::cli::Client as Api;
 

@@ -13,7 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use hivemind_bench::{HostProcess, bootstrap_args, free_port, millis, sha256_hex, summarize, with_nonce};
+use hivemind_bench::{
+    HostProcess, bootstrap_args, cpu_time, free_port, list, median, millis, sha256_hex, summarize, verdict, with_nonce,
+};
 use serde_json::{Value, json};
 
 const NAMES: usize = 1000;
@@ -120,17 +122,6 @@ fn pin(pid: u32, core: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// User plus system CPU of a process so far.
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    let per_second: u64 = String::from_utf8(Command::new("getconf").arg("CLK_TCK").output()?.stdout)?
-        .trim()
-        .parse()?;
-    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
-}
-
 struct Perf {
     completed: u64,
     lost: u64,
@@ -215,24 +206,6 @@ fn measure(pid: u32, port: u16, queries: &Path, figures: &mut Figures) -> anyhow
     figures.p50.push(summary.median.as_secs_f64() * 1e6);
     figures.p99.push(summary.p99.as_secs_f64() * 1e6);
     Ok(())
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
-}
-
-fn list(values: &[f64], digits: usize) -> String {
-    values
-        .iter()
-        .map(|value| format!("{value:.digits$}"))
-        .collect::<Vec<_>>()
-        .join(" / ")
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "NOT met" }
 }
 
 fn main() -> anyhow::Result<()> {

@@ -398,3 +398,25 @@ fn install_bundled_roles(data_dir: &Path, roles_dir: &Path) -> anyhow::Result<()
     std::fs::write(&marker, "")?;
     Ok(())
 }
+
+/// A bridge holds six descriptors per session (two sockets, two pipes);
+/// the usual soft limit of 1024 would cap it near 170 sessions. The hard
+/// limit is what the administrator allows, so the soft one is raised to it.
+/// Returns the soft limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("cannot raise the open-files limit to {}", limit.rlim_max);
+                return 0;
+            }
+        }
+    }
+    limit.rlim_cur
+}

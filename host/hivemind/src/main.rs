@@ -68,7 +68,7 @@ fn run_daemon(data_dir: Option<std::path::PathBuf>, args: UpArgs) -> anyhow::Res
         config.gossip.preset = hivemind::membership::GossipPreset::parse(&preset)
             .ok_or_else(|| anyhow::anyhow!("--gossip-preset {preset:?}: expected `lan` or `fast`"))?;
     }
-    raise_open_files_limit();
+    hivemind::daemon::raise_open_files_limit();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let daemon = Daemon::start(config).await?;
@@ -88,23 +88,6 @@ fn restore_sigpipe() {
     // disposition to the default has no other effect on this process.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-}
-
-/// A bridge holds six descriptors per session (two sockets, two pipes);
-/// the usual soft limit of 1024 would cap it near 170 sessions. The hard
-/// limit is what the administrator allows, so the soft one is raised to it.
-fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write `limit`.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
     }
 }
 

@@ -123,6 +123,9 @@ impl Bridges {
     ) -> anyhow::Result<(Arc<Bridges>, Vec<tokio::task::JoinHandle<()>>)> {
         let mut tasks = Vec::new();
         let mut bridges = Vec::new();
+        // Every listener first: a port in use stops the start before any
+        // thread exists.
+        let mut bound = Vec::new();
         for config in configs {
             let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|error| {
                 anyhow::anyhow!(
@@ -132,6 +135,17 @@ impl Bridges {
                     config.listen
                 )
             })?;
+            bound.push((config, listener));
+        }
+        let plane = if bound.is_empty() {
+            None
+        } else {
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            let (plane, stopped) = proxy::DataPlane::start(cores, shutdown)?;
+            tasks.push(stopped);
+            Some(plane)
+        };
+        for (config, listener) in bound {
             let config = Arc::new(config);
             let (route, route_seen) = watch::channel(Route {
                 enabled: false,
@@ -150,6 +164,7 @@ impl Bridges {
                 config.clone(),
                 route_seen,
                 counters.clone(),
+                plane.clone().expect("a data plane when there are bridges"),
                 shutdown.clone(),
             )));
             tracing::info!(bridge = %config.name, listen = %config.listen, "bridge listening");

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::config::BridgeConfig;
-use super::relay::relay;
+use super::relay::{self, relay};
 
 /// Where new sessions go, as this node's bridge sees it now.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -96,12 +96,70 @@ impl BridgeCounters {
     }
 }
 
+/// The threads sessions run on: one single-threaded runtime per core,
+/// each with its own reactor, and sessions dealt to them in turn. A
+/// session's sockets stay on one thread, so its wake-ups never cross to
+/// another (a work-stealing pool wakes idle workers for every ready
+/// socket, which costs more than the copy itself for small messages).
+/// HAProxy's `nbthread` works the same way.
+pub struct DataPlane {
+    threads: Vec<tokio::runtime::Handle>,
+    next: AtomicU64,
+}
+
+impl DataPlane {
+    /// Starts `count` threads; they stop at `shutdown`, and the returned
+    /// task ends once they all have.
+    pub fn start(
+        count: usize,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<(Arc<DataPlane>, tokio::task::JoinHandle<()>)> {
+        let mut stopped = Vec::new();
+        let mut handles = Vec::new();
+        for index in 0..count.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            handles.push(runtime.handle().clone());
+            let shutdown = shutdown.clone();
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            stopped.push(finished);
+            std::thread::Builder::new()
+                .name(format!("bridge-{index}"))
+                .spawn(move || {
+                    runtime.block_on(shutdown.cancelled());
+                    // Dropping the runtime ends the sessions still on it.
+                    drop(runtime);
+                    let _ = done.send(());
+                })?;
+        }
+        // Awaited, not joined: a host that fails to start drops this task
+        // without waiting for threads nobody will stop.
+        let stopped = tokio::spawn(async move {
+            for finished in stopped {
+                let _ = finished.await;
+            }
+        });
+        Ok((
+            Arc::new(DataPlane {
+                threads: handles,
+                next: AtomicU64::new(0),
+            }),
+            stopped,
+        ))
+    }
+
+    fn next_thread(&self) -> &tokio::runtime::Handle {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        &self.threads[turn % self.threads.len()]
+    }
+}
+
 /// Accepts clients until `shutdown`; every session ends with it.
 pub async fn serve(
     listener: TcpListener,
     config: Arc<BridgeConfig>,
     route: watch::Receiver<Route>,
     counters: Arc<BridgeCounters>,
+    plane: Arc<DataPlane>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -126,15 +184,21 @@ pub async fn serve(
             drop(client);
             continue;
         };
-        tokio::spawn(session(
-            client,
-            backend,
-            address,
-            config.clone(),
-            session_route,
-            counters.clone(),
-            shutdown.clone(),
-        ));
+        // The socket moves to the session's thread and its reactor.
+        let client = match client.into_std() {
+            Ok(client) => client,
+            Err(error) => {
+                tracing::warn!(bridge = %config.name, %error, "cannot hand a client to a session thread");
+                continue;
+            }
+        };
+        let (config, counters, shutdown) = (config.clone(), counters.clone(), shutdown.clone());
+        plane.next_thread().spawn(async move {
+            let Ok(client) = TcpStream::from_std(client) else {
+                return;
+            };
+            session(client, backend, address, config, session_route, counters, shutdown).await;
+        });
     }
 }
 
@@ -169,9 +233,13 @@ async fn session(
             return;
         }
     };
-    // Small request/response exchanges must not wait for Nagle.
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    let (client, upstream) = match (relay::socket(client), relay::socket(upstream)) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::warn!(bridge = %config.name, %backend, %error, "cannot set up a session's sockets");
+            return;
+        }
+    };
     backend_counters.total.fetch_add(1, Ordering::Relaxed);
     backend_counters.current.fetch_add(1, Ordering::Relaxed);
     tokio::select! {
@@ -182,10 +250,8 @@ async fn session(
         }
         _ = severed(&mut route, &backend) => {
             backend_counters.severed.fetch_add(1, Ordering::Relaxed);
-            // A reset, not a graceful close: the peer must not take a cut
-            // session for a complete answer.
-            reset(&client);
-            reset(&upstream);
+            relay::reset_on_close(&client);
+            relay::reset_on_close(&upstream);
         }
         _ = shutdown.cancelled() => {}
     }
@@ -203,9 +269,4 @@ async fn severed(route: &mut watch::Receiver<Route>, backend: &str) {
             return;
         }
     }
-}
-
-/// Makes the coming close send RST instead of FIN.
-fn reset(stream: &TcpStream) {
-    let _ = stream.set_zero_linger();
 }

@@ -1,9 +1,12 @@
 //! Copying a bridged session's bytes both ways.
 //!
-//! With splice(2) the bytes go socket → pipe → socket inside the kernel
-//! and never through user space; that is what lets a proxy keep up with a
-//! loopback link (HAProxy does the same). Without it a 64 KiB buffer per
-//! direction is used. Either way each direction ends at its end of stream
+//! Each direction starts with a 16 KiB buffer. When a read fills it, the
+//! direction carries bulk data, and with splice on it switches to a pipe:
+//! splice(2) moves the bytes socket → pipe → socket inside the kernel and
+//! never through user space, which is what lets a proxy keep up with a
+//! loopback link (HAProxy's `splice-auto` does the same). Small exchanges
+//! stay on the buffer, where a read and a write cost less than two
+//! splices, and hold no pipe. Either way each direction ends at its end of stream
 //! by half-closing the other side, so a client that shuts down its
 //! sending side still gets the rest of the answer; the session is over
 //! when both directions are, or at the first error.
@@ -12,28 +15,65 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::io::Interest;
-use tokio::net::TcpStream;
+use std::io::{Read, Write};
 
-/// Bytes moved per splice call or buffer: a pipe's default capacity.
-const CHUNK: usize = 64 << 10;
+use tokio::io::unix::AsyncFd;
+
+/// A direction's buffer, HAProxy's default `tune.bufsize`: small enough
+/// that a thousand idle sessions hold 32 MiB, and a read that fills it is
+/// a sign of bulk data.
+const CHUNK: usize = 16 << 10;
+/// A bulk session's pipe: the kernel's largest default (pipe-max-size).
+/// Pages are taken only for bytes in flight, and a larger pipe means fewer
+/// wake-ups per megabyte; if the kernel refuses, the pipe keeps 64 KiB.
+const PIPE_SIZE: usize = 1 << 20;
+
+/// A connected socket registered with the reactor, whose readiness the
+/// relay clears itself (see [`one_way`]).
+pub type Socket = AsyncFd<std::net::TcpStream>;
+
+/// Hands a connected stream to the relay.
+pub fn socket(stream: tokio::net::TcpStream) -> io::Result<Socket> {
+    // Small request/response exchanges must not wait for Nagle.
+    stream.set_nodelay(true)?;
+    let stream = stream.into_std()?;
+    // SAFETY: the std stream owns its descriptor and always reports that
+    // one; the AsyncFd owns the stream until it is dropped.
+    unsafe { AsyncFd::register(stream) }.map_err(|error| error.into_parts().1)
+}
+
+/// Makes the coming close send RST instead of FIN: a severed peer must not
+/// take a cut session for a complete answer.
+pub fn reset_on_close(socket: &Socket) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `linger` for the duration of the call on a
+    // descriptor `socket` owns. A zero linger makes close() reset without
+    // blocking.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
 
 /// Copies both ways until both directions ended; counts bytes as they go.
 pub async fn relay(
-    client: &TcpStream,
-    backend: &TcpStream,
+    client: &Socket,
+    backend: &Socket,
     splice: bool,
     to_backend: &AtomicU64,
     to_client: &AtomicU64,
 ) -> io::Result<()> {
-    let (upstream, downstream) = if splice {
-        (Carrier::pipe()?, Carrier::pipe()?)
-    } else {
-        (Carrier::buffer(), Carrier::buffer())
-    };
     tokio::try_join!(
-        one_way(client, backend, upstream, to_backend),
-        one_way(backend, client, downstream, to_client),
+        one_way(client, backend, splice, to_backend),
+        one_way(backend, client, splice, to_client),
     )?;
     Ok(())
 }
@@ -55,6 +95,10 @@ impl Carrier {
             }
             (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
         };
+        // SAFETY: F_SETPIPE_SZ on a pipe we own; failure keeps the default size.
+        unsafe {
+            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int);
+        }
         Ok(Carrier::Pipe { read, write })
     }
 
@@ -68,22 +112,22 @@ impl Carrier {
     /// Moves what `from` has (up to a chunk) into the empty carrier; 0 at
     /// end of stream. Only called when the carrier is empty, so a
     /// `WouldBlock` is always the socket's.
-    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+    fn fill(&mut self, mut from: &std::net::TcpStream) -> io::Result<usize> {
         match self {
-            Carrier::Pipe { write, .. } => splice(from.as_raw_fd(), write.as_raw_fd(), CHUNK),
+            Carrier::Pipe { write, .. } => splice(from.as_raw_fd(), write.as_raw_fd(), PIPE_SIZE),
             Carrier::Buffer { bytes, start } => {
                 *start = 0;
-                from.try_read(bytes)
+                from.read(bytes)
             }
         }
     }
 
     /// Moves up to `pending` waiting bytes to `to`.
-    fn drain(&mut self, to: &TcpStream, pending: usize) -> io::Result<usize> {
+    fn drain(&mut self, mut to: &std::net::TcpStream, pending: usize) -> io::Result<usize> {
         match self {
             Carrier::Pipe { read, .. } => splice(read.as_raw_fd(), to.as_raw_fd(), pending),
             Carrier::Buffer { bytes, start } => {
-                let written = to.try_write(&bytes[*start..*start + pending])?;
+                let written = to.write(&bytes[*start..*start + pending])?;
                 *start += written;
                 Ok(written)
             }
@@ -112,24 +156,38 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-async fn one_way(from: &TcpStream, to: &TcpStream, mut carrier: Carrier, counter: &AtomicU64) -> io::Result<()> {
+/// One direction. Readiness is cleared on `WouldBlock`, and also after a
+/// read into the buffer that did not fill it: that read emptied the
+/// socket, so asking again would only return `WouldBlock`, one wasted
+/// system call per message (HAProxy skips it the same way). A splice may
+/// stop short while data remains (the pipe counts slots, not bytes), so
+/// pipes clear only on `WouldBlock`.
+async fn one_way(from: &Socket, to: &Socket, splice: bool, counter: &AtomicU64) -> io::Result<()> {
+    let mut carrier = Carrier::buffer();
     loop {
         let filled = loop {
-            from.readable().await?;
-            match from.try_io(Interest::READABLE, || carrier.fill(from)) {
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                other => break other?,
+            let mut ready = from.readable().await?;
+            match carrier.fill(ready.get_inner()) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
+                Err(error) => return Err(error),
+                Ok(filled) => {
+                    if matches!(carrier, Carrier::Buffer { .. }) && filled > 0 && filled < CHUNK {
+                        ready.clear_ready();
+                    }
+                    break filled;
+                }
             }
         };
         if filled == 0 {
-            shutdown_write(to);
+            // The peer may already be gone; the other direction sees that.
+            let _ = to.get_ref().shutdown(std::net::Shutdown::Write);
             return Ok(());
         }
         let mut pending = filled;
         while pending > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || carrier.drain(to, pending)) {
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            let mut ready = to.writable().await?;
+            match carrier.drain(ready.get_inner(), pending) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
                 Err(error) => return Err(error),
                 Ok(written) => {
                     pending -= written;
@@ -137,17 +195,13 @@ async fn one_way(from: &TcpStream, to: &TcpStream, mut carrier: Carrier, counter
                 }
             }
         }
-    }
-}
-
-/// Sends FIN on `stream`: the peer reads end of stream but may still send.
-fn shutdown_write(stream: &TcpStream) {
-    // SAFETY: the descriptor is the live socket `stream` borrows; shutdown
-    // changes the connection's state, not the descriptor's ownership. It
-    // fails only when the peer already reset, which the other direction
-    // will see.
-    unsafe {
-        libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR);
+        if splice && filled == CHUNK && matches!(carrier, Carrier::Buffer { .. }) {
+            match Carrier::pipe() {
+                Ok(pipe) => carrier = pipe,
+                // Out of descriptors: the buffer still works.
+                Err(error) => tracing::debug!(%error, "no pipe for a bulk session; copying through a buffer"),
+            }
+        }
     }
 }
 
@@ -155,12 +209,17 @@ fn shutdown_write(stream: &TcpStream) {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
         (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    fn relayed(stream: TcpStream) -> Socket {
+        socket(stream).unwrap()
     }
 
     /// Bytes arrive intact both ways, with splice and without, and a
@@ -173,6 +232,7 @@ mod tests {
             let (to_backend, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
             let request: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
             let answer: Vec<u8> = request.iter().rev().copied().collect();
+            let (client_side, backend_side) = (relayed(client_side), relayed(backend_side));
             let relayed = relay(&client_side, &backend_side, splice, &to_backend, &to_client);
             let backend_work = async {
                 let mut received = Vec::new();

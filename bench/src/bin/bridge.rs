@@ -1,0 +1,538 @@
+//! The bridge against HAProxy (Debian's package: mode tcp, splice on) and
+//! a direct connection, through one backend, everything on loopback and
+//! sharing the machine's cores, three rounds alternating:
+//!
+//! - bulk throughput with iperf3 (Debian's package), and throughput per
+//!   proxy CPU core (the proxy's CPU time over the run);
+//! - request/response rate: 64-byte messages over 32 keep-alive
+//!   connections;
+//! - new connections per second: 16 loops of connect, 64-byte exchange,
+//!   close;
+//! - latency: one connection's 64-byte ping-pongs, p50 and p99, and the
+//!   p99 each proxy adds to the direct one.
+//!
+//! Then failover, each proxy with its default check settings: the active
+//! backend is killed and the time to the first new session that reaches
+//! the other backend is measured, both proxies at once, three times.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hivemind_bench::{HostProcess, cpu_time, free_port, list, median, micros, millis, summarize, verdict};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ROUNDS: usize = 3;
+const IPERF_SECS: u32 = 5;
+const LOAD: Duration = Duration::from_secs(3);
+const KEEPALIVE_CONNECTIONS: usize = 32;
+const CONNECTING_LOOPS: usize = 16;
+const MESSAGE: usize = 64;
+const PINGS: usize = 20_000;
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A way to the backends: direct, or through a proxy process.
+struct Path {
+    name: &'static str,
+    /// Port reaching the iperf3 server.
+    bulk: u16,
+    /// Port reaching the echo server.
+    echo: u16,
+    /// The proxy's process, for its CPU time.
+    pid: Option<u32>,
+}
+
+#[derive(Default)]
+struct Figures {
+    gbits: Vec<f64>,
+    gbits_per_core: Vec<f64>,
+    exchanges: Vec<f64>,
+    connections: Vec<f64>,
+    connection_errors: Vec<u64>,
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
+}
+
+/// Runs futures on a runtime of one thread, so a load generator takes at
+/// most one core, as dnsperf or iperf3 would.
+fn single_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// An echo server: every byte read is written back.
+fn start_echo(runtime: &tokio::runtime::Runtime) -> anyhow::Result<u16> {
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let port = listener.local_addr()?.port();
+    runtime.spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 16 << 10];
+                while let Ok(read) = stream.read(&mut buffer).await {
+                    if read == 0 || stream.write_all(&buffer[..read]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// A backend for failover: greets each client with its name and closes.
+/// Dropping the handle's task (abort) closes the listener.
+fn start_greeter(runtime: &tokio::runtime::Runtime, port: u16, name: &'static str) -> tokio::task::JoinHandle<()> {
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+        .expect("bind a greeter");
+    runtime.spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.write_all(format!("{name}\n").as_bytes()).await;
+            });
+        }
+    })
+}
+
+/// A listener that accepts and closes: what the bridge's checks of the
+/// benchmark backends dial, so checks do not disturb iperf3.
+fn start_check_target(runtime: &tokio::runtime::Runtime) -> anyhow::Result<u16> {
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let port = listener.local_addr()?.port();
+    runtime.spawn(async move { while listener.accept().await.is_ok() {} });
+    Ok(port)
+}
+
+fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PATIENCE;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn haproxy_config(frontends: &[(u16, u16, &str)]) -> String {
+    let mut text = String::from(
+        "global\n    maxconn 4096\n    nbthread 2\n\
+         defaults\n    mode tcp\n    option splice-auto\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\n",
+    );
+    for (index, (listen, backend, servers)) in frontends.iter().enumerate() {
+        text += &format!(
+            "frontend f{index}\n    bind 127.0.0.1:{listen}\n    default_backend b{index}\n\
+             backend b{index}\n{}\n",
+            if servers.is_empty() {
+                format!("    server s 127.0.0.1:{backend}")
+            } else {
+                servers.to_string()
+            }
+        );
+    }
+    text
+}
+
+fn start_haproxy(dir: &std::path::Path, config: &str) -> anyhow::Result<Child> {
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config)?;
+    Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("haproxy (Debian package haproxy)")
+}
+
+fn bridge_section(name: &str, listen: u16, extra: &str, backends: &[(&str, u16, Option<u16>)]) -> String {
+    let mut text = format!("[[bridge]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{listen}\"\n{extra}\n");
+    for (backend, port, check_port) in backends {
+        text += &format!("[[bridge.backends]]\nname = \"{backend}\"\naddress = \"127.0.0.1:{port}\"\n");
+        if let Some(check_port) = check_port {
+            text += &format!("check_address = \"127.0.0.1:{check_port}\"\n");
+        }
+        text += "\n";
+    }
+    text
+}
+
+fn start_hivemind(dir: &std::path::Path, config: &str) -> anyhow::Result<HostProcess> {
+    let path = dir.join("hivemind.toml");
+    std::fs::write(&path, config)?;
+    let data = dir.join("data");
+    let args = [
+        "--data-dir",
+        &data.display().to_string(),
+        "up",
+        "--no-bundled-roles",
+        "--api",
+        "127.0.0.1:0",
+        "--transport",
+        "127.0.0.1:0",
+        "--config",
+        &path.display().to_string(),
+    ]
+    .map(String::from);
+    HostProcess::spawn(&data, &args)?.wait_api()
+}
+
+fn wait_active(host: &HostProcess, bridge: &str, backend: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let status = host.api.get_json(&format!("/v1/bridges/{bridge}"))?;
+        if status["active"]["backend"] == backend && status["serving"] == true {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "bridge {bridge} never routed to {backend}: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// iperf3's received bits per second through `port`, and the proxy's CPU
+/// cores used meanwhile.
+fn iperf(port: u16, pid: Option<u32>) -> anyhow::Result<(f64, Option<f64>)> {
+    let cpu_before = pid.map(cpu_time).transpose()?;
+    let started = Instant::now();
+    let output = Command::new("iperf3")
+        .args([
+            "-c",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            &IPERF_SECS.to_string(),
+            "-J",
+        ])
+        .output()
+        .context("iperf3 (Debian package iperf3)")?;
+    let wall = started.elapsed();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("iperf3 printed no JSON: {}", String::from_utf8_lossy(&output.stderr)))?;
+    let bits = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3 reported no throughput: {}", report["error"]))?;
+    let cores = match (pid, cpu_before) {
+        (Some(pid), Some(before)) => Some((cpu_time(pid)? - before).as_secs_f64() / wall.as_secs_f64()),
+        _ => None,
+    };
+    Ok((bits, cores))
+}
+
+/// Exchanges per second over keep-alive connections.
+fn keepalive_rate(client: &tokio::runtime::Runtime, port: u16) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = tokio::time::Instant::now() + LOAD;
+    client.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..KEEPALIVE_CONNECTIONS {
+            let done = done.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                stream.set_nodelay(true)?;
+                let message = [7u8; MESSAGE];
+                let mut answer = [0u8; MESSAGE];
+                while tokio::time::Instant::now() < deadline {
+                    stream.write_all(&message).await?;
+                    stream.read_exact(&mut answer).await?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(done.load(Ordering::Relaxed) as f64 / LOAD.as_secs_f64())
+}
+
+/// New connections (each one 64-byte exchange) per second, and failures.
+fn connection_rate(client: &tokio::runtime::Runtime, port: u16) -> (f64, u64) {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let deadline = tokio::time::Instant::now() + LOAD;
+    client.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..CONNECTING_LOOPS {
+            let (done, failed) = (done.clone(), failed.clone());
+            tasks.push(tokio::spawn(async move {
+                while tokio::time::Instant::now() < deadline {
+                    let exchange = async {
+                        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                        stream.set_nodelay(true)?;
+                        stream.write_all(&[7u8; MESSAGE]).await?;
+                        let mut answer = [0u8; MESSAGE];
+                        stream.read_exact(&mut answer).await?;
+                        std::io::Result::Ok(())
+                    };
+                    match exchange.await {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    });
+    (
+        done.load(Ordering::Relaxed) as f64 / LOAD.as_secs_f64(),
+        failed.load(Ordering::Relaxed),
+    )
+}
+
+/// One connection's ping-pong round trips.
+fn round_trips(port: u16) -> anyhow::Result<Vec<Duration>> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_nodelay(true)?;
+    let message = [7u8; MESSAGE];
+    let mut answer = [0u8; MESSAGE];
+    let mut samples = Vec::with_capacity(PINGS);
+    for _ in 0..PINGS {
+        let started = Instant::now();
+        stream.write_all(&message)?;
+        stream.read_exact(&mut answer)?;
+        samples.push(started.elapsed());
+    }
+    Ok(samples)
+}
+
+fn measure(path: &Path, client: &tokio::runtime::Runtime, figures: &mut Figures) -> anyhow::Result<()> {
+    let (bits, cores) = iperf(path.bulk, path.pid)?;
+    figures.gbits.push(bits / 1e9);
+    if let Some(cores) = cores {
+        figures.gbits_per_core.push(bits / 1e9 / cores.max(0.01));
+    }
+    figures.exchanges.push(keepalive_rate(client, path.echo)?);
+    let (rate, errors) = connection_rate(client, path.echo);
+    figures.connections.push(rate);
+    figures.connection_errors.push(errors);
+    let mut samples = round_trips(path.echo)?;
+    let summary = summarize(&mut samples);
+    figures.p50_us.push(micros(summary.median));
+    figures.p99_us.push(micros(summary.p99));
+    Ok(())
+}
+
+/// Polls `port` every 10 ms until a new session is greeted by `backend`.
+fn time_until_greeted(port: u16, backend: &str, since: Instant) -> Option<Duration> {
+    while since.elapsed() < PATIENCE {
+        if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(300)));
+            let mut line = String::new();
+            if BufReader::new(stream).read_line(&mut line).is_ok() && line.trim() == backend {
+                return Some(since.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn greeted_by(port: u16) -> Option<String> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_millis(300))).ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    Some(line.trim().to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    for tool in ["haproxy", "iperf3"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()?
+            .stdout
+            .is_empty()
+        {
+            bail!("{tool} is missing; bench/run installs it (Debian packages haproxy, iperf3)");
+        }
+    }
+    // HAProxy's maxconn and the bridge's sessions need descriptors; both
+    // inherit this limit.
+    hivemind::daemon::raise_open_files_limit();
+    let root = tempfile::tempdir()?;
+    let backends = single_thread();
+    let client = single_thread();
+    let echo = start_echo(&backends)?;
+    let check_target = start_check_target(&backends)?;
+    let iperf_port = free_port();
+    let mut iperf_server = Command::new("iperf3")
+        .args(["-s", "-p", &iperf_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("iperf3 (Debian package iperf3)")?;
+    wait_port(iperf_port)?;
+
+    // The failover backends and both proxies' sections for them.
+    let (greeter_a, greeter_b) = (free_port(), free_port());
+    let mut running_a = Some(start_greeter(&backends, greeter_a, "a"));
+    let _running_b = start_greeter(&backends, greeter_b, "b");
+
+    let (haproxy_bulk, haproxy_echo, haproxy_failover) = (free_port(), free_port(), free_port());
+    let failover_servers =
+        format!("    server a 127.0.0.1:{greeter_a} check\n    server b 127.0.0.1:{greeter_b} check backup");
+    let haproxy_dir = root.path().join("haproxy");
+    std::fs::create_dir_all(&haproxy_dir)?;
+    let mut haproxy = start_haproxy(
+        &haproxy_dir,
+        &haproxy_config(&[
+            (haproxy_bulk, iperf_port, ""),
+            (haproxy_echo, echo, ""),
+            (haproxy_failover, 0, &failover_servers),
+        ]),
+    )?;
+    wait_port(haproxy_echo)?;
+
+    let (bridge_bulk, bridge_echo, bridge_failover) = (free_port(), free_port(), free_port());
+    let hivemind_dir = root.path().join("hivemind");
+    std::fs::create_dir_all(&hivemind_dir)?;
+    // The failover bridge fails back, as HAProxy does from a backup
+    // server, so every round starts on a.
+    let host = start_hivemind(
+        &hivemind_dir,
+        &(bridge_section("bulk", bridge_bulk, "", &[("iperf", iperf_port, Some(check_target))])
+            + &bridge_section("echo", bridge_echo, "", &[("echo", echo, Some(check_target))])
+            + &bridge_section(
+                "failover",
+                bridge_failover,
+                "failback = true",
+                &[("a", greeter_a, None), ("b", greeter_b, None)],
+            )),
+    )?;
+    let host_pid = host.child.id();
+    wait_active(&host, "bulk", "iperf")?;
+    wait_active(&host, "echo", "echo")?;
+    wait_active(&host, "failover", "a")?;
+
+    let paths = [
+        Path {
+            name: "direct",
+            bulk: iperf_port,
+            echo,
+            pid: None,
+        },
+        Path {
+            name: "haproxy",
+            bulk: haproxy_bulk,
+            echo: haproxy_echo,
+            pid: Some(haproxy.id()),
+        },
+        Path {
+            name: "bridge",
+            bulk: bridge_bulk,
+            echo: bridge_echo,
+            pid: Some(host_pid),
+        },
+    ];
+    let mut figures: Vec<Figures> = paths.iter().map(|_| Figures::default()).collect();
+    for _ in 0..ROUNDS {
+        for (path, figures) in paths.iter().zip(&mut figures) {
+            measure(path, &client, figures)?;
+        }
+    }
+
+    println!(
+        "bridge vs HAProxy (mode tcp, splice-auto) and direct, {ROUNDS} rounds, all on loopback sharing the cores"
+    );
+    for (path, figures) in paths.iter().zip(&figures) {
+        println!(
+            "  {:<8} iperf3 {} Gb/s{}; {KEEPALIVE_CONNECTIONS} keep-alive connections {} exchanges/s; new connections {} /s (failed {:?}); one connection p50 {} us, p99 {} us",
+            path.name,
+            list(&figures.gbits, 1),
+            if figures.gbits_per_core.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} Gb/s per proxy core)", list(&figures.gbits_per_core, 1))
+            },
+            list(&figures.exchanges, 0),
+            list(&figures.connections, 0),
+            figures.connection_errors,
+            list(&figures.p50_us, 1),
+            list(&figures.p99_us, 1),
+        );
+    }
+    let [direct, theirs, ours] = &figures[..] else {
+        unreachable!()
+    };
+    let ratio = |ours: &[f64], theirs: &[f64]| median(ours) / median(theirs);
+    for (what, value) in [
+        ("throughput", ratio(&ours.gbits, &theirs.gbits)),
+        (
+            "throughput per proxy core",
+            ratio(&ours.gbits_per_core, &theirs.gbits_per_core),
+        ),
+        ("keep-alive exchanges/s", ratio(&ours.exchanges, &theirs.exchanges)),
+        ("new connections/s", ratio(&ours.connections, &theirs.connections)),
+    ] {
+        println!(
+            "  {what}: bridge / HAProxy = {value:.2}x   (target >= 1.0x -> {})",
+            verdict(value >= 1.0)
+        );
+    }
+    let added_ours = median(&ours.p99_us) - median(&direct.p99_us);
+    let added_theirs = median(&theirs.p99_us) - median(&direct.p99_us);
+    println!(
+        "  added p99: bridge {added_ours:.1} us, HAProxy {added_theirs:.1} us   (target <= HAProxy's -> {})",
+        verdict(added_ours <= added_theirs)
+    );
+
+    // Failover: kill a, time both proxies to their first session on b.
+    let mut ours_failover = Vec::new();
+    let mut theirs_failover = Vec::new();
+    for round in 0..ROUNDS {
+        if round > 0 {
+            running_a = Some(start_greeter(&backends, greeter_a, "a"));
+            let deadline = Instant::now() + PATIENCE;
+            while greeted_by(bridge_failover).as_deref() != Some("a")
+                || greeted_by(haproxy_failover).as_deref() != Some("a")
+            {
+                anyhow::ensure!(Instant::now() < deadline, "the proxies did not return to a");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        running_a.take().expect("a runs").abort();
+        let killed = Instant::now();
+        let bridge_wait = std::thread::spawn(move || time_until_greeted(bridge_failover, "b", killed));
+        let haproxy_wait = std::thread::spawn(move || time_until_greeted(haproxy_failover, "b", killed));
+        ours_failover.push(millis(
+            bridge_wait
+                .join()
+                .expect("a waiter")
+                .context("the bridge never reached b")?,
+        ));
+        theirs_failover.push(millis(
+            haproxy_wait
+                .join()
+                .expect("a waiter")
+                .context("HAProxy never reached b")?,
+        ));
+    }
+    println!(
+        "  failover (default checks): bridge {} ms, HAProxy {} ms   (target bridge <= 2000 ms -> {})",
+        list(&ours_failover, 0),
+        list(&theirs_failover, 0),
+        verdict(median(&ours_failover) <= 2000.0)
+    );
+
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    let _ = iperf_server.kill();
+    let _ = iperf_server.wait();
+    host.stop()?;
+    Ok(())
+}
