@@ -180,6 +180,17 @@ impl SpawnedHost {
     }
 }
 
+/// A benchmark that stops early (an error, a panic) must not leave its
+/// hosts running to load the next measurement.
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl HostProcess {
     /// Starts `hivemind up` on `data_dir` and waits until its API answers.
     pub fn start(data_dir: &std::path::Path) -> anyhow::Result<HostProcess> {

@@ -139,7 +139,23 @@ fn haproxy_config(frontends: &[(u16, u16, &str)]) -> String {
     text
 }
 
-fn start_haproxy(dir: &std::path::Path, config: &str) -> anyhow::Result<Child> {
+/// A peer process, killed when dropped, so an early exit leaves none behind.
+struct Peer(Child);
+
+impl Peer {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_haproxy(dir: &std::path::Path, config: &str) -> anyhow::Result<Peer> {
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, config)?;
     Command::new("haproxy")
@@ -149,6 +165,7 @@ fn start_haproxy(dir: &std::path::Path, config: &str) -> anyhow::Result<Child> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Peer)
         .context("haproxy (Debian package haproxy)")
 }
 
@@ -327,6 +344,78 @@ fn measure(path: &Path, client: &tokio::runtime::Runtime, figures: &mut Figures)
     Ok(())
 }
 
+const SEVERED: usize = 100;
+
+/// Opens [`SEVERED`] sessions through the echo bridge, turns its routing
+/// off, and returns how long after the request the last one was cut; then
+/// turns routing back on.
+fn time_to_sever(client: &tokio::runtime::Runtime, host: &HostProcess, port: u16) -> anyhow::Result<Duration> {
+    let mut sessions = Vec::new();
+    for _ in 0..SEVERED {
+        let mut stream = client.block_on(tokio::net::TcpStream::connect(("127.0.0.1", port)))?;
+        // One exchange proves the session reaches the backend.
+        client.block_on(async {
+            stream.write_all(&[7u8; MESSAGE]).await?;
+            let mut answer = [0u8; MESSAGE];
+            stream.read_exact(&mut answer).await
+        })?;
+        sessions.push(stream);
+    }
+    let cut = client.block_on(async {
+        let waits: Vec<_> = sessions
+            .into_iter()
+            .map(|mut stream| {
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 64];
+                    // End of stream or reset: either way, cut.
+                    while let Ok(read) = stream.read(&mut buffer).await {
+                        if read == 0 {
+                            break;
+                        }
+                    }
+                    Instant::now()
+                })
+            })
+            .collect();
+        let asked = Instant::now();
+        let (status, reply) = {
+            let api = host.api.clone();
+            tokio::task::spawn_blocking(move || {
+                api.send(
+                    "PATCH",
+                    "/v1/bridges/echo",
+                    br#"{"enabled": false, "reason": "bench: sever"}"#,
+                    "application/json",
+                )
+            })
+            .await??
+        };
+        anyhow::ensure!(
+            status == 200,
+            "disabling the echo bridge: {}",
+            String::from_utf8_lossy(&reply)
+        );
+        let mut last = asked;
+        for wait in waits {
+            last = last.max(tokio::time::timeout(PATIENCE, wait).await??);
+        }
+        anyhow::Ok(last - asked)
+    })?;
+    let (status, reply) = host.api.send(
+        "PATCH",
+        "/v1/bridges/echo",
+        br#"{"enabled": true, "reason": "bench: sever done"}"#,
+        "application/json",
+    )?;
+    anyhow::ensure!(
+        status == 200,
+        "enabling the echo bridge: {}",
+        String::from_utf8_lossy(&reply)
+    );
+    wait_active(host, "echo", "echo")?;
+    Ok(cut)
+}
+
 /// Polls `port` every 10 ms until a new session is greeted by `backend`.
 fn time_until_greeted(port: u16, backend: &str, since: Instant) -> Option<Duration> {
     while since.elapsed() < PATIENCE {
@@ -370,11 +459,12 @@ fn main() -> anyhow::Result<()> {
     let echo = start_echo(&backends)?;
     let check_target = start_check_target(&backends)?;
     let iperf_port = free_port();
-    let mut iperf_server = Command::new("iperf3")
+    let _iperf_server = Command::new("iperf3")
         .args(["-s", "-p", &iperf_port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Peer)
         .context("iperf3 (Debian package iperf3)")?;
     wait_port(iperf_port)?;
 
@@ -388,7 +478,7 @@ fn main() -> anyhow::Result<()> {
         format!("    server a 127.0.0.1:{greeter_a} check\n    server b 127.0.0.1:{greeter_b} check backup");
     let haproxy_dir = root.path().join("haproxy");
     std::fs::create_dir_all(&haproxy_dir)?;
-    let mut haproxy = start_haproxy(
+    let haproxy = start_haproxy(
         &haproxy_dir,
         &haproxy_config(&[
             (haproxy_bulk, iperf_port, ""),
@@ -480,7 +570,7 @@ fn main() -> anyhow::Result<()> {
         ("new connections/s", ratio(&ours.connections, &theirs.connections)),
     ] {
         println!(
-            "  {what}: bridge / HAProxy = {value:.2}x   (target >= 1.0x -> {})",
+            "  {what}: bridge / HAProxy = {value:.3}x   (target >= 1.0x -> {})",
             verdict(value >= 1.0)
         );
     }
@@ -489,6 +579,18 @@ fn main() -> anyhow::Result<()> {
     println!(
         "  added p99: bridge {added_ours:.1} us, HAProxy {added_theirs:.1} us   (target <= HAProxy's -> {})",
         verdict(added_ours <= added_theirs)
+    );
+
+    // Severing: 100 open sessions, routing turned off; the time until the
+    // last of them is cut, from the request (its commit included).
+    let mut sever_times = Vec::new();
+    for _ in 0..ROUNDS {
+        sever_times.push(millis(time_to_sever(&client, &host, bridge_echo)?));
+    }
+    println!(
+        "  routing off -> {SEVERED} open sessions severed: {} ms after the request, commit included   (target <= 100 ms -> {})",
+        list(&sever_times, 1),
+        verdict(median(&sever_times) <= 100.0)
     );
 
     // Failover: kill a, time both proxies to their first session on b.
@@ -529,10 +631,7 @@ fn main() -> anyhow::Result<()> {
         verdict(median(&ours_failover) <= 2000.0)
     );
 
-    let _ = haproxy.kill();
-    let _ = haproxy.wait();
-    let _ = iperf_server.kill();
-    let _ = iperf_server.wait();
+    drop(haproxy);
     host.stop()?;
     Ok(())
 }

@@ -43,9 +43,12 @@ use ledger::{ActiveDecision, DrainChange, HealthReport, Ledger, PinChange, Routi
 use monitor::LocalView;
 use proxy::{BridgeCounters, Route};
 
-/// How often the follower, reporter and decider look even without a
-/// wake-up (isolation has none; a failed write is retried).
-const TICK: Duration = Duration::from_millis(100);
+/// How often a node checks whether it still reaches a quorum.
+const ISOLATION_CHECK: Duration = Duration::from_millis(100);
+/// How often a failed health report is retried.
+const RETRY: Duration = Duration::from_secs(1);
+/// How often the leader decides even without a bridge event.
+const DECIDE_EVERY: Duration = Duration::from_millis(250);
 /// Events read per page while catching up.
 const PAGE: usize = 1000;
 /// How long an operator action waits to see its entry applied here.
@@ -67,6 +70,8 @@ pub struct Bridges {
     bridges: Vec<Bridge>,
     ledger: watch::Sender<Arc<Ledger>>,
     isolated: AtomicBool,
+    /// Notified by the monitors when a backend's local health changes.
+    views_changed: Arc<tokio::sync::Notify>,
 }
 
 /// An operator's action on a bridge; each needs a reason.
@@ -123,18 +128,22 @@ impl Bridges {
     ) -> anyhow::Result<(Arc<Bridges>, Vec<tokio::task::JoinHandle<()>>)> {
         let mut tasks = Vec::new();
         let mut bridges = Vec::new();
+        let views_changed = Arc::new(tokio::sync::Notify::new());
         // Every listener first: a port in use stops the start before any
         // thread exists.
         let mut bound = Vec::new();
         for config in configs {
-            let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|error| {
-                anyhow::anyhow!(
-                    "bridge {:?} cannot listen on {} ({error}); free the port or change `listen` in its [[bridge]] \
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .and_then(|listener| listener.into_std())
+                .map_err(|error| {
+                    anyhow::anyhow!(
+                        "bridge {:?} cannot listen on {} ({error}); free the port or change `listen` in its [[bridge]] \
                      section",
-                    config.name,
-                    config.listen
-                )
-            })?;
+                        config.name,
+                        config.listen
+                    )
+                })?;
             bound.push((config, listener));
         }
         let plane = if bound.is_empty() {
@@ -157,16 +166,16 @@ impl Bridges {
             tasks.push(tokio::spawn(monitor::run(
                 (*config).clone(),
                 local_sender,
+                views_changed.clone(),
                 shutdown.clone(),
             )));
-            tasks.push(tokio::spawn(proxy::serve(
+            plane.as_ref().expect("a data plane when there are bridges").serve(
                 listener,
                 config.clone(),
                 route_seen,
                 counters.clone(),
-                plane.clone().expect("a data plane when there are bridges"),
-                shutdown.clone(),
-            )));
+                shutdown,
+            )?;
             tracing::info!(bridge = %config.name, listen = %config.listen, "bridge listening");
             bridges.push(Bridge {
                 config,
@@ -182,6 +191,7 @@ impl Bridges {
             bridges,
             ledger: watch::channel(Arc::new(Ledger::default())).0,
             isolated: AtomicBool::new(false),
+            views_changed,
         });
         if !bridges.bridges.is_empty() {
             tasks.push(tokio::spawn(bridges.clone().follow(shutdown.clone())));
@@ -211,81 +221,105 @@ impl Bridges {
     /// Folds new `bridge.*` events as they commit and updates every route.
     async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
         let mut applied = self.log.watch_last();
-        let mut ticker = tokio::time::interval(TICK);
+        let mut ticker = tokio::time::interval(ISOLATION_CHECK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned = false;
+        // Read the log at start, after each commit, and after a failed read.
+        let mut read_log = true;
+        let mut first = true;
         loop {
-            let mut ledger = (**self.ledger.borrow()).clone();
             let mut changed = false;
-            loop {
-                // Every kind is read so the cursor moves past events that
-                // are not the bridges' (a prefix filter would rescan them).
-                match self.log.since(ledger.last_seq, "", PAGE).await {
-                    Ok(events) if events.is_empty() => break,
-                    Ok(events) => {
-                        for event in events.iter().filter(|event| event.kind.starts_with(ledger::PREFIX)) {
-                            ledger.apply(event);
+            if read_log {
+                read_log = false;
+                let mut ledger: Option<Ledger> = None;
+                loop {
+                    let after = ledger
+                        .as_ref()
+                        .map_or_else(|| self.ledger.borrow().last_seq, |ledger| ledger.last_seq);
+                    // Every kind is read so the cursor moves past events that
+                    // are not the bridges' (a prefix filter would rescan them).
+                    match self.log.since(after, "", PAGE).await {
+                        Ok(events) if events.is_empty() => break,
+                        Ok(events) => {
+                            let ledger = ledger.get_or_insert_with(|| (**self.ledger.borrow()).clone());
+                            for event in events.iter().filter(|event| event.kind.starts_with(ledger::PREFIX)) {
+                                ledger.apply(event);
+                            }
+                            ledger.last_seq = ledger.last_seq.max(events.last().map_or(0, |event| event.seq));
+                            warned = false;
                         }
-                        ledger.last_seq = ledger.last_seq.max(events.last().map_or(0, |event| event.seq));
-                        changed = true;
-                        warned = false;
-                    }
-                    Err(error) => {
-                        if !warned {
-                            tracing::warn!(%error, "bridges cannot read the log; keeping the last routes");
-                            warned = true;
+                        Err(error) => {
+                            if !warned {
+                                tracing::warn!(%error, "bridges cannot read the log; keeping the last routes");
+                                warned = true;
+                            }
+                            read_log = true;
+                            break;
                         }
-                        break;
                     }
+                }
+                if let Some(ledger) = ledger {
+                    self.ledger.send_replace(Arc::new(ledger));
+                    changed = true;
                 }
             }
             let isolated = !self.log.has_quorum();
             let was_isolated = self.isolated.swap(isolated, Ordering::Relaxed);
             if isolated != was_isolated {
+                changed = true;
                 if isolated {
                     tracing::warn!("this node cannot reach a quorum: bridges keep their last committed routes");
                 } else {
                     tracing::info!("this node reaches a quorum again");
                 }
             }
-            if changed {
-                self.ledger.send_replace(Arc::new(ledger));
-            }
-            let ledger = self.ledger.borrow().clone();
-            for bridge in &self.bridges {
-                let route = route_for(&bridge.config, &ledger.record(&bridge.config.name), isolated);
-                bridge.route.send_if_modified(|current| {
-                    if *current == route {
-                        return false;
-                    }
-                    tracing::info!(
-                        bridge = %bridge.config.name,
-                        backend = route.backend.as_ref().map(|(name, _)| name.as_str()).unwrap_or("none"),
-                        enabled = route.enabled,
-                        reason = %route.reason,
-                        "route changed"
-                    );
-                    *current = route;
-                    true
-                });
+            if changed || first {
+                first = false;
+                self.update_routes(isolated);
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = applied.changed() => {}
+                _ = applied.changed() => read_log = true,
                 _ = ticker.tick() => {}
             }
+        }
+    }
+
+    /// Recomputes every bridge's route from the ledger; sessions see a
+    /// changed route at once.
+    fn update_routes(&self, isolated: bool) {
+        let ledger = self.ledger.borrow().clone();
+        for bridge in &self.bridges {
+            let route = route_for(&bridge.config, &ledger.record(&bridge.config.name), isolated);
+            bridge.route.send_if_modified(|current| {
+                if *current == route {
+                    return false;
+                }
+                tracing::info!(
+                    bridge = %bridge.config.name,
+                    backend = route.backend.as_ref().map(|(name, _)| name.as_str()).unwrap_or("none"),
+                    enabled = route.enabled,
+                    reason = %route.reason,
+                    "route changed"
+                );
+                *current = route;
+                true
+            });
         }
     }
 
     /// Commits this node's view of a backend whenever it differs from the
     /// last one the log holds from this node.
     async fn report(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(TICK);
+        let mut ledger_seen = self.ledger.subscribe();
+        let mut ticker = tokio::time::interval(RETRY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = self.views_changed.notified() => {}
+                _ = ledger_seen.changed() => {}
                 _ = ticker.tick() => {}
             }
             if !self.log.has_quorum() {
@@ -336,7 +370,9 @@ impl Bridges {
     /// says so.
     async fn decide(self: Arc<Self>, shutdown: CancellationToken) {
         let mut ledger_seen = self.ledger.subscribe();
-        let mut ticker = tokio::time::interval(TICK);
+        // Membership health (whose reports count) changes without a
+        // bridge event; the tick catches it.
+        let mut ticker = tokio::time::interval(DECIDE_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::Serialize;
-use tokio::sync::watch;
+use std::sync::Arc;
+
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{BridgeConfig, HealthCheck};
@@ -69,8 +71,14 @@ pub async fn check(target: &HealthCheck, timeout: std::time::Duration) -> Result
 }
 
 /// Checks every backend of `config` each interval until `shutdown`,
-/// publishing the view on `view`.
-pub async fn run(config: BridgeConfig, view: watch::Sender<LocalView>, shutdown: CancellationToken) {
+/// publishing the view on `view` and notifying `changed` when a verdict
+/// or its detail changed.
+pub async fn run(
+    config: BridgeConfig,
+    view: watch::Sender<LocalView>,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -86,13 +94,19 @@ pub async fn run(config: BridgeConfig, view: watch::Sender<LocalView>, shutdown:
                 .map(|backend| async { (backend.name.clone(), check(&backend.check, config.timeout).await) }),
         )
         .await;
-        view.send_modify(|view| {
+        let modified = view.send_if_modified(|view| {
+            let mut modified = false;
             for (backend, outcome) in outcomes {
-                view.entry(backend)
-                    .or_default()
-                    .record(outcome, config.rise, config.fall);
+                let health = view.entry(backend).or_default();
+                let before = (health.healthy, health.detail.clone());
+                health.record(outcome, config.rise, config.fall);
+                modified |= before != (health.healthy, health.detail.clone());
             }
+            modified
         });
+        if modified {
+            changed.notify_one();
+        }
         tracing::trace!(bridge = %config.name, took_ms = started.elapsed().as_millis() as u64, "checked backends");
     }
 }

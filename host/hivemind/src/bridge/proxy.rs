@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -97,14 +99,18 @@ impl BridgeCounters {
 }
 
 /// The threads sessions run on: one single-threaded runtime per core,
-/// each with its own reactor, and sessions dealt to them in turn. A
-/// session's sockets stay on one thread, so its wake-ups never cross to
-/// another (a work-stealing pool wakes idle workers for every ready
-/// socket, which costs more than the copy itself for small messages).
-/// HAProxy's `nbthread` works the same way.
+/// each with its own reactor. A session's sockets stay on one thread, so
+/// its wake-ups never cross to another (a work-stealing pool wakes idle
+/// workers for every ready socket, which costs more than the copy itself
+/// for small messages). HAProxy's `nbthread` works the same way.
 pub struct DataPlane {
-    threads: Vec<tokio::runtime::Handle>,
-    next: AtomicU64,
+    threads: Vec<PlaneThread>,
+}
+
+struct PlaneThread {
+    handle: tokio::runtime::Handle,
+    /// Sessions running there now.
+    sessions: Arc<AtomicU64>,
 }
 
 impl DataPlane {
@@ -118,7 +124,10 @@ impl DataPlane {
         let mut handles = Vec::new();
         for index in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            handles.push(runtime.handle().clone());
+            handles.push(PlaneThread {
+                handle: runtime.handle().clone(),
+                sessions: Arc::default(),
+            });
             let shutdown = shutdown.clone();
             let (done, finished) = tokio::sync::oneshot::channel::<()>();
             stopped.push(finished);
@@ -138,37 +147,105 @@ impl DataPlane {
                 let _ = finished.await;
             }
         });
-        Ok((
-            Arc::new(DataPlane {
-                threads: handles,
-                next: AtomicU64::new(0),
-            }),
-            stopped,
-        ))
+        Ok((Arc::new(DataPlane { threads: handles }), stopped))
     }
 
-    fn next_thread(&self) -> &tokio::runtime::Handle {
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) as usize;
-        &self.threads[turn % self.threads.len()]
+    /// Accepts clients of a bridge on every thread, each through its own
+    /// descriptor of the listening socket. A client is served where it was
+    /// accepted unless another thread has fewer sessions: every thread
+    /// wakes for a new client and the quickest takes it, so without the
+    /// hand-off a burst of long sessions could all land on one core.
+    /// Stops at `shutdown`.
+    pub fn serve(
+        self: &Arc<Self>,
+        listener: std::net::TcpListener,
+        config: Arc<BridgeConfig>,
+        route: watch::Receiver<Route>,
+        counters: Arc<BridgeCounters>,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        for (index, thread) in self.threads.iter().enumerate() {
+            let listener = listener.try_clone()?;
+            let (plane, config, route, counters, shutdown) = (
+                self.clone(),
+                config.clone(),
+                route.clone(),
+                counters.clone(),
+                shutdown.clone(),
+            );
+            thread.handle.spawn(async move {
+                // SAFETY: the std listener owns its (duplicated) descriptor
+                // and always reports that one; the AsyncFd owns it from here.
+                match unsafe { AsyncFd::register(listener) } {
+                    Ok(listener) => accept_loop(listener, index, plane, config, route, counters, shutdown).await,
+                    Err(error) => tracing::error!(bridge = %config.name, error = %error.into_parts().1, "cannot watch the bridge's listener"),
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// The thread with the fewest sessions, `own` on a tie.
+    fn least_loaded(&self, own: usize) -> &PlaneThread {
+        let load = |thread: &PlaneThread| thread.sessions.load(Ordering::Relaxed);
+        let mut best = &self.threads[own];
+        for thread in &self.threads {
+            if load(thread) < load(best) {
+                best = thread;
+            }
+        }
+        best
     }
 }
 
-/// Accepts clients until `shutdown`; every session ends with it.
-pub async fn serve(
-    listener: TcpListener,
+/// One pending client, non-blocking from the start.
+fn accept(listener: &std::net::TcpListener) -> std::io::Result<std::net::TcpStream> {
+    // SAFETY: accept4 on a listening descriptor we own; a non-negative
+    // result is a new descriptor owned by the returned stream alone.
+    unsafe {
+        let descriptor = libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        );
+        if descriptor < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(std::net::TcpStream::from_raw_fd(descriptor))
+    }
+}
+
+/// Accepts clients until `shutdown` and serves each on this thread.
+/// Clients are accepted as plain descriptors and registered once, with
+/// this thread's reactor.
+async fn accept_loop(
+    listener: AsyncFd<std::net::TcpListener>,
+    own: usize,
+    plane: Arc<DataPlane>,
     config: Arc<BridgeConfig>,
     route: watch::Receiver<Route>,
     counters: Arc<BridgeCounters>,
-    plane: Arc<DataPlane>,
     shutdown: CancellationToken,
 ) {
     loop {
-        let accepted = tokio::select! {
+        let ready = tokio::select! {
             _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
+            ready = listener.readable() => ready,
+        };
+        let accepted = match ready {
+            Ok(mut ready) => match accept(ready.get_inner()) {
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    continue;
+                }
+                accepted => accepted,
+            },
+            Err(error) => Err(error),
         };
         let client = match accepted {
-            Ok((client, _)) => client,
+            Ok(client) => client,
             Err(error) => {
                 // Out of descriptors, mostly: wait for sessions to end
                 // rather than spin on a listener that stays readable.
@@ -184,26 +261,27 @@ pub async fn serve(
             drop(client);
             continue;
         };
-        // The socket moves to the session's thread and its reactor.
-        let client = match client.into_std() {
-            Ok(client) => client,
-            Err(error) => {
-                tracing::warn!(bridge = %config.name, %error, "cannot hand a client to a session thread");
-                continue;
-            }
-        };
-        let (config, counters, shutdown) = (config.clone(), counters.clone(), shutdown.clone());
-        plane.next_thread().spawn(async move {
-            let Ok(client) = TcpStream::from_std(client) else {
-                return;
-            };
-            session(client, backend, address, config, session_route, counters, shutdown).await;
+        let thread = plane.least_loaded(own);
+        let running = thread.sessions.clone();
+        running.fetch_add(1, Ordering::Relaxed);
+        let session = session(
+            client,
+            backend,
+            address,
+            config.clone(),
+            session_route,
+            counters.clone(),
+            shutdown.clone(),
+        );
+        thread.handle.spawn(async move {
+            session.await;
+            running.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
 async fn session(
-    client: TcpStream,
+    client: std::net::TcpStream,
     backend: String,
     address: String,
     config: Arc<BridgeConfig>,
@@ -214,8 +292,15 @@ async fn session(
     let Some(backend_counters) = counters.backends.get(&backend) else {
         return;
     };
+    let client = match relay::register(client) {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::warn!(bridge = %config.name, %error, "cannot register a client");
+            return;
+        }
+    };
     let connected = tokio::select! {
-        connected = tokio::time::timeout(config.connect_timeout, TcpStream::connect(&address)) => connected,
+        connected = tokio::time::timeout(config.connect_timeout, relay::connect(&address)) => connected,
         // Severed while connecting: the client is closed, nothing was sent.
         _ = severed(&mut route, &backend) => return,
         _ = shutdown.cancelled() => return,
@@ -230,13 +315,6 @@ async fn session(
         Err(_) => {
             backend_counters.connect_failures.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(bridge = %config.name, %backend, "connecting a session timed out");
-            return;
-        }
-    };
-    let (client, upstream) = match (relay::socket(client), relay::socket(upstream)) {
-        (Ok(client), Ok(upstream)) => (client, upstream),
-        (Err(error), _) | (_, Err(error)) => {
-            tracing::warn!(bridge = %config.name, %backend, %error, "cannot set up a session's sockets");
             return;
         }
     };

@@ -19,9 +19,8 @@ use std::io::{Read, Write};
 
 use tokio::io::unix::AsyncFd;
 
-/// A direction's buffer, HAProxy's default `tune.bufsize`: small enough
-/// that a thousand idle sessions hold 32 MiB, and a read that fills it is
-/// a sign of bulk data.
+/// A direction's buffer while bytes are in flight, HAProxy's default
+/// `tune.bufsize`; a read that fills it is a sign of bulk data.
 const CHUNK: usize = 16 << 10;
 /// A bulk session's pipe: the kernel's largest default (pipe-max-size).
 /// Pages are taken only for bytes in flight, and a larger pipe means fewer
@@ -32,14 +31,42 @@ const PIPE_SIZE: usize = 1 << 20;
 /// relay clears itself (see [`one_way`]).
 pub type Socket = AsyncFd<std::net::TcpStream>;
 
-/// Hands a connected stream to the relay.
-pub fn socket(stream: tokio::net::TcpStream) -> io::Result<Socket> {
+/// Registers a connected, non-blocking stream with this thread's reactor.
+pub fn register(stream: std::net::TcpStream) -> io::Result<Socket> {
     // Small request/response exchanges must not wait for Nagle.
     stream.set_nodelay(true)?;
-    let stream = stream.into_std()?;
     // SAFETY: the std stream owns its descriptor and always reports that
     // one; the AsyncFd owns the stream until it is dropped.
     unsafe { AsyncFd::register(stream) }.map_err(|error| error.into_parts().1)
+}
+
+/// Opens a connection to `address` (`HOST:PORT`; a name is resolved),
+/// registered with this thread's reactor once, as [`register`] would.
+pub async fn connect(address: &str) -> io::Result<Socket> {
+    let target = match address.parse::<std::net::SocketAddr>() {
+        Ok(target) => target,
+        Err(_) => tokio::net::lookup_host(address)
+            .await?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{address} resolves to no address")))?,
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM.nonblocking(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    match socket.connect(&target.into()) {
+        Ok(()) => {}
+        Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(error) => return Err(error),
+    }
+    let stream = register(socket.into())?;
+    // Writable means the handshake ended; SO_ERROR says how.
+    drop(stream.writable().await?);
+    match stream.get_ref().take_error()? {
+        Some(error) => Err(error),
+        None => Ok(stream),
+    }
 }
 
 /// Makes the coming close send RST instead of FIN: a severed peer must not
@@ -80,9 +107,26 @@ pub async fn relay(
 
 /// Where bytes wait between the read and the write.
 enum Carrier {
-    Pipe { read: OwnedFd, write: OwnedFd },
-    Buffer { bytes: Box<[u8]>, start: usize },
+    Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+    },
+    /// `bytes` is taken from this thread's spares for a read and given
+    /// back once written: an idle session holds no buffer.
+    Buffer {
+        bytes: Option<Box<[u8]>>,
+        start: usize,
+    },
 }
+
+thread_local! {
+    /// Buffers with nothing in flight, kept for the next read on this
+    /// thread: no allocation and no zeroing per message.
+    static SPARE_BUFFERS: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Spares kept per thread (4 MiB); more are freed.
+const SPARE_LIMIT: usize = 256;
 
 impl Carrier {
     fn pipe() -> io::Result<Carrier> {
@@ -103,9 +147,19 @@ impl Carrier {
     }
 
     fn buffer() -> Carrier {
-        Carrier::Buffer {
-            bytes: vec![0; CHUNK].into_boxed_slice(),
-            start: 0,
+        Carrier::Buffer { bytes: None, start: 0 }
+    }
+
+    /// Gives an empty buffer back to the thread's spares.
+    fn release(&mut self) {
+        if let Carrier::Buffer { bytes, .. } = self
+            && let Some(bytes) = bytes.take()
+        {
+            SPARE_BUFFERS.with_borrow_mut(|spare| {
+                if spare.len() < SPARE_LIMIT {
+                    spare.push(bytes);
+                }
+            });
         }
     }
 
@@ -117,6 +171,11 @@ impl Carrier {
             Carrier::Pipe { write, .. } => splice(from.as_raw_fd(), write.as_raw_fd(), PIPE_SIZE),
             Carrier::Buffer { bytes, start } => {
                 *start = 0;
+                let bytes = bytes.get_or_insert_with(|| {
+                    SPARE_BUFFERS
+                        .with_borrow_mut(Vec::pop)
+                        .unwrap_or_else(|| vec![0; CHUNK].into_boxed_slice())
+                });
                 from.read(bytes)
             }
         }
@@ -127,6 +186,7 @@ impl Carrier {
         match self {
             Carrier::Pipe { read, .. } => splice(read.as_raw_fd(), to.as_raw_fd(), pending),
             Carrier::Buffer { bytes, start } => {
+                let bytes = bytes.as_ref().expect("a filled buffer");
                 let written = to.write(&bytes[*start..*start + pending])?;
                 *start += written;
                 Ok(written)
@@ -168,7 +228,10 @@ async fn one_way(from: &Socket, to: &Socket, splice: bool, counter: &AtomicU64) 
         let filled = loop {
             let mut ready = from.readable().await?;
             match carrier.fill(ready.get_inner()) {
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    carrier.release();
+                    ready.clear_ready();
+                }
                 Err(error) => return Err(error),
                 Ok(filled) => {
                     if matches!(carrier, Carrier::Buffer { .. }) && filled > 0 && filled < CHUNK {
@@ -179,6 +242,7 @@ async fn one_way(from: &Socket, to: &Socket, splice: bool, counter: &AtomicU64) 
             }
         };
         if filled == 0 {
+            carrier.release();
             // The peer may already be gone; the other direction sees that.
             let _ = to.get_ref().shutdown(std::net::Shutdown::Write);
             return Ok(());
@@ -195,6 +259,7 @@ async fn one_way(from: &Socket, to: &Socket, splice: bool, counter: &AtomicU64) 
                 }
             }
         }
+        carrier.release();
         if splice && filled == CHUNK && matches!(carrier, Carrier::Buffer { .. }) {
             match Carrier::pipe() {
                 Ok(pipe) => carrier = pipe,
@@ -219,7 +284,7 @@ mod tests {
     }
 
     fn relayed(stream: TcpStream) -> Socket {
-        socket(stream).unwrap()
+        register(stream.into_std().unwrap()).unwrap()
     }
 
     /// Bytes arrive intact both ways, with splice and without, and a
