@@ -271,7 +271,6 @@ async fn accept_loop(
             config.clone(),
             session_route,
             counters.clone(),
-            shutdown.clone(),
         );
         thread.handle.spawn(async move {
             session.await;
@@ -287,7 +286,6 @@ async fn session(
     config: Arc<BridgeConfig>,
     mut route: watch::Receiver<Route>,
     counters: Arc<BridgeCounters>,
-    shutdown: CancellationToken,
 ) {
     let Some(backend_counters) = counters.backends.get(&backend) else {
         return;
@@ -303,7 +301,6 @@ async fn session(
         connected = tokio::time::timeout(config.connect_timeout, relay::connect(&address)) => connected,
         // Severed while connecting: the client is closed, nothing was sent.
         _ = severed(&mut route, &backend) => return,
-        _ = shutdown.cancelled() => return,
     };
     let upstream = match connected {
         Ok(Ok(upstream)) => upstream,
@@ -320,7 +317,10 @@ async fn session(
     };
     backend_counters.total.fetch_add(1, Ordering::Relaxed);
     backend_counters.current.fetch_add(1, Ordering::Relaxed);
+    // Polled on every wake-up of the session: the copy first. Shutdown
+    // needs no branch here: it drops the thread's runtime, sessions and all.
     tokio::select! {
+        biased;
         outcome = relay(&client, &upstream, config.splice, &backend_counters.to_backend, &backend_counters.to_client) => {
             if let Err(error) = outcome {
                 tracing::trace!(bridge = %config.name, %backend, %error, "session ended with an error");
@@ -331,7 +331,6 @@ async fn session(
             relay::reset_on_close(&client);
             relay::reset_on_close(&upstream);
         }
-        _ = shutdown.cancelled() => {}
     }
     backend_counters.current.fetch_sub(1, Ordering::Relaxed);
 }
