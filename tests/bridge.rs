@@ -188,17 +188,6 @@ fn route_of(port: u16) -> Option<String> {
     Session::open(port).map(|(_, greeting)| greeting)
 }
 
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A `[[bridge]]` section with `backends` in order.
 fn bridge_section(name: &str, port: u16, extra: &str, backends: &[(&Backend, &str)]) -> String {
     let mut text = format!("[[bridge]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n");

@@ -45,18 +45,6 @@ fn install_roles(node: &NodeProcess, dns_port: u16) {
     });
 }
 
-/// Polls `probe` until it gives a value, for up to [`PATIENCE`].
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `dig` against a node's DNS port, with `args` after the server.
 fn dig(port: u16, args: &[&str]) -> String {
     let output = Command::new("dig")

@@ -136,6 +136,26 @@ pub fn bootstrap_args(
     .to_vec()
 }
 
+/// Arguments of `hivemind up` for a one-node host in `data_dir` on
+/// ephemeral loopback ports, without the bundled roles, then `extra`.
+pub fn one_node_args(data_dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let data = data_dir.display().to_string();
+    let mut args: Vec<String> = [
+        "--data-dir",
+        &data,
+        "up",
+        "--no-bundled-roles",
+        "--api",
+        "127.0.0.1:0",
+        "--transport",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|arg| arg.to_string()));
+    args
+}
+
 /// A `hivemind up` process started from the binary next to this benchmark.
 pub struct HostProcess {
     pub child: std::process::Child,

@@ -255,6 +255,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Polls `probe` until it gives a value, for up to [`PATIENCE`].
+pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The cluster secret the process tests use.
 pub const TEST_SECRET: &str = "test-cluster-secret-0123456789";
 

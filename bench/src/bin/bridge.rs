@@ -25,7 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use hivemind_bench::{HostProcess, cpu_time, free_port, list, median, micros, millis, summarize, verdict};
+use hivemind_bench::{
+    HostProcess, cpu_time, free_port, list, median, micros, millis, one_node_args, summarize, verdict,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ROUNDS: usize = 3;
@@ -189,19 +191,7 @@ fn start_hivemind(dir: &std::path::Path, config: &str) -> anyhow::Result<HostPro
     let path = dir.join("hivemind.toml");
     std::fs::write(&path, config)?;
     let data = dir.join("data");
-    let args = [
-        "--data-dir",
-        &data.display().to_string(),
-        "up",
-        "--no-bundled-roles",
-        "--api",
-        "127.0.0.1:0",
-        "--transport",
-        "127.0.0.1:0",
-        "--config",
-        &path.display().to_string(),
-    ]
-    .map(String::from);
+    let args = one_node_args(&data, &["--config", &path.display().to_string()]);
     HostProcess::spawn(&data, &args)?.wait_api()
 }
 

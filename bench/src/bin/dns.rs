@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hivemind_bench::{
-    HostProcess, bootstrap_args, cpu_time, free_port, list, median, millis, sha256_hex, summarize, verdict, with_nonce,
+    HostProcess, bootstrap_args, cpu_time, free_port, list, median, millis, one_node_args, sha256_hex, summarize,
+    verdict, with_nonce,
 };
 use serde_json::{Value, json};
 
@@ -234,18 +235,7 @@ fn main() -> anyhow::Result<()> {
     // The dns role on one host, with the same 1000 names.
     let dns_port = free_port();
     let data = root.path().join("host");
-    let args: Vec<String> = [
-        "--data-dir",
-        &data.display().to_string(),
-        "up",
-        "--no-bundled-roles",
-        "--api",
-        "127.0.0.1:0",
-        "--transport",
-        "127.0.0.1:0",
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = one_node_args(&data, &[]);
     let host = Host::new(HostProcess::spawn(&data, &args)?.wait_api()?);
     let dns_wasm = std::fs::read(hivemind_role_artifacts::ROLE_DNS)?;
     host.install("dns", &dns_wasm, &dns_manifest(dns_port))?;
