@@ -13,13 +13,14 @@ pub enum BridgeCommand {
     /// Show every bridge (or one): active backend and why, routing, each
     /// backend's health as each node sees it, this node's sessions and bytes.
     Status {
-        /// One bridge [default: all].
+        /// One bridge, by its [[bridge]] name [default: all].
         name: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Turn routing on: new clients are bridged to the active backend again.
     Enable {
+        /// The bridge, by its [[bridge]] name.
         name: String,
         /// Why (recorded in the log with the change; required).
         #[arg(long, value_name = "TEXT")]
@@ -30,6 +31,7 @@ pub enum BridgeCommand {
     /// Turn routing off: new clients are closed at once and every bridged
     /// session is severed, on every node.
     Disable {
+        /// The bridge, by its [[bridge]] name.
         name: String,
         /// Why (recorded in the log with the change; required).
         #[arg(long, value_name = "TEXT")]
@@ -39,7 +41,9 @@ pub enum BridgeCommand {
     },
     /// Make BACKEND the active one whatever its checks say, until unpinned.
     Pin {
+        /// The bridge, by its [[bridge]] name.
         name: String,
+        /// One of its backends, by name.
         backend: String,
         /// Why (recorded in the log with the change; required).
         #[arg(long, value_name = "TEXT")]
@@ -49,6 +53,7 @@ pub enum BridgeCommand {
     },
     /// Let the health policy choose again (the pinned backend stays while healthy).
     Unpin {
+        /// The bridge, by its [[bridge]] name.
         name: String,
         /// Why (recorded in the log with the change; required).
         #[arg(long, value_name = "TEXT")]
@@ -59,7 +64,9 @@ pub enum BridgeCommand {
     /// Take BACKEND out of the choice: if active, the next healthy backend
     /// takes over; its sessions are left to finish.
     Drain {
+        /// The bridge, by its [[bridge]] name.
         name: String,
+        /// One of its backends, by name.
         backend: String,
         /// Put a drained backend back instead.
         #[arg(long)]
