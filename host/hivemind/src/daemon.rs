@@ -400,17 +400,31 @@ fn install_bundled_roles(data_dir: &Path, roles_dir: &Path) -> anyhow::Result<()
 }
 
 /// A bridge holds six descriptors per session (two sockets, two pipes);
-/// the usual soft limit of 1024 would cap it near 170 sessions. The hard
-/// limit is what the administrator allows, so the soft one is raised to it.
-/// Returns the soft limit now in force.
+/// the usual soft limit of 1024 would cap it near 170 sessions. The soft
+/// limit is raised to the hard one, and to 65536 where the hard limit is
+/// lower and the process may raise it (root). Returns the soft limit now
+/// in force.
 pub fn raise_open_files_limit() -> u64 {
+    const WANTED: libc::rlim_t = 65536;
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit and setrlimit only read and write `limit`.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_max < WANTED {
+            let raised = libc::rlimit {
+                rlim_cur: WANTED,
+                rlim_max: WANTED,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return WANTED;
+            }
+        }
+        if limit.rlim_cur < limit.rlim_max {
             limit.rlim_cur = limit.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                 tracing::warn!("cannot raise the open-files limit to {}", limit.rlim_max);
