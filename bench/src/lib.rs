@@ -60,6 +60,27 @@ fn leb128(out: &mut Vec<u8>, mut value: u64) {
     }
 }
 
+/// Fails, naming the Debian packages, unless every `(tool, package)` is on
+/// the PATH (bench/run installs them).
+pub fn require_tools(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(tool, _)| {
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .map_or(true, |output| output.stdout.is_empty())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "missing tools; bench/run installs them (Debian packages {})",
+        missing.join(", ")
+    );
+    Ok(())
+}
+
 /// The middle value (the upper one of an even count).
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();

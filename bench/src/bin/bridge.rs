@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use hivemind_bench::{
-    HostProcess, cpu_time, free_port, list, median, micros, millis, one_node_args, summarize, verdict,
+    HostProcess, cpu_time, free_port, list, median, micros, millis, one_node_args, require_tools, summarize, verdict,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -441,16 +441,7 @@ fn greeted_by(port: u16) -> Option<String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    for tool in ["haproxy", "iperf3"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()?
-            .stdout
-            .is_empty()
-        {
-            bail!("{tool} is missing; bench/run installs it (Debian packages haproxy, iperf3)");
-        }
-    }
+    require_tools(&[("haproxy", "haproxy"), ("iperf3", "iperf3")])?;
     // HAProxy's maxconn and the bridge's sessions need descriptors; both
     // inherit this limit.
     hivemind::daemon::raise_open_files_limit();

@@ -12,10 +12,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use hivemind_bench::{
-    HostProcess, bootstrap_args, cpu_time, free_port, list, median, millis, one_node_args, sha256_hex, summarize,
-    verdict, with_nonce,
+    HostProcess, bootstrap_args, cpu_time, free_port, list, median, millis, one_node_args, require_tools, sha256_hex,
+    summarize, verdict, with_nonce,
 };
 use serde_json::{Value, json};
 
@@ -210,16 +210,11 @@ fn measure(pid: u32, port: u16, queries: &Path, figures: &mut Figures) -> anyhow
 }
 
 fn main() -> anyhow::Result<()> {
-    for tool in ["dnsperf", "dnsmasq", "taskset"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()?
-            .stdout
-            .is_empty()
-        {
-            bail!("{tool} is missing; bench/run installs it (Debian packages dnsperf, dnsmasq-base, util-linux)");
-        }
-    }
+    require_tools(&[
+        ("dnsperf", "dnsperf"),
+        ("dnsmasq", "dnsmasq-base"),
+        ("taskset", "util-linux"),
+    ])?;
     let root = tempfile::tempdir()?;
     let queries = root.path().join("queries.txt");
     let hosts = root.path().join("dnsmasq.hosts");

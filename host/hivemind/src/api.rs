@@ -100,6 +100,12 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::bridge::ActionError> for ApiError {
+    fn from(error: crate::bridge::ActionError) -> Self {
+        ApiError::new(error.status, error.message)
+    }
+}
+
 impl From<RoleError> for ApiError {
     fn from(error: RoleError) -> Self {
         ApiError::new(error.http_status(), error.to_string())
@@ -604,12 +610,7 @@ async fn bridge_status(
     State(state): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    state
-        .bridges
-        .status(&name)
-        .await
-        .map(Json)
-        .map_err(|error| ApiError::new(error.status, error.message))
+    state.bridges.status(&name).await.map(Json).map_err(ApiError::from)
 }
 
 async fn act_on_bridge(
@@ -625,10 +626,5 @@ async fn act_on_bridge(
             ),
         )
     })?;
-    state
-        .bridges
-        .act(&name, action)
-        .await
-        .map(Json)
-        .map_err(|error| ApiError::new(error.status, error.message))
+    state.bridges.act(&name, action).await.map(Json).map_err(ApiError::from)
 }

@@ -432,7 +432,7 @@ impl Client {
     }
 }
 
-fn json_or_error(status: u16, body: &[u8]) -> anyhow::Result<Value> {
+pub(crate) fn json_or_error(status: u16, body: &[u8]) -> anyhow::Result<Value> {
     let value: Value =
         serde_json::from_slice(body).unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(body) }));
     if !(200..300).contains(&status) {
@@ -737,7 +737,7 @@ pub(crate) fn print_json(value: &Value) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
-fn text(value: &Value) -> String {
+pub(crate) fn text(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
         Value::Null => "-".into(),

@@ -6,7 +6,7 @@ use anyhow::bail;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use crate::cli::{Client, ClientArgs, print_json};
+use crate::cli::{Client, ClientArgs, json_or_error, print_json, text};
 
 #[derive(Debug, Subcommand)]
 pub enum BridgeCommand {
@@ -130,27 +130,13 @@ pub fn run(data_dir: Option<&Path>, command: BridgeCommand) -> anyhow::Result<()
         &serde_json::to_vec(&body)?,
         "application/json",
     )?;
-    let reply: Value = serde_json::from_slice(&reply).unwrap_or(Value::Null);
-    if !(200..300).contains(&status) {
-        bail!(
-            "{} (HTTP {status})",
-            reply["error"].as_str().unwrap_or("the host refused")
-        );
-    }
+    let reply = json_or_error(status, &reply)?;
     if client.json {
         print_json(&reply);
     } else {
         print_bridge(&reply);
     }
     Ok(())
-}
-
-fn text(value: &Value) -> String {
-    match value {
-        Value::String(text) => text.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
 }
 
 fn print_bridge(bridge: &Value) {
