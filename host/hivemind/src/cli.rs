@@ -270,12 +270,22 @@ pub enum RolesCommand {
     },
     /// Remove a role's files from the host, which unloads it.
     Remove(RoleAction),
-    /// Create a new role project (Rust, on the SDK) in ./NAME.
+    /// Create a new role project in ./NAME whose `./build.sh` writes NAME.wasm.
     New {
         name: String,
+        /// The language the role is written in.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: crate::scaffold::Language,
         /// Parent directory of the new project.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+    },
+    /// Write the WASI preview 1 adapter matching this host, for
+    /// `wasm-tools component new --adapt` (C roles built on wasi-libc).
+    WasiAdapter {
+        /// Where to write it.
+        #[arg(long, short)]
+        output: PathBuf,
     },
 }
 
@@ -598,18 +608,15 @@ fn run_roles(data_dir: Option<&Path>, command: RolesCommand) -> anyhow::Result<(
             Duration::from_secs(timeout),
             &client,
         )?,
-        RolesCommand::New { name, dir } => {
-            let path = crate::scaffold::new_role(&name, &dir)?;
+        RolesCommand::New { name, lang, dir } => {
+            let path = crate::scaffold::new_role(&name, &dir, lang)?;
             println!("created {}", path.display());
-            println!(
-                "build it:   cd {} && cargo build --release --target wasm32-wasip2",
-                path.display()
-            );
-            println!(
-                "install it: hivemind roles install {}/target/wasm32-wasip2/release/{}.wasm --name {name}",
-                path.display(),
-                name.replace('-', "_")
-            );
+            println!("build it:   {}/build.sh   (needs {})", path.display(), lang.tools());
+            println!("install it: hivemind roles install {}/{name}.wasm", path.display());
+        }
+        RolesCommand::WasiAdapter { output } => {
+            std::fs::write(&output, crate::scaffold::WASI_PREVIEW1_ADAPTER)
+                .with_context(|| format!("cannot write {}", output.display()))?;
         }
     }
     Ok(())

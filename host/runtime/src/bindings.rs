@@ -41,10 +41,16 @@ impl InstanceState {
         let stderr = GuestOutput::new(role.clone(), "stderr");
         InstanceState {
             // No preopened directories, no environment, no arguments, no
-            // network: a role reaches the world only through `host`.
+            // network: a role reaches the world only through `host`. The
+            // `wasi:sockets` interfaces are linked (Python's and JavaScript's
+            // toolchains import them whether or not a role uses them), but
+            // every use of them is refused.
             wasi: WasiCtx::builder()
                 .stdout(GuestOutput::new(role, "stdout"))
                 .stderr(stderr.clone())
+                .allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false)
                 .build(),
             stderr,
             table: ResourceTable::new(),

@@ -199,22 +199,21 @@ impl Runtime {
         LoadedRole::start(name, &self.engine, pre, compiled.digest, limits, host).await
     }
 
-    /// Refuses imports that would give a role ambient authority, with a hint
-    /// at the capability it should use instead.
+    /// Refuses imports of interfaces roles are not given, with a hint at the
+    /// capability to use instead. (`wasi:sockets` is linked, with every use
+    /// refused: see `InstanceState::new`.)
     fn check_imports(&self, component: &Component) -> Result<(), LoadError> {
         let ty = component.component_type();
         for (name, _) in ty.imports(&self.engine) {
-            let hint = if name.starts_with("wasi:sockets/") {
-                "roles get no sockets; declare a host-owned listener in the manifest or use `call`"
-            } else if name.starts_with("wasi:http/") {
-                "roles get no outgoing HTTP; serve requests through `on-request` and reach other roles with `call`"
-            } else {
-                continue;
-            };
-            return Err(LoadError::UnsupportedImport {
-                import: name.to_string(),
-                hint: hint.to_string(),
-            });
+            if name.starts_with("wasi:http/") {
+                return Err(LoadError::UnsupportedImport {
+                    import: name.to_string(),
+                    hint: "roles get no HTTP client or server of their own; serve requests through \
+                           `on-request` and reach other roles with `call` (componentize-js: build with \
+                           `-d http fetch-event`)"
+                        .to_string(),
+                });
+            }
         }
         Ok(())
     }

@@ -1,5 +1,7 @@
-//! A role that opens a TCP connection itself, so its component imports
-//! `wasi:sockets`: the host must refuse to load it and say why.
+//! A role that opens a TCP connection itself (to the `IP:PORT` in its
+//! request's arguments), so its component imports `wasi:sockets`. The host
+//! links those imports, as Python's and JavaScript's toolchains need, but
+//! must refuse every use of them.
 
 use hivemind_sdk::{Description, Request, Response, Role, export_role};
 
@@ -10,8 +12,11 @@ impl Role for Sockets {
         Description::new("sockets", env!("CARGO_PKG_VERSION"))
     }
 
-    fn on_request(_request: Request) -> Response {
-        match std::net::TcpStream::connect("127.0.0.1:1") {
+    fn on_request(request: Request) -> Response {
+        let Some(address) = request.args().into_iter().next() else {
+            return Response::error(400, "usage: connect IP:PORT");
+        };
+        match std::net::TcpStream::connect(address.as_str()) {
             Ok(_) => Response::text(200, "connected"),
             Err(error) => Response::error(500, &error.to_string()),
         }

@@ -1,0 +1,37 @@
+// Counts the service events of each service, durably, and serves the counts.
+//
+// `hivemind role js-counter counts` (or GET /v1/roles/js-counter/counts)
+// answers {"SERVICE": N, ...}; `counts SERVICE` answers one count. The counts
+// live in the role's state, so they survive reloads, new versions and restarts.
+
+import { defineRole, host, Response, state } from "../../../sdk/js/hivemind-role.js";
+
+export const { describe, init, onEvent, onRequest, onPacket, onTick } = defineRole({
+  name: "js-counter",
+  version: "0.1.0",
+  subscribes: ["service."],
+
+  init() {
+    host.info(`counting ${state.keys("count/").length} services so far`);
+  },
+
+  onEvent(event) {
+    // The host redelivers after an error, so an event already counted (seq
+    // at or below the last one) is skipped.
+    if (event.seq <= BigInt(state.getJson("last-seq", 0))) return;
+    const service = event.key.split("@")[0];
+    const key = `count/${service}`;
+    state.setJson(key, state.getJson(key, 0) + 1);
+    state.setJson("last-seq", Number(event.seq));
+  },
+
+  onRequest(request) {
+    if (request.command !== "counts") return Response.notFound(request);
+    const counts = {};
+    for (const key of state.keys("count/")) counts[key.slice("count/".length)] = state.getJson(key);
+    const [service] = request.args;
+    if (service === undefined) return Response.json(counts);
+    if (!(service in counts)) return Response.error(404, `no events counted for service "${service}"`);
+    return Response.json({ [service]: counts[service] });
+  },
+});

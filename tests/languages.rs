@@ -1,0 +1,238 @@
+//! Roles in Python, JavaScript and C: each example under `roles/examples`
+//! builds offline with its language's toolchain (installed by
+//! `scripts/role-toolchains`) and runs in a real host: init, events, requests,
+//! a reload and a restart, with its state kept across both.
+//! `hivemind roles new --lang` projects build with their own `./build.sh`
+//! and load too.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+/// Python and JavaScript components are 12–20 MB; compiling one can take
+/// tens of seconds on a loaded machine, longer than the usual patience.
+const COMPILE_PATIENCE: Duration = Duration::from_secs(300);
+
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+
+/// PATH with the toolchains `scripts/role-toolchains` installs in front.
+fn tool_path() -> String {
+    let tools = Path::new(REPO).join("target/role-tools");
+    let mut dirs: Vec<PathBuf> = vec![
+        tools.join("bin"),
+        tools.join("python/bin"),
+        tools.join("js/node_modules/.bin"),
+    ];
+    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    std::env::join_paths(dirs).unwrap().into_string().unwrap()
+}
+
+/// Fails, naming the tool and how to get it, when `tool` is not on PATH.
+fn require_tool(tool: &str) {
+    let found = std::env::split_paths(&tool_path()).any(|dir| dir.join(tool).is_file());
+    assert!(
+        found,
+        "{tool} is not installed: run scripts/role-toolchains (scripts/test does), which installs the \
+         Python, JavaScript and C role toolchains under target/role-tools"
+    );
+}
+
+/// Runs `script` (a build script) with the toolchains on PATH and `hivemind`
+/// as this build's binary; panics with its output when it fails.
+async fn run_build(script: &Path, args: &[&str]) {
+    let mut command = Command::new(script);
+    command
+        .args(args)
+        .env("PATH", tool_path())
+        .env("HIVEMIND", hivemind_bin());
+    let shown = script.display().to_string();
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|error| panic!("{shown}: {error}"));
+    assert!(
+        output.status.success(),
+        "{} failed:\n{}\n{}",
+        script.display(),
+        stdout(&output),
+        stderr(&output)
+    );
+}
+
+/// Builds `roles/examples/NAME` with its `build` script.
+async fn build_example(name: &str, work: &Path) -> Vec<u8> {
+    let out = work.join(format!("{name}.wasm"));
+    let script = Path::new(REPO).join("roles/examples").join(name).join("build");
+    run_build(&script, &[out.to_str().unwrap()]).await;
+    read(out.to_str().unwrap())
+}
+
+/// Waits until the role serves `wasm` (compiling may take long), and returns
+/// its info.
+async fn wait_serving(host: &TestHost, name: &str, wasm: &[u8]) -> Value {
+    let digest = sha256_hex(wasm);
+    let deadline = Instant::now() + COMPILE_PATIENCE;
+    loop {
+        let info = host.api().role_info(name).await;
+        if info["state"] == "running" && info["digest"].as_str().is_some_and(|d| digest.starts_with(d)) {
+            return info;
+        }
+        if info["last_error_digest"].as_str().is_some_and(|d| digest.starts_with(d)) {
+            panic!("{name} was rejected: {}", info["last_error"]);
+        }
+        assert!(Instant::now() < deadline, "{name} is not running after {COMPILE_PATIENCE:?}: {info}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asks the role for its counts until they are `expected` (events are
+/// delivered asynchronously).
+async fn wait_counts(host: &TestHost, name: &str, expected: Value) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let reply = host.api().role(name, "counts", &[]).await;
+        if reply.status == 200 && reply.json() == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} counts: {} {} (want {expected})",
+            reply.status,
+            reply.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The example for one language, end to end: it builds, loads (while it
+/// compiles, another role and the API keep answering), counts events per
+/// service, answers its command and its errors, and keeps its counts across
+/// a reload and a host restart, which loads it from the compile cache.
+async fn example_runs_in_a_host(name: &str, tools: &[&str]) {
+    for tool in tools {
+        require_tool(tool);
+    }
+    let work = tempfile::tempdir().unwrap();
+    let wasm = build_example(name, work.path()).await;
+
+    let mut host = TestHost::start().await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    host.drop_role(name, &wasm, None);
+    // A compile in progress blocks neither the API nor other roles.
+    let mut answered_while_loading = 0;
+    while host.api().role_info(name).await["state"] != "running" {
+        let reply = host.api().role("probe", "version", &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        answered_while_loading += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if answered_while_loading > 10 {
+            break;
+        }
+    }
+    let info = wait_serving(&host, name, &wasm).await;
+    assert_eq!(info["cache_hit"], false, "{info}");
+
+    host.api().emit("service.up", "web@n1").await;
+    host.api().emit("service.down", "web@n1").await;
+    host.api().emit("service.up", "db@n1").await;
+    host.api().emit("node.joined", "n1").await; // not subscribed: not counted
+    wait_counts(&host, name, json!({ "web": 2, "db": 1 })).await;
+
+    let one = host.api().role(name, "counts", &["web"]).await;
+    assert_eq!((one.status, one.json()), (200, json!({ "web": 2 })));
+    let unknown = host.api().role(name, "counts", &["nope"]).await;
+    assert_eq!(unknown.status, 404, "{}", unknown.text());
+    assert!(unknown.json()["error"].as_str().unwrap().contains("nope"), "{}", unknown.text());
+    let bogus = host.api().role(name, "bogus", &[]).await;
+    assert_eq!(bogus.status, 404, "{}", bogus.text());
+
+    // A reload starts fresh instances and runs init again; the counts are
+    // state, so they stay.
+    let reloaded = host.api().post(&format!("/v1/roles/{name}/reload"), json!({})).await;
+    assert_eq!(reloaded.json()["state"], "running", "{}", reloaded.text());
+    wait_counts(&host, name, json!({ "web": 2, "db": 1 })).await;
+    host.api().emit("service.changed", "web@n1").await;
+    wait_counts(&host, name, json!({ "web": 3, "db": 1 })).await;
+
+    // A restart loads the compiled code from the cache; state stays.
+    host.restart().await;
+    let info = wait_serving(&host, name, &wasm).await;
+    assert_eq!(info["cache_hit"], true, "{info}");
+    wait_counts(&host, name, json!({ "web": 3, "db": 1 })).await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_example_runs_in_a_host() {
+    example_runs_in_a_host("python-counter", &["componentize-py"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn js_example_runs_in_a_host() {
+    example_runs_in_a_host("js-counter", &["componentize-js"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_example_runs_in_a_host() {
+    example_runs_in_a_host("c-counter", &["clang", "wasm-ld", "wit-bindgen", "wasm-tools"]).await;
+}
+
+/// `roles new NAME --lang LANG` writes a project whose `./build.sh` makes
+/// NAME.wasm, which loads, answers `hello`, and counts events in state.
+async fn scaffolded_role_builds_and_loads(language: &str, tools: &[&str]) {
+    for tool in tools {
+        require_tool(tool);
+    }
+    let work = tempfile::tempdir().unwrap();
+    let name = format!("hello-{language}");
+    let created = Command::new(hivemind_bin())
+        .args(["roles", "new", &name, "--lang", language, "--dir"])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", stderr(&created));
+    assert!(stdout(&created).contains("build.sh"), "{}", stdout(&created));
+    let project = work.path().join(&name);
+    run_build(&project.join("build.sh"), &[]).await;
+    let wasm = read(project.join(format!("{name}.wasm")).to_str().unwrap());
+
+    let host = TestHost::start().await;
+    let manifest = std::fs::read_to_string(project.join(format!("{name}.toml"))).unwrap();
+    host.drop_role(&name, &wasm, Some(&manifest));
+    wait_serving(&host, &name, &wasm).await;
+    let reply = host.api().role(&name, "hello", &["world", "a \"quoted\" word"]).await;
+    assert_eq!(
+        (reply.status, reply.json()),
+        (200, json!(["world", "a \"quoted\" word"])),
+        "{}",
+        reply.text()
+    );
+    host.api().emit("service.up", "web@n1").await;
+    let deadline = Instant::now() + PATIENCE;
+    while host.api().role(&name, "seen", &[]).await.json() != json!(1) {
+        assert!(Instant::now() < deadline, "{name} never counted the event");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scaffolded_python_role_builds_and_loads() {
+    scaffolded_role_builds_and_loads("python", &["componentize-py"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scaffolded_js_role_builds_and_loads() {
+    scaffolded_role_builds_and_loads("js", &["componentize-js"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scaffolded_c_role_builds_and_loads() {
+    scaffolded_role_builds_and_loads("c", &["clang", "wasm-ld", "wit-bindgen", "wasm-tools"]).await;
+}
