@@ -214,8 +214,9 @@ fn unsafe_kill(pid: u32, signal: i32) {
     assert!(status.success());
 }
 
-/// `roles new` scaffolds a Rust role that builds offline for wasm32-wasip2
-/// and loads into a host.
+/// `roles new` scaffolds a Rust role whose `./build.sh` builds it offline
+/// into NAME.wasm, which loads into a host. (The other languages are in
+/// tests/languages.rs.)
 #[tokio::test(flavor = "multi_thread")]
 async fn scaffolded_role_builds_and_loads() {
     let host = TestHost::start().await;
@@ -228,26 +229,18 @@ async fn scaffolded_role_builds_and_loads() {
     let project = work.path().join("greeter");
     // Reuse the workspace's guest build directory so dependencies are warm.
     let target_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/wasm-roles");
+    let script = project.join("build.sh");
     let build = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--release",
-                "--offline",
-                "--target",
-                "wasm32-wasip2",
-                "--target-dir",
-                target_dir,
-            ])
-            .current_dir(&project)
-            .env_remove("CARGO_TARGET_DIR")
+        Command::new(script)
+            .env("CARGO_TARGET_DIR", target_dir)
+            .env("CARGO_NET_OFFLINE", "true")
             .output()
             .unwrap()
     })
     .await
     .unwrap();
     assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
-    let wasm = read(&format!("{target_dir}/wasm32-wasip2/release/greeter.wasm"));
+    let wasm = read(project.join("greeter.wasm").to_str().unwrap());
     host.drop_role("greeter", &wasm, None);
     host.wait_live("greeter", &wasm).await;
     let reply = host.api().role("greeter", "hello", &["world"]).await;
