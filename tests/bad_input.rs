@@ -214,6 +214,32 @@ async fn misbehaving_calls_are_contained() {
     host.stop().await;
 }
 
+/// A role whose heap only grows (here 1 MiB a call, kept) never traps at its
+/// memory limit: past three quarters of it, its instance is retired after
+/// the call and the next call starts a fresh one.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ever_growing_heap_is_recycled_before_its_limit() {
+    let host = host_with_probe().await;
+    host.drop_role(
+        "misbehave",
+        &misbehave(),
+        Some("[limits]\nmemory_mb = 16\nworkers = 1\n"),
+    );
+    host.wait_live("misbehave", &misbehave()).await;
+    let api = host.api();
+    let mut most_held = 0;
+    for call in 0..40 {
+        let reply = api.role("misbehave", "leak", &[]).await;
+        assert_eq!(reply.status, 200, "call {call}: {}", reply.text());
+        most_held = most_held.max(reply.text().parse::<u32>().unwrap());
+    }
+    assert!(most_held < 16, "an instance held {most_held} MiB of a 16 MiB limit");
+    let stats = &api.role_info("misbehave").await["stats"];
+    assert_eq!(stats["traps"], 0, "{stats}");
+    assert!(stats["recycled"].as_u64().unwrap() >= 3, "{stats}");
+    host.stop().await;
+}
+
 /// Traps in a row mark the role failed and report it; a reload brings it back.
 #[tokio::test(flavor = "multi_thread")]
 async fn repeated_traps_fail_the_role_until_reload() {

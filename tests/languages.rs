@@ -133,11 +133,14 @@ async fn example_runs_in_a_host(name: &str, tools: &[&str]) {
     }
     let work = tempfile::tempdir().unwrap();
     let wasm = build_example(name, work.path()).await;
+    example_serves(name, &wasm).await;
+}
 
+async fn example_serves(name: &str, wasm: &[u8]) {
     let mut host = TestHost::start().await;
     host.drop_role("probe", &probe(), None);
     host.wait_live("probe", &probe()).await;
-    host.drop_role(name, &wasm, None);
+    host.drop_role(name, wasm, None);
     // A compile in progress blocks neither the API nor other roles.
     let mut answered_while_loading = 0;
     while host.api().role_info(name).await["state"] != "running" {
@@ -149,7 +152,7 @@ async fn example_runs_in_a_host(name: &str, tools: &[&str]) {
             break;
         }
     }
-    let info = wait_serving(&host, name, &wasm).await;
+    let info = wait_serving(&host, name, wasm).await;
     assert_eq!(last_load(&info)["cache_hit"], false, "{info}");
 
     host.api().emit("service.up", "web@n1").await;
@@ -180,10 +183,17 @@ async fn example_runs_in_a_host(name: &str, tools: &[&str]) {
 
     // A restart loads the compiled code from the cache; state stays.
     host.restart().await;
-    let info = wait_serving(&host, name, &wasm).await;
+    let info = wait_serving(&host, name, wasm).await;
     assert_eq!(last_load(&info)["cache_hit"], true, "{info}");
     wait_counts(&host, name, json!({ "web": 3, "db": 1 })).await;
     host.stop().await;
+}
+
+/// The Rust example (built with the workspace) behaves the same; it is the
+/// yardstick the others are measured against.
+#[tokio::test(flavor = "multi_thread")]
+async fn rust_example_runs_in_a_host() {
+    example_serves("rust-counter", &read(artifacts::ROLE_RUST_COUNTER)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,7 @@
 //! Builds every role under `roles/` for `wasm32-wasip2` with a nested cargo
 //! and writes `artifacts.rs` into `OUT_DIR`: a path constant per role and the
 //! bytes of the bundled roles (`roles/NAME`, as opposed to the test roles in
-//! `roles/tests/NAME`).
+//! `roles/tests/NAME` and the Rust examples in `roles/examples/NAME`).
 //!
 //! The nested build uses its own target directory (`target/wasm-roles`), so it
 //! never waits on the lock of the build that runs this script, and it is
@@ -35,6 +35,7 @@ fn main() {
     let roles = discover_roles(&workspace.join("roles"));
     println!("cargo:rerun-if-changed={}", workspace.join("roles").display());
     println!("cargo:rerun-if-changed={}", workspace.join("roles/tests").display());
+    println!("cargo:rerun-if-changed={}", workspace.join("roles/examples").display());
     println!("cargo:rerun-if-changed={}", workspace.join("wit").display());
     println!("cargo:rerun-if-changed={}", workspace.join("sdk").display());
 
@@ -137,7 +138,11 @@ fn check_target_installed() {
 /// Packages under `roles/NAME` (bundled) and `roles/tests/NAME` (test roles).
 fn discover_roles(roles_dir: &Path) -> Vec<RolePackage> {
     let mut roles = Vec::new();
-    for (dir, bundled) in [(roles_dir.to_path_buf(), true), (roles_dir.join("tests"), false)] {
+    for (dir, bundled) in [
+        (roles_dir.to_path_buf(), true),
+        (roles_dir.join("tests"), false),
+        (roles_dir.join("examples"), false),
+    ] {
         let Ok(entries) = fs::read_dir(&dir) else { continue };
         let mut dirs: Vec<PathBuf> = entries.flatten().map(|entry| entry.path()).collect();
         dirs.sort();

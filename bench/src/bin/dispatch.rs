@@ -5,73 +5,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use hivemind_bench::{micros, summarize};
-use hivemind_runtime::{
-    Event, ExecOutput, HostError, Level, Node, Request, Response, RoleFailure, RoleHost, RoleLimits, Runtime,
-    RuntimeConfig,
-};
+use hivemind_bench::{MemoryHost, micros, summarize};
+use hivemind_runtime::{Event, RoleLimits, Runtime, RuntimeConfig};
 
 /// Calls measured after warm-up.
 const CALLS: usize = 200_000;
 const WARMUP: usize = 10_000;
-
-struct QuietHost;
-
-#[async_trait::async_trait]
-impl RoleHost for QuietHost {
-    fn role_name(&self) -> &str {
-        "noop"
-    }
-    fn log(&self, _: Level, _: &str) {}
-    async fn emit(&self, _: String, _: String, _: Vec<u8>) -> Result<u64, HostError> {
-        Ok(0)
-    }
-    async fn events_since(&self, _: u64, _: String, _: u32) -> Result<Vec<Event>, HostError> {
-        Ok(Vec::new())
-    }
-    fn nodes(&self, _: Option<&str>, _: bool) -> Vec<Node> {
-        Vec::new()
-    }
-    fn self_node(&self) -> Node {
-        Node {
-            id: "bench".into(),
-            name: "bench".into(),
-            address: String::new(),
-            roles: vec![],
-            healthy: true,
-        }
-    }
-    fn config_json(&self) -> String {
-        "{}".into()
-    }
-    async fn call(&self, _: String, _: String, _: Request) -> Result<Response, HostError> {
-        Err(HostError::Unavailable("bench".into()))
-    }
-    async fn write_file(&self, _: String, _: Vec<u8>) -> Result<(), HostError> {
-        Ok(())
-    }
-    async fn exec(&self, _: String, _: Vec<String>, _: u32) -> Result<ExecOutput, HostError> {
-        Err(HostError::Denied("bench".into()))
-    }
-    async fn check(&self, _: hivemind_runtime::HealthCheck, _: u32) -> Result<u32, HostError> {
-        Err(HostError::Denied("bench".into()))
-    }
-    async fn state_get(&self, _: String) -> Result<Option<Vec<u8>>, HostError> {
-        Ok(None)
-    }
-    async fn state_set(&self, _: String, _: Vec<u8>) -> Result<(), HostError> {
-        Ok(())
-    }
-    async fn state_delete(&self, _: String) -> Result<(), HostError> {
-        Ok(())
-    }
-    async fn state_keys(&self, _: String) -> Result<Vec<String>, HostError> {
-        Ok(Vec::new())
-    }
-    fn report(&self, failure: RoleFailure) {
-        eprintln!("{}", failure.message);
-    }
-}
 
 fn main() -> anyhow::Result<()> {
     let cache = tempfile::tempdir()?;
@@ -81,7 +20,12 @@ fn main() -> anyhow::Result<()> {
         let bytes = std::fs::read(hivemind_role_artifacts::ROLE_NOOP)?;
         let compiled = host_runtime.compile(&bytes)?;
         let role = host_runtime
-            .load("noop", compiled, RoleLimits::default(), Arc::new(QuietHost))
+            .load(
+                "noop",
+                compiled,
+                RoleLimits::default(),
+                Arc::new(MemoryHost::new("noop")),
+            )
             .await?;
         let event = Event {
             seq: 1,

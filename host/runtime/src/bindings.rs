@@ -128,6 +128,13 @@ pub(crate) struct MemoryLimiter {
     pub(crate) denied: Option<u64>,
 }
 
+impl MemoryLimiter {
+    /// Bytes of linear memory the instance holds now.
+    pub(crate) fn in_use(&self) -> u64 {
+        self.in_use
+    }
+}
+
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let after = self.in_use + (desired - current) as u64;

@@ -36,6 +36,9 @@ pub struct RoleStats {
     pub calls: u64,
     pub traps: u64,
     pub overloads: u64,
+    /// Instances retired after a call because they held most of their
+    /// memory limit.
+    pub recycled: u64,
     pub consecutive_traps: u32,
     /// Set once the role is failed.
     pub failed: Option<String>,
@@ -66,6 +69,7 @@ pub struct LoadedRole {
     calls: AtomicU64,
     trap_count: AtomicU64,
     overloads: AtomicU64,
+    recycled: AtomicU64,
 }
 
 /// Decrements the queue length when a waiting call leaves, even if its future
@@ -146,6 +150,7 @@ impl LoadedRole {
             calls: AtomicU64::new(0),
             trap_count: AtomicU64::new(0),
             overloads: AtomicU64::new(0),
+            recycled: AtomicU64::new(0),
             limits,
             host,
         })
@@ -175,6 +180,7 @@ impl LoadedRole {
             calls: self.calls.load(Ordering::Relaxed),
             traps: self.trap_count.load(Ordering::Relaxed),
             overloads: self.overloads.load(Ordering::Relaxed),
+            recycled: self.recycled.load(Ordering::Relaxed),
             consecutive_traps: traps.consecutive,
             failed: traps.failed.clone(),
             busy_workers: workers - self.permits.available_permits() as u32,
@@ -285,6 +291,16 @@ impl LoadedRole {
         match result {
             Ok(output) => {
                 self.reset_traps();
+                let memory = &worker.store.data().memory;
+                // A heap that only grows (a collector that waits for
+                // pressure, as JavaScript's does, or a leak) would one day
+                // trap at the limit in the middle of a call. Past three
+                // quarters of it the instance is retired now, between calls;
+                // the next call gets a fresh one (state lives in `state`).
+                if memory.in_use() > memory.limit / 4 * 3 {
+                    self.recycled.fetch_add(1, Ordering::Relaxed);
+                    return Ok(output);
+                }
                 let mut idle = self.idle.lock().unwrap();
                 if idle.len() < self.limits.workers as usize {
                     idle.push(worker);

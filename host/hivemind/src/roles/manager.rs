@@ -201,6 +201,9 @@ pub struct StatsInfo {
     pub calls: u64,
     pub traps: u64,
     pub overloads: u64,
+    /// Instances retired after a call for holding most of their memory
+    /// limit (the next call starts a fresh one).
+    pub recycled: u64,
     pub consecutive_traps: u32,
     pub busy_workers: u32,
     pub queued: u32,
@@ -214,6 +217,7 @@ impl StatsInfo {
             calls: stats.calls,
             traps: stats.traps,
             overloads: stats.overloads,
+            recycled: stats.recycled,
             consecutive_traps: stats.consecutive_traps,
             busy_workers: stats.busy_workers,
             queued: stats.queued,

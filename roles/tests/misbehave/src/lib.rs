@@ -47,6 +47,14 @@ impl Role for Misbehave {
                     std::hint::black_box(&hoard);
                 }
             }
+            "leak" => {
+                // One MiB kept for good each call, as a heap that never
+                // shrinks would: the answer is what this instance holds.
+                static LEAKED_MIB: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                std::hint::black_box(Box::leak(vec![1u8; 1 << 20].into_boxed_slice()));
+                let held = LEAKED_MIB.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                Response::text(200, &held.to_string())
+            }
             "trap" => trap(),
             "panic" => panic!("misbehave panicked on purpose"),
             "huge" => Response {

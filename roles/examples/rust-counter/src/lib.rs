@@ -1,0 +1,61 @@
+//! Counts the service events of each service, durably, and serves the
+//! counts: the same role as the Python, JavaScript and C examples beside it.
+//!
+//! `hivemind role rust-counter counts` (or GET /v1/roles/rust-counter/counts)
+//! answers {"SERVICE": N, ...}; `counts SERVICE` answers one count. The counts
+//! live in the role's state, so they survive reloads, new versions and
+//! restarts.
+
+use std::collections::BTreeMap;
+
+use hivemind_sdk::{Description, Event, Request, Response, Role, export_role, info, state};
+
+const COUNT_PREFIX: &str = "count/";
+
+struct ServiceCounter;
+
+impl Role for ServiceCounter {
+    fn describe() -> Description {
+        Description::new("rust-counter", env!("CARGO_PKG_VERSION")).subscribe("service.")
+    }
+
+    fn init() -> Result<(), String> {
+        info!("counting {} services so far", state::keys(COUNT_PREFIX).len());
+        Ok(())
+    }
+
+    fn on_event(event: Event) -> Result<(), String> {
+        // The host redelivers after an error, so an event already counted
+        // (seq at or below the last one) is skipped.
+        if event.seq <= state::get_json::<u64>("last-seq")?.unwrap_or(0) {
+            return Ok(());
+        }
+        let service = event.key.split('@').next().unwrap_or_default();
+        let key = format!("{COUNT_PREFIX}{service}");
+        let count: u64 = state::get_json(&key)?.unwrap_or(0);
+        state::set_json(&key, &(count + 1))?;
+        state::set_json("last-seq", &event.seq)
+    }
+
+    fn on_request(request: Request) -> Response {
+        if request.command() != "counts" {
+            return Response::not_found(&request);
+        }
+        let counts: BTreeMap<String, u64> = state::keys(COUNT_PREFIX)
+            .into_iter()
+            .filter_map(|key| {
+                let count = state::get_json(&key).ok().flatten()?;
+                Some((key[COUNT_PREFIX.len()..].to_string(), count))
+            })
+            .collect();
+        match request.args().first() {
+            None => Response::json(200, &counts),
+            Some(service) => match counts.get(service) {
+                Some(count) => Response::json(200, &BTreeMap::from([(service, count)])),
+                None => Response::error(404, &format!("no events counted for service {service:?}")),
+            },
+        }
+    }
+}
+
+export_role!(ServiceCounter);
