@@ -318,3 +318,90 @@ async fn events_tail_follows_new_events() {
     let _ = tail.kill();
     let _ = tail.wait();
 }
+
+/// `roles test` runs a role in a sandbox without a host: events and
+/// requests go in; answers, logs and state come out as text and `--json`;
+/// state survives `--reload`. A trapping call exits 1, and a malformed
+/// events line is refused naming the file and line.
+#[test]
+fn roles_test_runs_a_role_in_a_sandbox() {
+    let work = tempfile::tempdir().unwrap();
+    let wasm = work.path().join("rust-counter.wasm");
+    std::fs::write(&wasm, read(artifacts::ROLE_RUST_COUNTER)).unwrap();
+    let events = work.path().join("events.jsonl");
+    std::fs::write(
+        &events,
+        concat!(
+            r#"{"kind": "service.up", "key": "web@n1", "payload": {"port": 80}}"#,
+            "\n",
+            r#"{"kind": "service.up", "key": "db@n1"}"#,
+            "\n\n",
+            r#"{"kind": "node.joined", "key": "n2"}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(hivemind_bin())
+            .args(["roles", "test"])
+            .arg(&wasm)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let text = run(&["--events", events.to_str().unwrap(), "--request", "GET /counts"]);
+    assert!(text.status.success(), "{}", stderr(&text));
+    let shown = stdout(&text);
+    for line in [
+        "loaded rust-counter 0.1.0",
+        "event service.up web@n1: ok",
+        "GET /counts -> 200",
+        r#"{"db":1,"web":1}"#,
+        "count/web = 1",
+    ] {
+        assert!(shown.contains(line), "{line:?} missing from:\n{shown}");
+    }
+
+    let json = run(&[
+        "--events",
+        events.to_str().unwrap(),
+        "--reload",
+        "--request",
+        r#"POST /counts {"args": ["web"]}"#,
+        "--json",
+    ]);
+    assert!(json.status.success(), "{}", stderr(&json));
+    let report: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["events"].as_array().unwrap().len(), 3, "{report}");
+    assert_eq!(report["requests"][0]["response"]["status"], 200, "{report}");
+    assert_eq!(report["requests"][0]["response"]["body"], r#"{"web":1}"#, "{report}");
+    assert_eq!(report["state"]["count/db"], "1", "{report}");
+    let inits = report["logged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|line| line["message"].as_str().unwrap().starts_with("counting"))
+        .count();
+    assert_eq!(inits, 2, "init runs on load and on reload: {report}");
+
+    let trapping = work.path().join("misbehave.wasm");
+    std::fs::write(&trapping, misbehave()).unwrap();
+    let trapped = Command::new(hivemind_bin())
+        .args(["roles", "test"])
+        .arg(&trapping)
+        .args(["--request", "GET /trap"])
+        .output()
+        .unwrap();
+    assert_eq!(trapped.status.code(), Some(1), "{}", stdout(&trapped));
+    assert!(stdout(&trapped).contains("GET /trap -> FAILED"), "{}", stdout(&trapped));
+
+    std::fs::write(&events, "{\"kind\": \"service.up\", \"key\": \"a\"}\n{\"kind\": 7}\n").unwrap();
+    let malformed = run(&["--events", events.to_str().unwrap()]);
+    assert!(!malformed.status.success());
+    assert!(
+        stderr(&malformed).contains("events.jsonl line 2"),
+        "{}",
+        stderr(&malformed)
+    );
+}

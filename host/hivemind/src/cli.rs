@@ -280,6 +280,10 @@ pub enum RolesCommand {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Run a role in a sandboxed host (no daemon needed): deliver events,
+    /// send requests, and print what it answered, emitted, logged and stored.
+    /// Exits 1 when an event is refused or a call traps.
+    Test(crate::role_test::TestArgs),
     /// Write the WASI preview 1 adapter matching this host, for
     /// `wasm-tools component new --adapt` (C roles built on wasi-libc).
     WasiAdapter {
@@ -614,6 +618,7 @@ fn run_roles(data_dir: Option<&Path>, command: RolesCommand) -> anyhow::Result<(
             println!("build it:   {}/build.sh   (needs {})", path.display(), lang.tools());
             println!("install it: hivemind roles install {}/{name}.wasm", path.display());
         }
+        RolesCommand::Test(args) => crate::role_test::run(args)?,
         RolesCommand::WasiAdapter { output } => {
             std::fs::write(&output, crate::scaffold::WASI_PREVIEW1_ADAPTER)
                 .with_context(|| format!("cannot write {}", output.display()))?;

@@ -24,7 +24,7 @@
 //! - `bridge`: TCP proxies routing to the backend the log agreed on.
 //! - `probe`: TCP and HTTP health probes (bridges, the roles' `check`).
 //! - `api`: the HTTP API.
-//! - `cli`, `scaffold`: the command line.
+//! - `cli`, `scaffold`, `role_test`: the command line.
 
 pub mod api;
 pub mod bridge;
@@ -39,6 +39,7 @@ pub mod notify;
 pub mod probe;
 pub mod quorum;
 pub mod registry;
+pub mod role_test;
 pub mod roles;
 pub mod scaffold;
 pub mod store;

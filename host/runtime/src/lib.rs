@@ -3,9 +3,10 @@
 //!
 //! This is the only crate that names wasmtime types. It owns compiling (with a
 //! content-addressed cache), instantiating, per-call CPU and memory limits,
-//! the worker pool of each role and what happens on a trap. It does not own
-//! where role files come from, manifests, the API, or what the imports do:
-//! the daemon implements [`RoleHost`] for that.
+//! the worker pool of each role and what happens on a trap, and reads the
+//! manifest (so every host, the daemon and the test harness, reads it
+//! alike). It does not own where role files come from, the API, or what the
+//! imports do: a host implements [`RoleHost`] for that.
 //!
 //! # Layout
 //! - `engine`: [`Runtime`] — the engine, pooling allocator with on-demand
@@ -13,6 +14,8 @@
 //! - `role`: [`LoadedRole`] — workers, queue bound, trap backoff, failure.
 //! - `host`: [`RoleHost`] — the seam the daemon implements.
 //! - `limits`: [`RoleLimits`] and their defaults.
+//! - `manifest`: [`manifest::Manifest`], `NAME.toml`: limits, grants,
+//!   listeners, config.
 //! - `bindings`: the generated bindings and store data (private).
 //! - `guest_output`: a role's stdout/stderr (private).
 //! - `error`: [`LoadError`], [`CallError`].
@@ -23,6 +26,7 @@ mod error;
 mod guest_output;
 mod host;
 mod limits;
+pub mod manifest;
 mod role;
 
 pub use bindings::{Description, Event, ExecOutput, HealthCheck, HostError, Level, Node, Request, Response};

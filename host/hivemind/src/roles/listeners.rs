@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::roles::manager::{RoleManager, RoleSlot};
-use crate::roles::manifest::{ListenerProtocol, ListenerSpec};
+use hivemind_runtime::manifest::{ListenerProtocol, ListenerSpec};
 
 /// Largest datagram read; anything bigger is truncated by the kernel anyway.
 const MAX_DATAGRAM: usize = 65_535;

@@ -26,8 +26,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::roles::delivery;
 use crate::roles::listeners::Listener;
-use crate::roles::manifest::Manifest;
 use crate::roles::services::{HostParts, RoleServices};
+use hivemind_runtime::manifest::Manifest;
 
 /// Reload records kept per role.
 const HISTORY: usize = 20;

@@ -1,10 +1,10 @@
-//! Roles on this node: the manifest format, the manager that loads and
-//! swaps versions, the watcher on the roles directory, host-owned
-//! listeners, event delivery, and the services behind a role's imports.
+//! Roles on this node: the manager that loads and swaps versions, the
+//! watcher on the roles directory, host-owned listeners, event delivery, and
+//! the services behind a role's imports. (The manifest format is in
+//! `hivemind_runtime::manifest`.)
 
 pub mod delivery;
 pub mod listeners;
 pub mod manager;
-pub mod manifest;
 pub mod services;
 pub mod watcher;

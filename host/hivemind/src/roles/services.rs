@@ -13,8 +13,8 @@ use crate::log::{EventLog, LogError, NewEvent};
 use crate::notify::Notifier;
 use crate::registry::Registry;
 use crate::roles::manager::RoleManager;
-use crate::roles::manifest::Manifest;
 use crate::store::Store;
+use hivemind_runtime::manifest::Manifest;
 
 /// Largest file a role may write: configs, not data.
 const MAX_WRITE_BYTES: usize = 8 << 20;
@@ -95,18 +95,7 @@ impl RoleHost for RoleServices {
     }
 
     async fn emit(&self, kind: String, key: String, payload: Vec<u8>) -> Result<u64, HostError> {
-        if !self
-            .manifest
-            .grants
-            .emit
-            .iter()
-            .any(|prefix| kind.starts_with(prefix.as_str()))
-        {
-            return Err(HostError::Denied(format!(
-                "role `{}` may not emit `{kind}`; add a prefix of it to grants.emit in {}.toml",
-                self.name, self.name
-            )));
-        }
+        self.manifest.grants.allow_emit(&self.name, &kind)?;
         let source = self.parts.registry.self_id();
         self.parts
             .log
@@ -166,13 +155,8 @@ impl RoleHost for RoleServices {
     }
 
     async fn write_file(&self, path: String, contents: Vec<u8>) -> Result<(), HostError> {
-        let Some(dir) = self.manifest.grants.write_dir.clone() else {
-            return Err(HostError::Denied(format!(
-                "role `{}` has no output directory; set grants.write_dir in {}.toml",
-                self.name, self.name
-            )));
-        };
-        let target = confined_path(&dir, &path)?;
+        let dir = self.manifest.grants.output_dir(&self.name)?;
+        let target = confined_path(dir, &path)?;
         if contents.len() > MAX_WRITE_BYTES {
             return Err(HostError::Invalid(format!(
                 "{} bytes is over the {MAX_WRITE_BYTES}-byte file limit",
@@ -199,18 +183,7 @@ impl RoleHost for RoleServices {
                 )
             }
         };
-        let granted = self
-            .manifest
-            .grants
-            .check
-            .iter()
-            .any(|grant| grant == "*" || grant.eq_ignore_ascii_case(&host));
-        if !granted {
-            return Err(HostError::Denied(format!(
-                "role `{}` may not check `{host}`; add \"{host}\" (or \"*\") to grants.check in {}.toml",
-                self.name, self.name
-            )));
-        }
+        self.manifest.grants.allow_check(&self.name, &host)?;
         let outcome = match target {
             HealthCheck::Tcp(address) => crate::probe::tcp(&address, timeout).await,
             HealthCheck::Http(url) => crate::probe::http_get(&url, timeout).await.map(drop),
@@ -224,18 +197,7 @@ impl RoleHost for RoleServices {
     async fn exec(&self, program: String, args: Vec<String>, timeout_ms: u32) -> Result<ExecOutput, HostError> {
         let mut argv = vec![program.clone()];
         argv.extend(args.iter().cloned());
-        let granted = self.manifest.grants.exec.iter().any(|grant| {
-            let grant: Vec<&str> = grant.split_whitespace().collect();
-            grant.len() <= argv.len() && grant.iter().zip(&argv).all(|(want, have)| want == have)
-        });
-        if !granted {
-            return Err(HostError::Denied(format!(
-                "role `{}` may not run `{}`; add it (or a prefix of it) to grants.exec in {}.toml",
-                self.name,
-                argv.join(" "),
-                self.name
-            )));
-        }
+        self.manifest.grants.allow_exec(&self.name, &argv)?;
         let timeout = Duration::from_millis(timeout_ms.max(1) as u64).min(MAX_EXEC_TIMEOUT);
         let mut command = tokio::process::Command::new(&program);
         command

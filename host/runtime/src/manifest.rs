@@ -37,7 +37,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hivemind_runtime::RoleLimits;
+use crate::{HostError, RoleLimits};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -104,6 +104,57 @@ impl ListenerProtocol {
             ListenerProtocol::Udp => "udp",
             ListenerProtocol::Tcp => "tcp",
         }
+    }
+}
+
+impl Grants {
+    /// Whether `role` may emit events of `kind`; the denial names the fix.
+    pub fn allow_emit(&self, role: &str, kind: &str) -> Result<(), HostError> {
+        if self.emit.iter().any(|prefix| kind.starts_with(prefix.as_str())) {
+            return Ok(());
+        }
+        Err(HostError::Denied(format!(
+            "role `{role}` may not emit `{kind}`; add a prefix of it to grants.emit in {role}.toml"
+        )))
+    }
+
+    /// The directory `role` may write files in.
+    pub fn output_dir(&self, role: &str) -> Result<&Path, HostError> {
+        self.write_dir.as_deref().ok_or_else(|| {
+            HostError::Denied(format!(
+                "role `{role}` has no output directory; set grants.write_dir in {role}.toml"
+            ))
+        })
+    }
+
+    /// Whether `role` may health-check `host` (a name or address).
+    pub fn allow_check(&self, role: &str, host: &str) -> Result<(), HostError> {
+        if self
+            .check
+            .iter()
+            .any(|grant| grant == "*" || grant.eq_ignore_ascii_case(host))
+        {
+            return Ok(());
+        }
+        Err(HostError::Denied(format!(
+            "role `{role}` may not check `{host}`; add \"{host}\" (or \"*\") to grants.check in {role}.toml"
+        )))
+    }
+
+    /// Whether `role` may run `argv` (program, then arguments): a granted
+    /// command must be a prefix of it, word by word.
+    pub fn allow_exec(&self, role: &str, argv: &[String]) -> Result<(), HostError> {
+        let granted = self.exec.iter().any(|grant| {
+            let grant: Vec<&str> = grant.split_whitespace().collect();
+            grant.len() <= argv.len() && grant.iter().zip(argv).all(|(want, have)| want == have)
+        });
+        if granted {
+            return Ok(());
+        }
+        Err(HostError::Denied(format!(
+            "role `{role}` may not run `{}`; add it (or a prefix of it) to grants.exec in {role}.toml",
+            argv.join(" ")
+        )))
     }
 }
 
