@@ -157,13 +157,13 @@ async fn example_serves(name: &str, wasm: &[u8]) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let info = wait_serving(&host, name, wasm).await;
+    assert_eq!(last_load(&info)["cache_hit"], false, "{info}");
     // Python and JavaScript components take seconds to compile; a small one
     // may be running before the first look.
     if wasm.len() > 4 << 20 {
-        assert!(answered_while_loading > 0, "{name} was never seen loading");
+        assert!(answered_while_loading > 0, "{name} was never seen loading: {info}");
     }
-    let info = wait_serving(&host, name, wasm).await;
-    assert_eq!(last_load(&info)["cache_hit"], false, "{info}");
 
     host.api().emit("service.up", "web@n1").await;
     host.api().emit("service.down", "web@n1").await;

@@ -155,7 +155,9 @@ impl RoleSlot {
         let current = self.current();
         match (status.mode, current) {
             (Mode::Disabled, _) => RoleState::Disabled,
-            (_, None) if status.loading.is_some() => RoleState::Loading,
+            // A role seen but not yet through its first load (no version,
+            // no error) is loading, not failed.
+            (_, None) if status.loading.is_some() || status.last_error.is_none() => RoleState::Loading,
             (_, None) => RoleState::Failed,
             (_, Some(role)) if role.stats().failed.is_some() => RoleState::Failed,
             (Mode::Paused, Some(_)) => RoleState::Paused,
