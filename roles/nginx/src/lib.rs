@@ -174,6 +174,10 @@ struct Progress {
     awaiting: Option<(u64, u64)>,
     reloads: u64,
     last_error: Option<String>,
+    /// The generation whose failure `last_error` describes: confirming an
+    /// older generation (one reloaded before it) does not clear it.
+    #[serde(default)]
+    failed_generation: u64,
     /// Upstreams held at their last servers, and why.
     held: Vec<String>,
 }
@@ -383,6 +387,7 @@ fn roll_back(config: &Config, progress: &mut Progress, written: &[String], reloa
     }
     progress.rendered.clear();
     progress.last_error = Some(message);
+    progress.failed_generation = progress.generation;
 }
 
 /// Renders, validates and reloads if the table's upstreams changed.
@@ -392,6 +397,7 @@ fn apply(config: &Config, table: &ServiceTable, progress: &mut Progress) {
         Ok(rendered) => rendered,
         Err(error) => {
             progress.last_error = Some(format!("{error}; the files were not changed"));
+            progress.failed_generation = generation;
             hivemind_sdk::error!("{error}");
             return;
         }
@@ -438,7 +444,9 @@ fn confirm(progress: &mut Progress, generation: u64, written: BTreeMap<String, S
     progress.confirmed = generation;
     progress.good = written;
     progress.awaiting = None;
-    progress.last_error = None;
+    if progress.failed_generation <= generation {
+        progress.last_error = None;
+    }
     hivemind_sdk::info!("nginx serves generation {generation}");
 }
 
