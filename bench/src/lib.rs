@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use hivemind_runtime::HostError;
-
 /// Median, p99 and count of a set of latencies.
 pub struct Summary {
     pub count: usize,
@@ -326,84 +324,4 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()
-}
-
-/// A host for roles run in the benchmark's own process: state is an
-/// in-memory map, logs are dropped, and everything else answers at once.
-pub struct MemoryHost {
-    name: String,
-    state: std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
-}
-
-impl MemoryHost {
-    pub fn new(name: &str) -> MemoryHost {
-        MemoryHost {
-            name: name.to_string(),
-            state: Default::default(),
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl hivemind_runtime::RoleHost for MemoryHost {
-    fn role_name(&self) -> &str {
-        &self.name
-    }
-    fn log(&self, _: hivemind_runtime::Level, _: &str) {}
-    async fn emit(&self, _: String, _: String, _: Vec<u8>) -> Result<u64, HostError> {
-        Ok(0)
-    }
-    async fn events_since(&self, _: u64, _: String, _: u32) -> Result<Vec<hivemind_runtime::Event>, HostError> {
-        Ok(Vec::new())
-    }
-    fn nodes(&self, _: Option<&str>, _: bool) -> Vec<hivemind_runtime::Node> {
-        Vec::new()
-    }
-    fn self_node(&self) -> hivemind_runtime::Node {
-        hivemind_runtime::Node {
-            id: "bench".into(),
-            name: "bench".into(),
-            address: String::new(),
-            roles: vec![],
-            healthy: true,
-        }
-    }
-    fn config_json(&self) -> String {
-        "{}".into()
-    }
-    async fn call(
-        &self,
-        _: String,
-        _: String,
-        _: hivemind_runtime::Request,
-    ) -> Result<hivemind_runtime::Response, HostError> {
-        Err(HostError::Unavailable("bench".into()))
-    }
-    async fn write_file(&self, _: String, _: Vec<u8>) -> Result<(), HostError> {
-        Ok(())
-    }
-    async fn exec(&self, _: String, _: Vec<String>, _: u32) -> Result<hivemind_runtime::ExecOutput, HostError> {
-        Err(HostError::Denied("bench".into()))
-    }
-    async fn check(&self, _: hivemind_runtime::HealthCheck, _: u32) -> Result<u32, HostError> {
-        Err(HostError::Denied("bench".into()))
-    }
-    async fn state_get(&self, key: String) -> Result<Option<Vec<u8>>, HostError> {
-        Ok(self.state.lock().unwrap().get(&key).cloned())
-    }
-    async fn state_set(&self, key: String, value: Vec<u8>) -> Result<(), HostError> {
-        self.state.lock().unwrap().insert(key, value);
-        Ok(())
-    }
-    async fn state_delete(&self, key: String) -> Result<(), HostError> {
-        self.state.lock().unwrap().remove(&key);
-        Ok(())
-    }
-    async fn state_keys(&self, prefix: String) -> Result<Vec<String>, HostError> {
-        let state = self.state.lock().unwrap();
-        Ok(state.keys().filter(|key| key.starts_with(&prefix)).cloned().collect())
-    }
-    fn report(&self, failure: hivemind_runtime::RoleFailure) {
-        eprintln!("{}", failure.message);
-    }
 }

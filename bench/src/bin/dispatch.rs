@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use hivemind_bench::{MemoryHost, micros, summarize};
+use hivemind_bench::{micros, summarize};
+use hivemind_harness::SandboxHost;
 use hivemind_runtime::{Event, RoleLimits, Runtime, RuntimeConfig};
 
 /// Calls measured after warm-up.
@@ -24,7 +25,7 @@ fn main() -> anyhow::Result<()> {
                 "noop",
                 compiled,
                 RoleLimits::default(),
-                Arc::new(MemoryHost::new("noop")),
+                Arc::new(SandboxHost::new("noop", Default::default())),
             )
             .await?;
         let event = Event {

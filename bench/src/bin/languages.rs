@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hivemind_bench::{MemoryHost, Summary, micros, millis, summarize, verdict};
+use hivemind_bench::{Summary, micros, millis, summarize, verdict};
+use hivemind_harness::SandboxHost;
 use hivemind_runtime::{Event, LoadedRole, Request, RoleLimits, Runtime, RuntimeConfig};
 
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -187,7 +188,12 @@ async fn measure(language: &'static str, bytes: &[u8], work: &Path) -> anyhow::R
         anyhow::ensure!(compiled.cache_hit, "{language}: the second compile missed the cache");
         let read = started.elapsed();
         let loaded = runtime
-            .load(&name, compiled, RoleLimits::default(), Arc::new(MemoryHost::new(&name)))
+            .load(
+                &name,
+                compiled,
+                RoleLimits::default(),
+                Arc::new(SandboxHost::new(&name, Default::default())),
+            )
             .await?;
         starts.push(started.elapsed() - read);
         reads.push(read);

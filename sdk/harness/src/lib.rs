@@ -71,8 +71,10 @@ pub struct Record {
     pub failures: Vec<String>,
 }
 
-/// The sandbox's side of the role's imports.
-struct SandboxHost {
+/// The sandbox's side of the role's imports: a [`RoleHost`] that keeps
+/// everything in memory. [`Harness`] runs roles on it; benchmarks that drive
+/// `hivemind_runtime` directly use it as their host.
+pub struct SandboxHost {
     name: String,
     manifest: Manifest,
     log: Mutex<Vec<Event>>,
@@ -81,6 +83,17 @@ struct SandboxHost {
 }
 
 impl SandboxHost {
+    /// A host for role `name` with the grants and config of `manifest`.
+    pub fn new(name: &str, manifest: Manifest) -> SandboxHost {
+        SandboxHost {
+            name: name.to_string(),
+            manifest,
+            log: Mutex::new(Vec::new()),
+            state: Mutex::new(BTreeMap::new()),
+            record: Mutex::new(Record::default()),
+        }
+    }
+
     fn append(&self, kind: String, key: String, source: String, payload: Vec<u8>) -> Event {
         let mut log = self.log.lock().unwrap();
         let event = Event {
@@ -240,13 +253,7 @@ impl Harness {
         };
         let cache = tempfile::tempdir().context("a temporary compile cache")?;
         let runtime = Runtime::new(RuntimeConfig::new(cache.path()))?;
-        let host = Arc::new(SandboxHost {
-            name: name.to_string(),
-            manifest,
-            log: Mutex::new(Vec::new()),
-            state: Mutex::new(BTreeMap::new()),
-            record: Mutex::new(Record::default()),
-        });
+        let host = Arc::new(SandboxHost::new(name, manifest));
         let role = start(&runtime, name, wasm, &host).await?;
         Ok(Harness {
             runtime,
