@@ -20,26 +20,32 @@ const COMPILE_PATIENCE: Duration = Duration::from_secs(300);
 
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
-/// PATH with the toolchains `scripts/role-toolchains` installs in front.
-fn tool_path() -> String {
-    let tools = Path::new(REPO).join("target/role-tools");
-    let mut dirs: Vec<PathBuf> = vec![
-        tools.join("bin"),
-        tools.join("python/bin"),
-        tools.join("js/node_modules/.bin"),
-    ];
-    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
-    std::env::join_paths(dirs).unwrap().into_string().unwrap()
+/// PATH with the toolchains in front, as `scripts/role-toolchains` names
+/// them (it installs what is missing; `scripts/test` has run it already).
+fn tool_path() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = Path::new(REPO).join("scripts/role-toolchains");
+        let output = Command::new(&script)
+            .output()
+            .unwrap_or_else(|error| panic!("{}: {error}", script.display()));
+        assert!(
+            output.status.success(),
+            "scripts/role-toolchains failed; the Python, JavaScript and C role toolchains are missing:\n{}",
+            stderr(&output)
+        );
+        let mut dirs: Vec<PathBuf> = stdout(&output).lines().map(PathBuf::from).collect();
+        dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+        std::env::join_paths(dirs).unwrap().into_string().unwrap()
+    })
 }
 
-/// Fails, naming the tool and how to get it, when `tool` is not on PATH.
-fn require_tool(tool: &str) {
-    let found = std::env::split_paths(&tool_path()).any(|dir| dir.join(tool).is_file());
-    assert!(
-        found,
-        "{tool} is not installed: run scripts/role-toolchains (scripts/test does), which installs the \
-         Python, JavaScript and C role toolchains under target/role-tools"
-    );
+/// Fails, naming the tool, when any of `tools` is not on the PATH.
+fn require_tools(tools: &[&str]) {
+    for tool in tools {
+        let found = std::env::split_paths(tool_path()).any(|dir| dir.join(tool).is_file());
+        assert!(found, "{tool} is not on the PATH scripts/role-toolchains gives");
+    }
 }
 
 /// Runs `script` (a build script) with the toolchains on PATH and `hivemind`
@@ -128,9 +134,7 @@ async fn wait_counts(host: &TestHost, name: &str, expected: Value) {
 /// service, answers its command and its errors, and keeps its counts across
 /// a reload and a host restart, which loads it from the compile cache.
 async fn example_runs_in_a_host(name: &str, tools: &[&str]) {
-    for tool in tools {
-        require_tool(tool);
-    }
+    require_tools(tools);
     let work = tempfile::tempdir().unwrap();
     let wasm = build_example(name, work.path()).await;
     example_serves(name, &wasm).await;
@@ -224,9 +228,7 @@ async fn c_example_runs_in_a_host() {
 /// `roles new NAME --lang LANG` writes a project whose `./build.sh` makes
 /// NAME.wasm, which loads, answers `hello`, and counts events in state.
 async fn scaffolded_role_builds_and_loads(language: &str, tools: &[&str]) {
-    for tool in tools {
-        require_tool(tool);
-    }
+    require_tools(tools);
     let work = tempfile::tempdir().unwrap();
     let name = format!("hello-{language}");
     let created = Command::new(hivemind_bin())
