@@ -361,6 +361,18 @@ pub mod host {
     pub fn check_http(url: &str, timeout_ms: u32) -> Result<u32, HostError> {
         raw::check(&HealthCheck::Http(url.to_string()), timeout_ms)
     }
+
+    /// Adds `delta` to the role's counter `name` for `labels`; the host
+    /// serves it at `/metrics` as `hivemind_role_NAME_total{role, labels}`.
+    /// Names are `[a-z_][a-z0-9_]*`. Each call crosses into the host, so a
+    /// hot path should sum in memory and report in batches.
+    pub fn count(name: &str, labels: &[(&str, &str)], delta: u64) -> Result<(), HostError> {
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(label, value)| (label.to_string(), value.to_string()))
+            .collect();
+        raw::count(name, &labels, delta)
+    }
 }
 
 /// Logs at info level with `format!` arguments.

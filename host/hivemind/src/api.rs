@@ -1,5 +1,6 @@
 //! The HTTP API (`/v1/...`): status, role management, role installs, the
-//! event log, and every role's own routes under `/v1/roles/NAME/...`.
+//! event log, and every role's own routes under `/v1/roles/NAME/...`; the
+//! node's metrics at `/metrics`.
 //!
 //! Every route needs `Authorization: Bearer TOKEN` (the token is generated on
 //! first start into `DATA_DIR/token`). Errors are JSON `{"error": "..."}` that
@@ -44,14 +45,19 @@ pub struct ApiState {
     pub connect: Arc<crate::connect::Connect>,
     pub notifier: Arc<Notifier>,
     pub bridges: Arc<crate::bridge::Bridges>,
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
     pub token: Arc<str>,
     pub started: Instant,
     /// Ends long-lived responses (event streams) when the host stops.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
+/// The API under `/v1` and `/metrics`, both behind the token, and the
+/// dashboard's page and assets, which are public: the page asks for the
+/// token and sends it with each of its API calls.
 pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
+        .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/roles", get(list_roles))
         .route("/v1/roles/{name}", get(role_info))
@@ -74,9 +80,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/bridges", get(list_bridges))
         .route("/v1/bridges/{name}", get(bridge_status).patch(act_on_bridge))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
-        .layer(TraceLayer::new_for_http());
-    v1.with_state(state)
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    crate::dashboard::router()
+        .merge(v1)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
 }
 
 /// A JSON error response.
@@ -139,10 +147,52 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(404, format!("no such API route: {method} {}", uri.path()))
 }
 
+/// `GET /metrics`: the node's series in the OpenMetrics text format.
+async fn metrics(State(state): State<ApiState>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let quorum = state.quorum.status().await;
+    let view = state.membership.view();
+    let members = |wanted: crate::membership::Liveness| {
+        view.members.iter().filter(|member| member.liveness == wanted).count() as u64
+    };
+    let snapshot = crate::metrics::Snapshot {
+        roles: state
+            .manager
+            .list()
+            .into_iter()
+            .map(|role| crate::metrics::RoleGauges {
+                state: role.state.as_str(),
+                version: role.version.unwrap_or_default(),
+                queued: role.stats.as_ref().map_or(0, |stats| stats.queued),
+                busy_workers: role.stats.as_ref().map_or(0, |stats| stats.busy_workers),
+                workers: role.stats.as_ref().map_or(0, |stats| stats.workers),
+                name: role.name,
+            })
+            .collect(),
+        log: state.quorum.gauges(),
+        epoch: quorum.epoch,
+        degraded: quorum.problem.is_some(),
+        members: [
+            ("alive", members(crate::membership::Liveness::Alive)),
+            ("suspect", members(crate::membership::Liveness::Suspect)),
+            ("down", members(crate::membership::Liveness::Down)),
+        ],
+        gossip: view.counters,
+        bridges: state.bridges.gauges(),
+        connect_links: state.connect.open_links() as u64,
+        connect_calls: state.connect.counters.calls.load(Relaxed),
+        connect_failed: state.connect.counters.failed.load(Relaxed),
+        last_seq: *state.log.watch_last().borrow(),
+    };
+    let text = state.metrics.render(snapshot);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
 async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
     let roles = state.manager.list();
     let count = |wanted: RoleState| roles.iter().filter(|role| role.state == wanted).count();
     let node = state.registry.self_node();
+    let log_gauges = state.quorum.gauges();
     Json(json!({
         "node": { "id": node.id, "name": node.name, "address": node.api },
         "cluster": cluster_status(&state).await,
@@ -159,6 +209,14 @@ async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
             "failed": count(RoleState::Failed),
         },
         "last_seq": *state.log.watch_last().borrow(),
+        "log": {
+            "term": log_gauges.term,
+            "last_index": log_gauges.last_index,
+            "commit_index": log_gauges.committed,
+            "applied_index": log_gauges.applied,
+            "writes": state.quorum.writes.count.load(std::sync::atomic::Ordering::Relaxed),
+            "write_seconds_sum": state.quorum.writes.total_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6,
+        },
         "gossip": gossip_status(&state),
         "connect": {
             "open_links": state.connect.open_links(),

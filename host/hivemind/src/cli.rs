@@ -57,8 +57,31 @@ pub struct ClientArgs {
 pub enum Command {
     /// Run a host: a one-node cluster with the bundled roles unless configured otherwise.
     Up(UpArgs),
-    /// Show the host's state and its roles at a glance.
+    /// Show the cluster at a glance: this node, the leader and log, every
+    /// node's health and roles, this node's roles, bridges, recent failures.
     Status {
+        /// Redraw every `--interval` until interrupted (as `hivemind top`).
+        #[arg(long)]
+        watch: bool,
+        /// How often `--watch` redraws: 500ms, 2s, 1m.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2s")]
+        interval: Duration,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// `hivemind status`, redrawn live with calls/s and write latency;
+    /// Ctrl-C ends it. With --json, one JSON object per line per refresh.
+    Top {
+        /// How often to redraw: 500ms, 2s, 1m.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2s")]
+        interval: Duration,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the address of the host's web dashboard, with the token in the
+    /// link's fragment (browsers do not send it to the server; the page
+    /// keeps it for the tab's session).
+    Dashboard {
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -434,6 +457,15 @@ impl Client {
         self.send("GET", path, &[], "application/json")
     }
 
+    /// The API's base URL, `http://HOST:PORT`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     /// GET returning JSON, turning an error status into the API's message.
     pub fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         let (status, body) = self.get(path)?;
@@ -464,14 +496,34 @@ pub(crate) fn json_or_error(status: u16, body: &[u8]) -> anyhow::Result<Value> {
 pub fn run_client(data_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(_) => unreachable!("`up` runs the daemon"),
-        Command::Status { client } => {
+        Command::Status {
+            watch,
+            interval,
+            client,
+        } => {
             let api = Client::resolve(data_dir, &client)?;
-            let status = api.get_json("/v1/status")?;
-            let roles = api.get_json("/v1/roles")?;
+            crate::status::run(&api, client.json, watch.then_some(interval))?;
+        }
+        Command::Top { interval, client } => {
+            let api = Client::resolve(data_dir, &client)?;
+            crate::status::run(&api, client.json, Some(interval))?;
+        }
+        Command::Dashboard { client } => {
+            let api = Client::resolve(data_dir, &client)?;
+            // The token may hold characters a fragment must escape.
+            let token: String = api
+                .token()
+                .bytes()
+                .map(|byte| match byte {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (byte as char).to_string(),
+                    other => format!("%{other:02X}"),
+                })
+                .collect();
+            let url = format!("{}/#token={token}", api.base());
             if client.json {
-                print_json(&json!({ "status": status, "roles": roles }));
+                print_json(&json!({ "url": url }));
             } else {
-                print_status(&status, &roles);
+                println!("{url}");
             }
         }
         Command::Roles { command } => run_roles(data_dir, command)?,
@@ -880,60 +932,6 @@ fn print_nodes(nodes: &Value) {
                 roles.join(", ")
             }
         );
-    }
-}
-
-fn print_status(status: &Value, roles: &Value) {
-    let node = &status["node"];
-    println!(
-        "node      {} ({}) at {}",
-        text(&node["name"]),
-        text(&node["id"]),
-        text(&node["address"])
-    );
-    let cluster = &status["cluster"];
-    println!(
-        "cluster   {} {}, {}, epoch {}, term {}",
-        text(&cluster["mode"]),
-        text(&cluster["cluster_id"]),
-        text(&cluster["health"]),
-        cluster["epoch"],
-        cluster["term"]
-    );
-    if let Some(problem) = cluster["problem"].as_str() {
-        println!("          {problem}");
-    }
-    let members = cluster["members"].as_array().cloned().unwrap_or_default();
-    let leader = members
-        .iter()
-        .find(|member| member["leader"] == json!(true))
-        .map(|member| format!("{} ({})", text(&member["name"]), text(&member["id"])))
-        .unwrap_or_else(|| "none".into());
-    let voters = members.iter().filter(|member| member["role"] == json!("voter")).count();
-    println!(
-        "members   {} ({} voters, {} learners), leader {}",
-        members.len(),
-        voters,
-        members.len() - voters,
-        leader
-    );
-    println!(
-        "uptime    {:.0} s",
-        status["uptime_ms"].as_f64().unwrap_or(0.0) / 1000.0
-    );
-    let counts = &status["roles"];
-    println!(
-        "roles     {} total: {} running, {} loading, {} paused, {} disabled, {} failed",
-        counts["total"], counts["running"], counts["loading"], counts["paused"], counts["disabled"], counts["failed"]
-    );
-    println!();
-    print_roles(roles);
-    if let Some(failures) = status["recent_failures"].as_array().filter(|list| !list.is_empty()) {
-        println!();
-        println!("recent failures:");
-        for failure in failures.iter().rev().take(5) {
-            println!("  {}: {}", text(&failure["role"]), text(&failure["message"]));
-        }
     }
 }
 

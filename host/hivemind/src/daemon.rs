@@ -193,6 +193,7 @@ impl Daemon {
                 .await?;
         tasks.extend(bridge_tasks);
         let notifier = Arc::new(Notifier::new(node_id, config.webhook.clone()));
+        let metrics = crate::metrics::NodeMetrics::new(log.writes.seconds.clone());
         let parts = HostParts {
             log: log.clone() as Arc<dyn crate::log::EventLog>,
             store,
@@ -200,6 +201,7 @@ impl Daemon {
             connect: connect.clone(),
             local_roles,
             notifier: notifier.clone(),
+            metrics: metrics.clone(),
         };
         let manager = RoleManager::new(runtime, parts, config.roles_dir.clone(), shutdown.clone());
         let _ = role_calls.set(Arc::downgrade(&manager));
@@ -217,6 +219,7 @@ impl Daemon {
             connect,
             notifier,
             bridges,
+            metrics,
             token: token.clone().into(),
             started,
             shutdown: shutdown.clone(),

@@ -23,8 +23,9 @@
 //! - `notify`: the failure notification sink (log + webhook).
 //! - `bridge`: TCP proxies routing to the backend the log agreed on.
 //! - `probe`: TCP and HTTP health probes (bridges, the roles' `check`).
-//! - `api`: the HTTP API.
-//! - `cli`, `scaffold`, `role_test`: the command line.
+//! - `api`: the HTTP API; `dashboard`: the web page at `/` (assets built
+//!   into the binary); `metrics`: Prometheus series at `/metrics`.
+//! - `cli`, `status`, `scaffold`, `role_test`: the command line.
 
 pub mod api;
 pub mod bridge;
@@ -32,9 +33,11 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod daemon;
+pub mod dashboard;
 pub mod enrollment;
 pub mod log;
 pub mod membership;
+pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod quorum;
@@ -42,6 +45,7 @@ pub mod registry;
 pub mod role_test;
 pub mod roles;
 pub mod scaffold;
+pub mod status;
 pub mod store;
 pub mod transport;
 

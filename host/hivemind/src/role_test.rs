@@ -146,6 +146,7 @@ async fn test(args: TestArgs) -> anyhow::Result<bool> {
         "written": record.written,
         "exec_requests": record.exec_requests,
         "failures": record.failures,
+        "counters": record.counters,
         "state": role.state(),
     });
     if args.json {
@@ -284,6 +285,15 @@ fn print_report(report: &Value) {
         items("failures")
             .iter()
             .map(|line| line.as_str().unwrap_or_default().to_string())
+            .collect(),
+    );
+    section(
+        "counted",
+        report["counters"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(series, total)| format!("{series} += {total}"))
             .collect(),
     );
     section("state", map_lines("state"));

@@ -227,6 +227,18 @@ impl hivemind::role::host::Host for InstanceState {
         let host = self.host.clone();
         Ok(host_time!(self, host.check(target, timeout_ms).await))
     }
+
+    async fn count(
+        &mut self,
+        name: String,
+        labels: Vec<(String, String)>,
+        delta: u64,
+    ) -> wasmtime::Result<Result<(), HostError>> {
+        Ok(host_time!(
+            self,
+            crate::host::validate_counter(&name, &labels).and_then(|()| self.host.count(&name, &labels, delta))
+        ))
+    }
 }
 
 impl hivemind::role::state::Host for InstanceState {

@@ -6,7 +6,16 @@
 //! plug into: the event log's backing, the node table and the connect layer
 //! change behind it, never the WIT.
 
+use std::time::Duration;
+
 use crate::{Event, ExecOutput, HealthCheck, HostError, Level, Node, Request, Response};
+
+/// Longest counter or label name a role may use.
+pub const MAX_COUNTER_NAME: usize = 64;
+/// Most labels on one counter.
+pub const MAX_COUNTER_LABELS: usize = 8;
+/// Longest label value.
+pub const MAX_LABEL_VALUE: usize = 128;
 
 /// The host services one role's instances call into. One value per loaded
 /// version of a role, shared by all its instances.
@@ -51,6 +60,20 @@ pub trait RoleHost: Send + Sync + 'static {
     async fn state_delete(&self, key: String) -> Result<(), HostError>;
     async fn state_keys(&self, prefix: String) -> Result<Vec<String>, HostError>;
 
+    /// The role's `count` import: adds `delta` to a counter. `name` and
+    /// `labels` have passed [`validate_counter`]. Hosts that keep no
+    /// counters accept and drop them.
+    fn count(&self, name: &str, labels: &[(String, String)], delta: u64) -> Result<(), HostError> {
+        let _ = (name, labels, delta);
+        Ok(())
+    }
+
+    /// A call into the role ended: which export, how, and how long it ran
+    /// (from getting a worker to the result, queueing not included).
+    fn observe_call(&self, export: Export, outcome: CallOutcome, elapsed: Duration) {
+        let _ = (export, outcome, elapsed);
+    }
+
     /// A role failure the operator must hear about (a trap, a role marked
     /// failed). Implementations log it and may forward it elsewhere.
     fn report(&self, failure: RoleFailure);
@@ -82,5 +105,114 @@ impl FailureKind {
             FailureKind::Failed => "failed",
             FailureKind::LoadRejected => "load-rejected",
         }
+    }
+}
+
+/// The export a call went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Export {
+    Event,
+    Request,
+    Packet,
+    Tick,
+}
+
+impl Export {
+    pub const ALL: [Export; 4] = [Export::Event, Export::Request, Export::Packet, Export::Tick];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Export::Event => "on-event",
+            Export::Request => "on-request",
+            Export::Packet => "on-packet",
+            Export::Tick => "on-tick",
+        }
+    }
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    Ok,
+    /// The role answered with an error: `on-event` returned one, or
+    /// `on-request` answered 5xx.
+    Error,
+    /// The instance trapped (panic, limit, deadline).
+    Trapped,
+    /// The call was refused because the role's workers and queue were full;
+    /// it never ran.
+    Overloaded,
+}
+
+/// Checks a `count` import's counter name and labels against the contract's
+/// rules, so every host exports the same series.
+pub fn validate_counter(name: &str, labels: &[(String, String)]) -> Result<(), HostError> {
+    fn valid_name(text: &str) -> bool {
+        !text.is_empty()
+            && text.len() <= MAX_COUNTER_NAME
+            && !text.starts_with(|c: char| c.is_ascii_digit())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    }
+    if !valid_name(name) {
+        return Err(HostError::Invalid(format!(
+            "counter name {name:?}: use [a-z_][a-z0-9_]*, at most {MAX_COUNTER_NAME} bytes"
+        )));
+    }
+    if labels.len() > MAX_COUNTER_LABELS {
+        return Err(HostError::Invalid(format!(
+            "counter {name:?} has {} labels; at most {MAX_COUNTER_LABELS} are allowed",
+            labels.len()
+        )));
+    }
+    for (index, (label, value)) in labels.iter().enumerate() {
+        if !valid_name(label) {
+            return Err(HostError::Invalid(format!(
+                "counter {name:?}: label name {label:?}: use [a-z_][a-z0-9_]*, at most {MAX_COUNTER_NAME} bytes"
+            )));
+        }
+        if label == "role" {
+            return Err(HostError::Invalid(format!(
+                "counter {name:?}: the label `role` is set by the host; name yours differently"
+            )));
+        }
+        if labels[..index].iter().any(|(earlier, _)| earlier == label) {
+            return Err(HostError::Invalid(format!(
+                "counter {name:?}: label {label:?} is given twice"
+            )));
+        }
+        if value.len() > MAX_LABEL_VALUE {
+            return Err(HostError::Invalid(format!(
+                "counter {name:?}: the value of label {label:?} is {} bytes; at most {MAX_LABEL_VALUE} are allowed",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_counter;
+
+    fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// Names and labels Prometheus accepts pass; the rest are refused.
+    #[test]
+    fn counter_names_follow_the_contract() {
+        assert!(validate_counter("dns_queries", &labels(&[("qtype", "A"), ("rcode", "NOERROR")])).is_ok());
+        assert!(validate_counter("Queries", &[]).is_err());
+        assert!(validate_counter("9lives", &[]).is_err());
+        assert!(validate_counter("", &[]).is_err());
+        assert!(validate_counter(&"a".repeat(65), &[]).is_err());
+        assert!(validate_counter("ok", &labels(&[("role", "x")])).is_err());
+        assert!(validate_counter("ok", &labels(&[("a", "1"), ("a", "2")])).is_err());
+        assert!(validate_counter("ok", &labels(&[("a-b", "1")])).is_err());
+        assert!(validate_counter("ok", &labels(&[("a", &"v".repeat(129))])).is_err());
+        let nine: Vec<_> = (0..9).map(|i| (format!("l{i}"), String::new())).collect();
+        assert!(validate_counter("ok", &nine).is_err());
     }
 }

@@ -32,9 +32,9 @@ mod role;
 pub use bindings::{Description, Event, ExecOutput, HealthCheck, HostError, Level, Node, Request, Response};
 pub use engine::{Allocator, CompiledRole, EPOCH_TICK, Runtime, RuntimeConfig};
 pub use error::{CallError, LoadError};
-pub use host::{FailureKind, RoleFailure, RoleHost};
+pub use host::{CallOutcome, Export, FailureKind, RoleFailure, RoleHost, validate_counter};
 pub use limits::RoleLimits;
 pub use role::{LoadedRole, RoleStats};
 
 /// The version of the role contract this runtime implements.
-pub const CONTRACT: &str = "hivemind:role@0.1.1";
+pub const CONTRACT: &str = "hivemind:role@0.1.2";

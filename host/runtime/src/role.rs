@@ -16,7 +16,7 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 
 use crate::bindings::{Description, Event, InstanceState, Request, Response, Role, RolePre};
 use crate::error::{self, CallError, LoadError};
-use crate::host::{FailureKind, RoleFailure, RoleHost};
+use crate::host::{CallOutcome, Export, FailureKind, RoleFailure, RoleHost};
 use crate::limits::RoleLimits;
 
 /// First pause before a new instance after a trap; doubles per trap in a row.
@@ -92,6 +92,17 @@ enum Call<'a> {
         data: &'a [u8],
     },
     Tick,
+}
+
+impl Call<'_> {
+    fn export(&self) -> Export {
+        match self {
+            Call::Event(_) => Export::Event,
+            Call::Request(_) => Export::Request,
+            Call::Packet { .. } => Export::Packet,
+            Call::Tick => Export::Tick,
+        }
+    }
 }
 
 enum Output {
@@ -246,6 +257,8 @@ impl LoadedRole {
                 if queued >= self.limits.queue {
                     drop(slot);
                     self.overloads.fetch_add(1, Ordering::Relaxed);
+                    self.host
+                        .observe_call(call.export(), CallOutcome::Overloaded, Duration::ZERO);
                     return Err(CallError::Overloaded {
                         role: self.name.clone(),
                         workers: self.limits.workers.max(1),
@@ -258,6 +271,8 @@ impl LoadedRole {
             }
         };
         self.calls.fetch_add(1, Ordering::Relaxed);
+        let export = call.export();
+        let started = Instant::now();
 
         let mut worker = match self.take_worker().await {
             Ok(worker) => worker,
@@ -288,6 +303,13 @@ impl LoadedRole {
                 .map(Output::Packet),
             Call::Tick => worker.role.call_on_tick(&mut worker.store).await.map(|()| Output::Tick),
         };
+        let outcome = match &result {
+            Ok(Output::Event(Err(_))) => CallOutcome::Error,
+            Ok(Output::Response(response)) if response.status >= 500 => CallOutcome::Error,
+            Ok(_) => CallOutcome::Ok,
+            Err(_) => CallOutcome::Trapped,
+        };
+        self.host.observe_call(export, outcome, started.elapsed());
         match result {
             Ok(output) => {
                 self.reset_traps();

@@ -23,6 +23,7 @@
 //! manifest runs one instance (`workers = 1`): events and queries then see
 //! the same table. Commands: `records [--json]`, `lookup NAME [TYPE]`.
 
+mod metrics;
 mod table;
 
 use std::cell::RefCell;
@@ -600,6 +601,7 @@ impl Role for Dns {
     }
 
     fn on_tick() {
+        metrics::flush();
         let outcome = with_loaded(|loaded| {
             if loaded.table.services.catch_up()? {
                 loaded.table.rebuild(&loaded.zone.suffix);
@@ -614,7 +616,10 @@ impl Role for Dns {
     fn on_packet(_listener: String, peer: String, data: Vec<u8>) -> Option<Vec<u8>> {
         let over_udp = !peer.starts_with("tcp://");
         match with_loaded(|loaded| answer(loaded, &data, over_udp)) {
-            Ok(reply) => reply,
+            Ok(reply) => {
+                metrics::record(&data, reply.as_deref());
+                reply
+            }
             Err(error) => {
                 // Said once per instance; every query would repeat it.
                 LOAD_ERROR_LOGGED.with(|logged| {

@@ -69,6 +69,8 @@ pub struct Record {
     pub exec_requests: Vec<String>,
     /// Failures the runtime reported (traps, init errors, ...).
     pub failures: Vec<String>,
+    /// What `count` added up, by series: `NAME{label="value",...}`.
+    pub counters: BTreeMap<String, u64>,
 }
 
 /// The sandbox's side of the role's imports: a [`RoleHost`] that keeps
@@ -120,6 +122,18 @@ fn unavailable<T>(what: &str) -> Result<T, HostError> {
 impl RoleHost for SandboxHost {
     fn role_name(&self) -> &str {
         &self.name
+    }
+
+    fn count(&self, name: &str, labels: &[(String, String)], delta: u64) -> Result<(), HostError> {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(label, value)| format!("{label}={value:?}"))
+            .collect();
+        let series = format!("{name}{{{}}}", labels.join(","));
+        let mut record = self.record.lock().unwrap();
+        let total = record.counters.entry(series).or_default();
+        *total = total.saturating_add(delta);
+        Ok(())
     }
 
     fn log(&self, level: Level, message: &str) {

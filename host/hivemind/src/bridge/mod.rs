@@ -295,6 +295,9 @@ impl Bridges {
                 if *current == route {
                     return false;
                 }
+                if current.backend.as_ref().map(|(name, _)| name) != route.backend.as_ref().map(|(name, _)| name) {
+                    bridge.counters.backend_changes.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::info!(
                     bridge = %bridge.config.name,
                     backend = route.backend.as_ref().map(|(name, _)| name.as_str()).unwrap_or("none"),
@@ -532,6 +535,44 @@ impl Bridges {
     }
 
     /// Every bridge's status on this node.
+    /// This node's figures of every bridge, for metrics.
+    pub fn gauges(&self) -> Vec<crate::metrics::BridgeGauges> {
+        let ledger = self.ledger.borrow().clone();
+        self.bridges
+            .iter()
+            .map(|bridge| {
+                let record = ledger.record(&bridge.config.name);
+                let route = bridge.route.borrow().clone();
+                let routed = route.backend.as_ref().map(|(name, _)| name.as_str());
+                crate::metrics::BridgeGauges {
+                    name: bridge.config.name.clone(),
+                    routing: record.routing.value,
+                    serving: route.enabled && route.backend.is_some(),
+                    refused: bridge.counters.refused.load(Ordering::Relaxed),
+                    backend_changes: bridge.counters.backend_changes.load(Ordering::Relaxed),
+                    backends: bridge
+                        .counters
+                        .backends
+                        .iter()
+                        .map(|(name, counters)| {
+                            let view = counters.view();
+                            crate::metrics::BackendGauges {
+                                name: name.clone(),
+                                active: routed == Some(name.as_str()),
+                                current: view.current,
+                                total: view.total,
+                                severed: view.severed,
+                                connect_failures: view.connect_failures,
+                                bytes_to_backend: view.bytes_to_backend,
+                                bytes_to_client: view.bytes_to_client,
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
     pub async fn list(&self) -> Vec<Value> {
         let mut all = Vec::new();
         for bridge in &self.bridges {
@@ -623,6 +664,7 @@ impl Bridges {
                 "current": current,
                 "refused": bridge.counters.refused.load(Ordering::Relaxed),
             },
+            "backend_changes": bridge.counters.backend_changes.load(Ordering::Relaxed),
             "backends": backends,
         }))
     }

@@ -82,6 +82,8 @@ impl BackendCounters {
 pub struct BridgeCounters {
     /// Clients closed at once: routing off or no backend.
     pub refused: AtomicU64,
+    /// Times this node's route moved to another backend (or to none).
+    pub backend_changes: AtomicU64,
     pub backends: BTreeMap<String, BackendCounters>,
 }
 
@@ -89,6 +91,7 @@ impl BridgeCounters {
     pub fn new(config: &BridgeConfig) -> BridgeCounters {
         BridgeCounters {
             refused: AtomicU64::new(0),
+            backend_changes: AtomicU64::new(0),
             backends: config
                 .backends
                 .iter()

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Cursor;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::Raft;
 use serde::{Deserialize, Serialize};
@@ -364,6 +364,53 @@ pub struct QuorumLog {
     /// caller.
     forwarding: Arc<std::sync::atomic::AtomicUsize>,
     cluster_id: String,
+    /// The highest log index known committed (from the log store).
+    committed: Arc<std::sync::atomic::AtomicU64>,
+    pub writes: WriteStats,
+}
+
+/// Log writes this node asked for, and how long they took to commit.
+pub struct WriteStats {
+    /// Seconds from a write's start to its commit, as the metrics serve it.
+    pub seconds: prometheus_client::metrics::histogram::Histogram,
+    pub count: std::sync::atomic::AtomicU64,
+    pub total_micros: std::sync::atomic::AtomicU64,
+}
+
+impl Default for WriteStats {
+    fn default() -> Self {
+        WriteStats {
+            // 100 µs to about 13 s: a loopback commit takes about a
+            // millisecond; an election under way, seconds.
+            seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+            ),
+            count: Default::default(),
+            total_micros: Default::default(),
+        }
+    }
+}
+
+impl WriteStats {
+    fn record(&self, took: Duration) {
+        self.seconds.observe(took.as_secs_f64());
+        self.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.total_micros
+            .fetch_add(took.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The log's figures that metrics serve, read without waiting.
+#[derive(Debug, Clone, Default)]
+pub struct LogGauges {
+    pub term: u64,
+    pub is_leader: bool,
+    pub has_leader: bool,
+    pub last_index: u64,
+    pub committed: u64,
+    pub applied: u64,
+    pub voters: usize,
+    pub reachable_voters: usize,
 }
 
 /// Why the leader's log did not take a command.
@@ -557,6 +604,7 @@ impl QuorumLog {
         let config = Arc::new(config.validate()?);
         let (mut log_store, state_machine, applied) = storage::open(&store)?;
         log_store.set_node_id(id);
+        let committed = log_store.committed();
         let connector = files.identity.connector()?;
         let raft = Raft::new(
             id,
@@ -589,6 +637,8 @@ impl QuorumLog {
         let forwarding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(forward_batches(pool.clone(), queue, forwarding.clone()));
         let log = Arc::new(QuorumLog {
+            committed,
+            writes: WriteStats::default(),
             proposals,
             proposing,
             forwards,
@@ -766,6 +816,15 @@ impl QuorumLog {
     /// Only a write the leader certainly did not take is sent again, so a
     /// write is never committed twice.
     async fn write(&self, command: Command, timeout: Duration) -> Result<CommandResult, LogError> {
+        let started = Instant::now();
+        let result = self.write_once(command, timeout).await;
+        if result.is_ok() {
+            self.writes.record(started.elapsed());
+        }
+        result
+    }
+
+    async fn write_once(&self, command: Command, timeout: Duration) -> Result<CommandResult, LogError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -1354,6 +1413,26 @@ impl QuorumLog {
                 None => hex_id(id),
             })
             .collect()
+    }
+
+    /// Term, leader and indexes for metrics, without touching the store.
+    pub fn gauges(&self) -> LogGauges {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        LogGauges {
+            term: metrics.current_term,
+            is_leader: metrics.current_leader == Some(self.id),
+            has_leader: metrics.current_leader.is_some(),
+            last_index: metrics.last_log_index.unwrap_or(0),
+            committed: self.committed.load(std::sync::atomic::Ordering::Relaxed),
+            applied: metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0),
+            reachable_voters: voters
+                .iter()
+                .filter(|id| **id == self.id || self.health.reachable(**id))
+                .count(),
+            voters: voters.len(),
+        }
     }
 
     /// Leader, term, members and health as this node sees them (node ids

@@ -217,6 +217,9 @@ pub struct LogStore {
     /// This node, once known: entries another leader made are a follower's
     /// appends, which openraft waits for anyway.
     me: Option<NodeId>,
+    /// The highest log index known committed, for metrics (openraft 0.9
+    /// reports it only through `save_committed`).
+    committed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Work for the log writer thread, done in the order sent.
@@ -309,6 +312,7 @@ impl LogStore {
             writes,
             queued,
             me: None,
+            committed: Default::default(),
         }
     }
 
@@ -317,6 +321,11 @@ impl LogStore {
     /// answers the leader, and a thread hop would only add latency.
     pub fn set_node_id(&mut self, me: NodeId) {
         self.me = Some(me);
+    }
+
+    /// The committed index as openraft reports it to this store.
+    pub fn committed(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.committed.clone()
     }
 
     /// Waits until every append sent so far is durable.
@@ -564,10 +573,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
     }
 
-    // `save_committed` and `read_committed` keep openraft's defaults (not
-    // stored): a restarted node re-learns the committed index from the
-    // leader, and re-applies from its last durable `applied`. Storing it
-    // would cost a write transaction per commit on the hot path.
+    // The committed index is kept in memory only, for metrics, and
+    // `read_committed` keeps openraft's default (none): a restarted node
+    // re-learns it from the leader and re-applies from its last durable
+    // `applied`. Storing it would cost a write transaction per commit on
+    // the hot path.
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        if let Some(committed) = committed {
+            self.committed
+                .fetch_max(committed.index, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
     where

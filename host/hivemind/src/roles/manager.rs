@@ -52,6 +52,18 @@ pub enum RoleState {
     Failed,
 }
 
+impl RoleState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoleState::Loading => "loading",
+            RoleState::Running => "running",
+            RoleState::Paused => "paused",
+            RoleState::Disabled => "disabled",
+            RoleState::Failed => "failed",
+        }
+    }
+}
+
 /// Size and modification time of a role's files: a change means "look again".
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint {
@@ -449,7 +461,9 @@ impl RoleManager {
                         },
                     );
                 }
-                *slot.current.write().unwrap() = Some(Arc::new(role));
+                if slot.current.write().unwrap().replace(Arc::new(role)).is_some() {
+                    self.parts.metrics.role(name).reloaded();
+                }
                 self.ensure_tasks(&slot);
                 slot.bump();
                 self.publish_roles();

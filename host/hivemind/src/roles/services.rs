@@ -6,7 +6,8 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use hivemind_runtime::{
-    Event, ExecOutput, HealthCheck, HostError, Level, Node, Request, Response, RoleFailure, RoleHost,
+    CallOutcome, Event, ExecOutput, Export, HealthCheck, HostError, Level, Node, Request, Response, RoleFailure,
+    RoleHost,
 };
 
 use crate::log::{EventLog, LogError, NewEvent};
@@ -51,6 +52,7 @@ pub struct HostParts {
     /// the registry and gossip.
     pub local_roles: tokio::sync::watch::Sender<Vec<(String, String)>>,
     pub notifier: Arc<Notifier>,
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
 }
 
 pub struct RoleServices {
@@ -59,6 +61,7 @@ pub struct RoleServices {
     config_json: String,
     parts: HostParts,
     manager: Weak<RoleManager>,
+    metrics: Arc<crate::metrics::RoleMetrics>,
 }
 
 impl RoleServices {
@@ -67,6 +70,7 @@ impl RoleServices {
             name: name.to_string(),
             config_json: manifest.config_json(),
             manifest,
+            metrics: parts.metrics.role(name),
             parts,
             manager,
         }
@@ -263,6 +267,14 @@ impl RoleHost for RoleServices {
             .blocking(move |store| store.state_keys(&role, &prefix))
             .await
             .map_err(|error| self.store_error(error))
+    }
+
+    fn count(&self, name: &str, labels: &[(String, String)], delta: u64) -> Result<(), HostError> {
+        self.metrics.count(name, labels, delta)
+    }
+
+    fn observe_call(&self, export: Export, outcome: CallOutcome, elapsed: Duration) {
+        self.metrics.observe_call(export, outcome, elapsed);
     }
 
     fn report(&self, failure: RoleFailure) {
