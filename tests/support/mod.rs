@@ -14,6 +14,8 @@ use serde_json::{Value, json};
 
 pub use hivemind_role_artifacts as artifacts;
 
+pub mod backend;
+
 /// How long a test waits for something the host does in the background.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -265,6 +267,30 @@ pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Writes the bundled roles into `node`'s roles directory before its first
+/// start, as `hivemind up` does, with the dns role's listeners on a port of
+/// its own (several nodes share this machine); returns that port.
+pub fn install_bundled_roles(node: &NodeProcess) -> u16 {
+    let roles_dir = node.dir.join("roles");
+    std::fs::create_dir_all(&roles_dir).unwrap();
+    let dns_port = free_port();
+    for (name, wasm, manifest) in artifacts::BUNDLED {
+        if let Some(manifest) = manifest {
+            let manifest = manifest.replace("127.0.0.1:8600", &format!("127.0.0.1:{dns_port}"));
+            std::fs::write(roles_dir.join(format!("{name}.toml")), manifest).unwrap();
+        }
+        atomic_write(&roles_dir.join(format!("{name}.wasm")), wasm);
+    }
+    dns_port
+}
+
+/// Writes `config` beside the node's data directory and passes it.
+pub fn use_config(node: &mut NodeProcess, config: &str) {
+    let path = node.dir.with_extension("toml");
+    std::fs::write(&path, config).unwrap();
+    node.args.extend(["--config".to_string(), path.display().to_string()]);
 }
 
 /// The cluster secret the process tests use.

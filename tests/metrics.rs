@@ -1,0 +1,312 @@
+//! `/metrics` and `hivemind status` / `top` against real hosts: the text
+//! parses as Prometheus exposition and carries the series operators chart,
+//! each node keeps its own, and the terminal summary shows what the
+//! dashboard shows.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::backend::{Backend, Manner, Session, bridge_section};
+use support::*;
+
+/// Parses a scrape; every sample keyed by name and its labels, sorted, as
+/// `name{a="1",b="2"}`.
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_string())))
+        .expect("the scrape parses as Prometheus text");
+    let mut samples = BTreeMap::new();
+    for sample in scrape.samples {
+        let mut labels: Vec<String> = sample
+            .labels
+            .iter()
+            .map(|(name, value)| format!("{name}={value:?}"))
+            .collect();
+        labels.sort();
+        let value = match sample.value {
+            prometheus_parse::Value::Counter(value)
+            | prometheus_parse::Value::Gauge(value)
+            | prometheus_parse::Value::Untyped(value) => value,
+            prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |bucket| bucket.count),
+            prometheus_parse::Value::Summary(_) => 0.0,
+        };
+        samples.insert(format!("{}{{{}}}", sample.metric, labels.join(",")), value);
+    }
+    samples
+}
+
+fn scrape(node: &NodeProcess) -> (String, BTreeMap<String, f64>) {
+    let (status, body) = node.client().send("GET", "/metrics", b"", "application/json").unwrap();
+    let text = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{text}");
+    let samples = parse(&text);
+    (text, samples)
+}
+
+/// The value of the one sample `series` names (`name{label="v",...}`
+/// with labels sorted), or a failure listing what the scrape has.
+fn value(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
+    *samples.get(series).unwrap_or_else(|| {
+        let name = series.split('{').next().unwrap();
+        let similar: Vec<&String> = samples.keys().filter(|key| key.starts_with(name)).collect();
+        panic!("no series {series}; of that name there are {similar:#?}")
+    })
+}
+
+fn dig(port: u16, name: &str, qtype: &str) {
+    let output = std::process::Command::new("dig")
+        .args([
+            &format!("@127.0.0.1"),
+            "-p",
+            &port.to_string(),
+            name,
+            qtype,
+            "+tries=1",
+            "+time=2",
+        ])
+        .output()
+        .expect("dig runs (Debian's bind9-dnsutils)");
+    assert!(output.status.success(), "dig {name}: {}", stderr(&output));
+}
+
+/// One node with the bundled roles, a bridge and some DNS traffic: its
+/// scrape parses, needs the token, and carries per-role, log, membership,
+/// bridge series and the dns role's own query counters.
+#[test]
+fn metrics_parse_and_carry_every_series() {
+    let backend = Backend::start("a", Manner::Greet);
+    let root = tempfile::tempdir().unwrap();
+    let bridge_port = free_port();
+    let mut node = NodeProcess::new(root.path(), "n1", Vec::new());
+    let dns_port = install_bundled_roles(&node);
+    use_config(&mut node, &bridge_section("app", bridge_port, "", &[(&backend, "")]));
+    node.start();
+    wait_for("the dns role", || {
+        let (status, body) = node
+            .client()
+            .send("GET", "/v1/roles/dns", b"", "application/json")
+            .ok()?;
+        let info: Value = serde_json::from_slice(&body).ok()?;
+        (status == 200 && info["state"] == "running").then_some(())
+    });
+    dig(dns_port, "n1.node.hive.", "A");
+    dig(dns_port, "nothing.service.hive.", "SRV");
+    dig(dns_port, "example.com.", "A");
+    let (mut session, greeting) = wait_for("a session through the bridge", || Session::open(bridge_port));
+    assert_eq!(greeting, "a");
+    assert!(session.echoes("hello"));
+    node.emit("metrics.check", "one").unwrap();
+
+    // The dns role reports its counts once a second.
+    let (text, samples) = wait_for("the dns role's query counters", || {
+        let (text, samples) = scrape(&node);
+        samples
+            .contains_key(r#"hivemind_role_dns_queries_total{qtype="A",rcode="REFUSED",role="dns"}"#)
+            .then_some((text, samples))
+    });
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    for (qtype, rcode) in [("A", "NOERROR"), ("SRV", "NXDOMAIN"), ("A", "REFUSED")] {
+        let series = format!(r#"hivemind_role_dns_queries_total{{qtype="{qtype}",rcode="{rcode}",role="dns"}}"#);
+        assert_eq!(value(&samples, &series), 1.0, "{series}");
+    }
+
+    // Per role.
+    assert!(value(&samples, r#"hivemind_role_calls_total{export="on-packet",role="dns"}"#) >= 3.0);
+    assert!(value(&samples, r#"hivemind_role_calls_total{export="on-event",role="dns"}"#) >= 1.0);
+    for series in [
+        r#"hivemind_role_errors_total{export="on-request",role="nginx"}"#,
+        r#"hivemind_role_traps_total{role="dns"}"#,
+        r#"hivemind_role_overloads_total{role="dns"}"#,
+        r#"hivemind_role_reloads_total{role="dns"}"#,
+        r#"hivemind_role_queue_depth{role="dns"}"#,
+        r#"hivemind_role_busy_workers{role="host-events"}"#,
+        r#"hivemind_role_state{role="dns",state="failed"}"#,
+    ] {
+        assert_eq!(value(&samples, series), 0.0, "{series}");
+    }
+    assert_eq!(
+        value(&samples, r#"hivemind_role_state{role="dns",state="running"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(&samples, r#"hivemind_role_info{role="dns",version="0.1.0"}"#),
+        1.0
+    );
+    assert!(
+        value(
+            &samples,
+            r#"hivemind_role_call_seconds_count{export="on-packet",role="dns"}"#
+        ) >= 3.0
+    );
+    assert!(
+        value(
+            &samples,
+            r#"hivemind_role_call_seconds_sum{export="on-packet",role="dns"}"#
+        ) > 0.0
+    );
+    assert!(
+        text.contains(r#"hivemind_role_call_seconds_bucket{le="+Inf",role="dns",export="on-packet"}"#),
+        "latency buckets"
+    );
+
+    // The log.
+    assert!(value(&samples, "hivemind_log_term{}") >= 1.0);
+    assert_eq!(value(&samples, "hivemind_log_is_leader{}"), 1.0);
+    assert_eq!(value(&samples, "hivemind_cluster_degraded{}"), 0.0);
+    let committed = value(&samples, "hivemind_log_commit_index{}");
+    let applied = value(&samples, "hivemind_log_applied_index{}");
+    assert!(
+        committed >= 2.0 && applied >= 2.0,
+        "commit {committed}, applied {applied}"
+    );
+    assert_eq!(value(&samples, "hivemind_log_apply_lag{}"), committed - applied);
+    assert!(value(&samples, "hivemind_log_write_seconds_count{}") >= 1.0);
+    assert!(value(&samples, "hivemind_log_last_seq{}") >= 1.0);
+
+    // Membership and gossip (a lone node gossips with no one).
+    assert_eq!(value(&samples, r#"hivemind_members{state="alive"}"#), 0.0);
+    assert_eq!(
+        value(&samples, r#"hivemind_gossip_packets_total{direction="sent"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(&samples, r#"hivemind_gossip_packets_rejected_total{reason="unsealed"}"#),
+        0.0
+    );
+
+    // The bridge: the open session, its bytes, the route's first move.
+    let bridge = |name: &str| format!(r#"{name}{{backend="a",bridge="app"}}"#);
+    assert_eq!(value(&samples, &bridge("hivemind_bridge_sessions")), 1.0);
+    assert_eq!(value(&samples, &bridge("hivemind_bridge_sessions_opened_total")), 1.0);
+    assert_eq!(value(&samples, &bridge("hivemind_bridge_active")), 1.0);
+    assert_eq!(value(&samples, &bridge("hivemind_bridge_severed_total")), 0.0);
+    assert_eq!(value(&samples, &bridge("hivemind_bridge_bytes_to_backend_total")), 6.0);
+    // "a\n" then "hello\n" echoed.
+    assert_eq!(value(&samples, &bridge("hivemind_bridge_bytes_to_client_total")), 8.0);
+    assert_eq!(value(&samples, r#"hivemind_bridge_routing{bridge="app"}"#), 1.0);
+    assert_eq!(
+        value(&samples, r#"hivemind_bridge_backend_changes_total{bridge="app"}"#),
+        1.0
+    );
+
+    // The bridge's severs count once routing goes off.
+    let (status, _) = node
+        .client()
+        .send(
+            "PATCH",
+            "/v1/bridges/app",
+            br#"{"enabled": false, "reason": "metrics test"}"#,
+            "application/json",
+        )
+        .unwrap();
+    assert_eq!(status, 200);
+    session.wait_closed("the session after routing went off");
+    let (_, samples) = scrape(&node);
+    assert_eq!(value(&samples, &bridge("hivemind_bridge_severed_total")), 1.0);
+    assert_eq!(value(&samples, r#"hivemind_bridge_routing{bridge="app"}"#), 0.0);
+
+    // Without the token, nothing.
+    let anonymous = hivemind::cli::Client::new(&node.api, "");
+    let (status, body) = anonymous.send("GET", "/metrics", b"", "application/json").unwrap();
+    assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
+}
+
+/// Two hosts in one process: calls into a role on one show in its own
+/// scrape only.
+#[tokio::test]
+async fn nodes_in_one_process_keep_their_own_metrics() {
+    let first = TestHost::start().await;
+    let second = TestHost::start().await;
+    for host in [&first, &second] {
+        host.drop_role("probe", &probe(), None);
+        host.wait_role("probe", "running", |info| info["state"] == "running")
+            .await;
+    }
+    for _ in 0..3 {
+        let reply = first.api().role("probe", "version", &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let calls = |text: &str| {
+        parse(text)
+            .get(r#"hivemind_role_calls_total{export="on-request",role="probe"}"#)
+            .copied()
+    };
+    assert_eq!(calls(&first.api().get("/metrics").await.text()), Some(3.0));
+    assert_eq!(calls(&second.api().get("/metrics").await.text()), Some(0.0));
+    first.stop().await;
+    second.stop().await;
+}
+
+/// `hivemind status` shows the node, its roles and its bridge;
+/// `--json` carries the same four reads; `hivemind top` redraws with a
+/// calls/s figure once it has two samples.
+#[test]
+fn status_and_top_summarize_the_node() {
+    let backend = Backend::start("a", Manner::Greet);
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::new(root.path(), "n1", Vec::new());
+    install_bundled_roles(&node);
+    use_config(&mut node, &bridge_section("app", free_port(), "", &[(&backend, "")]));
+    node.start();
+    wait_for("three running roles", || {
+        let output = node.cli(&["status"]);
+        let text = stdout(&output);
+        (output.status.success() && text.matches(" running ").count() == 3).then_some(text)
+    });
+    let text = stdout(&node.cli(&["status"]));
+    for expected in [
+        "NODES",
+        "n1 (this)",
+        "ROLES (this node)",
+        "BRIDGES",
+        "app ",
+        "host-events",
+        "nginx",
+        "dns",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
+    assert!(text.contains("single-node") && text.contains("HEALTHY"), "{text}");
+
+    let json: Value = serde_json::from_slice(&node.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(json["status"]["node"]["name"], "n1");
+    assert_eq!(json["roles"].as_array().unwrap().len(), 3);
+    assert_eq!(json["nodes"].as_array().unwrap().len(), 1);
+    assert_eq!(json["bridges"][0]["name"], "app");
+
+    // `top` without a terminal prints frame after frame.
+    let mut top = std::process::Command::new(hivemind_bin())
+        .arg("--data-dir")
+        .arg(&node.dir)
+        .args(["top", "--interval", "1200ms"])
+        .env_remove("HIVEMIND_API")
+        .env_remove("HIVEMIND_TOKEN")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(3000));
+    top.kill().unwrap();
+    top.wait().unwrap();
+    let mut frames = String::new();
+    top.stdout.take().unwrap().read_to_string(&mut frames).unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(3000));
+    assert!(frames.matches("ROLES (this node)").count() >= 2, "{frames}");
+    // The nginx role ticks every second: its second frame has a rate.
+    let second = frames.split("ROLES (this node)").nth(2).unwrap();
+    let nginx = second
+        .lines()
+        .find(|line| line.trim_start().starts_with("nginx"))
+        .unwrap();
+    let rate: f64 = nginx
+        .split_whitespace()
+        .nth(4)
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{nginx}"));
+    assert!(rate > 0.0, "{nginx}");
+}
