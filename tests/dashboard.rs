@@ -3,7 +3,7 @@
 //! `hivemind` processes on loopback running the bundled roles and a bridge
 //! in front of a real TCP backend.
 
-#[path = "support/browser.rs"]
+#[path = "../bench/src/browser.rs"]
 mod browser;
 mod support;
 

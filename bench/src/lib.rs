@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+pub mod browser;
+
 /// Median, p99 and count of a set of latencies.
 pub struct Summary {
     pub count: usize,

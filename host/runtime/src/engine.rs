@@ -156,7 +156,11 @@ impl Runtime {
         }
         let component =
             Component::new(&self.engine, bytes).map_err(|error| LoadError::InvalidComponent(format!("{error:#}")))?;
-        self.store_in_cache(&component, &cached)?;
+        // The code is compiled and good; a cache that cannot be written
+        // costs the next load a compile, not this one its role.
+        if let Err(error) = self.store_in_cache(&component, &cached) {
+            tracing::warn!(%error, "compiled code not cached; the next load compiles again");
+        }
         Ok(CompiledRole {
             component,
             digest,
@@ -175,10 +179,18 @@ impl Runtime {
         let bytes = component
             .serialize()
             .map_err(|error| LoadError::Cache(format!("{error:#}")))?;
-        let temp = path.with_extension("cwasm.tmp");
+        // A temp name of its own per writer: roles with the same bytes
+        // (copies under other names) compile at the same time, and a
+        // shared temp file would be renamed away under one of them.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let temp = path.with_extension(format!("cwasm.{}-{write}.tmp", std::process::id()));
         std::fs::write(&temp, bytes)
             .and_then(|()| std::fs::rename(&temp, path))
-            .map_err(|error| LoadError::Cache(format!("{}: {error}", path.display())))
+            .map_err(|error| {
+                let _ = std::fs::remove_file(&temp);
+                LoadError::Cache(format!("{}: {error}", path.display()))
+            })
     }
 
     /// Checks imports, instantiates one worker, asks it to `describe` itself
@@ -334,5 +346,29 @@ mod tests {
         let again = Runtime::new(config).unwrap().compile(&bytes).unwrap();
         assert!(again.cache_hit);
         assert_eq!(first.digest, again.digest);
+    }
+
+    /// The same bytes compiled on several threads at once (copies of a role
+    /// under other names) all succeed, and leave one cache entry and no
+    /// temp files.
+    #[test]
+    fn concurrent_compiles_of_the_same_bytes_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = std::fs::read(hivemind_role_artifacts::ROLE_PROBE).unwrap();
+        let mut config = RuntimeConfig::new(dir.path());
+        config.pool_instances = 4;
+        let runtime = Runtime::new(config).unwrap();
+        std::thread::scope(|scope| {
+            let compiles: Vec<_> = (0..6).map(|_| scope.spawn(|| runtime.compile(&bytes))).collect();
+            for compile in compiles {
+                compile.join().unwrap().expect("each compile succeeds");
+            }
+        });
+        let cache_files: Vec<String> = std::fs::read_dir(&runtime.cache_dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(cache_files.len(), 1, "{cache_files:?}");
+        assert!(cache_files[0].ends_with(".cwasm"), "{cache_files:?}");
     }
 }

@@ -625,6 +625,16 @@ function init() {
   });
   $('#sign-out').addEventListener('click', () => signOut('Signed out.'));
   $('#bridges').addEventListener('click', act);
+  // A page kept in the back/forward cache would keep its event stream
+  // open, and browsers give a host six connections: a few such pages
+  // would stall the next one. Stop when hidden away, resume when shown.
+  addEventListener('pagehide', () => {
+    session++;
+    stopStream();
+  });
+  addEventListener('pageshow', (e) => {
+    if (e.persisted && token) start(token);
+  });
   const saved = readToken();
   if (saved) start(saved);
   else signOut('');

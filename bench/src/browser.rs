@@ -1,5 +1,6 @@
 //! A real headless Chromium, driven over WebDriver through Debian's
-//! `chromedriver`, for the dashboard's tests and its bench.
+//! `chromedriver`, for the dashboard's bench and its tests (which include
+//! this file by path).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -7,7 +8,15 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder};
 use serde_json::{Value, json};
 
-use crate::support::{PATIENCE, free_port};
+/// How long a page may take to show what is waited for.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free loopback port")
+}
 
 /// A `chromedriver` process on a loopback port; killed when dropped.
 pub struct ChromeDriver {
@@ -23,8 +32,8 @@ fn find(program: &str) -> String {
     let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
     assert!(
         !path.is_empty(),
-        "`{program}` is not installed: the dashboard tests need Debian's `chromium` and `chromium-driver` \
-         packages (scripts/test installs them)"
+        "`{program}` is not installed: the dashboard's tests and bench need Debian's `chromium` and \
+         `chromium-driver` packages (scripts/test and bench/run install them)"
     );
     path
 }
