@@ -5,9 +5,9 @@
 
 mod support;
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::backend::{Backend, Manner, Session, bridge_section};

@@ -60,7 +60,7 @@ fn value(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
 fn dig(port: u16, name: &str, qtype: &str) {
     let output = std::process::Command::new("dig")
         .args([
-            &format!("@127.0.0.1"),
+            "@127.0.0.1",
             "-p",
             &port.to_string(),
             name,

@@ -60,6 +60,24 @@ bool hm_state_set_text(const char *key, const char *value, char **error) {
     return false;
 }
 
+bool hm_count(const char *name, const char *label, const char *value, uint64_t delta) {
+    role_string_t counter;
+    role_string_set(&counter, name);
+    role_tuple2_string_string_t pair;
+    role_list_tuple2_string_string_t labels = {&pair, 0};
+    if (label != NULL) {
+        role_string_set(&pair.f0, label);
+        role_string_set(&pair.f1, value != NULL ? value : "");
+        labels.len = 1;
+    }
+    hivemind_role_host_host_error_t failure;
+    if (hivemind_role_host_count(&counter, &labels, delta, &failure)) {
+        return true;
+    }
+    hivemind_role_host_host_error_free(&failure);
+    return false;
+}
+
 int64_t hm_state_get_int(const char *key, int64_t fallback) {
     char *text = hm_state_get_text(key);
     if (text == NULL) {

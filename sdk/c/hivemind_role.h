@@ -46,6 +46,13 @@ int64_t hm_state_get_int(const char *key, int64_t fallback);
 // Stores `value` as decimal text (which is also JSON).
 bool hm_state_set_int(const char *key, int64_t value, char **error);
 
+// Adds `delta` to the counter `name`, with one label (`label` = `value`) or
+// none (`label` NULL), served at the host's `/metrics` as
+// `hivemind_role_NAME_total`. False when the host refused (a bad name, too
+// many series). Each call crosses into the host: on a hot path, sum and
+// report in batches.
+bool hm_count(const char *name, const char *label, const char *value, uint64_t delta);
+
 // The request's command: its first path segment (`counts` for `/counts/x`),
 // malloc'd.
 char *hm_request_command(const role_request_t *request);

@@ -217,6 +217,14 @@ export const host = {
   checkHttp(url, timeoutMs = 1000) {
     return hostCall(hostImports.check, { tag: "http", val: url }, timeoutMs);
   },
+  /**
+   * Adds `delta` to the counter `name` for `labels` ({label: value}), served at the host's
+   * `/metrics` as `hivemind_role_NAME_total`. Each call crosses into the host: on a hot path,
+   * sum and report in batches.
+   */
+  count(name, labels = {}, delta = 1) {
+    hostCall(hostImports.count, name, Object.entries(labels), BigInt(delta));
+  },
 };
 
 /** Durable key-value state private to the role: it survives reloads, new versions and restarts. */

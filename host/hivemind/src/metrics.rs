@@ -177,6 +177,14 @@ impl NodeMetrics {
     }
 }
 
+/// Label name and value pairs of one series.
+type LabelSet = Vec<(String, String)>;
+/// A counter's totals by label set.
+type SeriesTotals = BTreeMap<LabelSet, u64>;
+/// A gauge or counter read from each item of a snapshot: name, help,
+/// type, value.
+type Figure<T> = (&'static str, &'static str, MetricType, fn(&T) -> u64);
+
 /// One role's series, shared by every version of it.
 pub struct RoleMetrics {
     calls: [Counter; 4],
@@ -187,7 +195,7 @@ pub struct RoleMetrics {
     reloads: Counter,
     /// What the role reported through `count`, by counter name, then by
     /// label set.
-    reported: Mutex<BTreeMap<String, BTreeMap<Vec<(String, String)>, u64>>>,
+    reported: Mutex<BTreeMap<String, SeriesTotals>>,
 }
 
 impl RoleMetrics {
@@ -249,7 +257,7 @@ impl Collector for ReportedCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         // Two roles may report a counter of the same name: one family, told
         // apart by the `role` label.
-        let mut by_name: BTreeMap<String, Vec<(Vec<(String, String)>, u64)>> = BTreeMap::new();
+        let mut by_name: BTreeMap<String, Vec<(LabelSet, u64)>> = BTreeMap::new();
         for (role, metrics) in &self.0 {
             for (name, series) in metrics.reported.lock().unwrap().iter() {
                 let family = by_name.entry(name.clone()).or_default();
@@ -390,18 +398,31 @@ impl Snapshot {
             let labels = [("role", role.name.as_str()), ("version", role.version.as_str())];
             ConstGauge::new(1).encode(family.encode_family(&labels)?)?;
         }
-        let per_role: [(&str, &str, fn(&RoleGauges) -> u32); 3] = [
-            ("role_queue_depth", "Calls waiting for a worker", |role| role.queued),
-            ("role_busy_workers", "Workers running a call now", |role| {
-                role.busy_workers
-            }),
-            ("role_workers", "Workers a role may run at once", |role| role.workers),
+        let per_role: [Figure<RoleGauges>; 3] = [
+            (
+                "role_queue_depth",
+                "Calls waiting for a worker",
+                MetricType::Gauge,
+                |role| u64::from(role.queued),
+            ),
+            (
+                "role_busy_workers",
+                "Workers running a call now",
+                MetricType::Gauge,
+                |role| u64::from(role.busy_workers),
+            ),
+            (
+                "role_workers",
+                "Workers a role may run at once",
+                MetricType::Gauge,
+                |role| u64::from(role.workers),
+            ),
         ];
-        for (name, help, value) in per_role {
+        for (name, help, _, value) in per_role {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for role in &self.roles {
                 let labels = [("role", role.name.as_str())];
-                ConstGauge::new(i64::from(value(role))).encode(family.encode_family(&labels)?)?;
+                ConstGauge::new(value(role) as i64).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())
@@ -494,7 +515,7 @@ impl Snapshot {
     }
 
     fn encode_bridges(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
-        let per_bridge: [(&str, &str, MetricType, fn(&BridgeGauges) -> u64); 4] = [
+        let per_bridge: [Figure<BridgeGauges>; 4] = [
             ("bridge_routing", "1 when routing is on", MetricType::Gauge, |bridge| {
                 u64::from(bridge.routing)
             }),
@@ -518,7 +539,7 @@ impl Snapshot {
             ),
         ];
         for (name, help, kind, value) in per_bridge {
-            let mut family = encoder.encode_descriptor(name, help, None, kind.clone())?;
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
             for bridge in &self.bridges {
                 let labels = [("bridge", bridge.name.as_str())];
                 let metric = family.encode_family(&labels)?;
@@ -528,7 +549,7 @@ impl Snapshot {
                 }
             }
         }
-        let per_backend: [(&str, &str, MetricType, fn(&BackendGauges) -> u64); 7] = [
+        let per_backend: [Figure<BackendGauges>; 7] = [
             (
                 "bridge_active",
                 "1 for the backend this node routes to",
@@ -573,7 +594,7 @@ impl Snapshot {
             ),
         ];
         for (name, help, kind, value) in per_backend {
-            let mut family = encoder.encode_descriptor(name, help, None, kind.clone())?;
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
             for bridge in &self.bridges {
                 for backend in &bridge.backends {
                     let labels = [("bridge", bridge.name.as_str()), ("backend", backend.name.as_str())];

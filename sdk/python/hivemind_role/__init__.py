@@ -294,6 +294,13 @@ class host:
         """Milliseconds a GET of ``url`` took to answer 2xx."""
         return _host_call(_host.check, _host.HealthCheck_Http(url), timeout_ms)
 
+    @staticmethod
+    def count(name: str, labels: Optional[dict[str, str]] = None, delta: int = 1) -> None:
+        """Adds ``delta`` to the counter ``name`` for ``labels``, served at
+        the host's ``/metrics`` as ``hivemind_role_NAME_total``. Each call
+        crosses into the host: on a hot path, sum and report in batches."""
+        _host_call(_host.count, name, list((labels or {}).items()), delta)
+
 
 class state:
     """Durable key-value state private to the role: it survives reloads,
