@@ -1,7 +1,8 @@
 //! Roles in Python, JavaScript and C: each example under `roles/examples`
 //! builds offline with its language's toolchain (installed by
 //! `scripts/role-toolchains`) and runs in a real host: init, events, requests,
-//! a reload and a restart, with its state kept across both.
+//! a reload and a restart, with its state kept across both, and a counter
+//! through its SDK's `count` at the host's `/metrics`.
 //! `hivemind roles new --lang` projects build with their own `./build.sh`
 //! and load too.
 
@@ -174,6 +175,16 @@ async fn example_serves(name: &str, wasm: &[u8]) {
     host.api().emit("service.up", "db@n1").await;
     host.api().emit("node.joined", "n1").await; // not subscribed: not counted
     wait_counts(&host, name, json!({ "web": 2, "db": 1 })).await;
+    // The SDK's `count` reached the host's metrics.
+    let metrics = host.api().get("/metrics").await.text();
+    for (kind, total) in [("service.up", 2), ("service.down", 1)] {
+        let series = format!(r#"hivemind_role_service_events_total{{role="{name}",kind="{kind}"}} {total}"#);
+        assert!(
+            metrics.contains(&series),
+            "{series} in:
+{metrics}"
+        );
+    }
 
     let one = host.api().role(name, "counts", &["web"]).await;
     assert_eq!((one.status, one.json()), (200, json!({ "web": 2 })));

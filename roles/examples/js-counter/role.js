@@ -22,6 +22,10 @@ export const { describe, init, onEvent, onRequest, onPacket, onTick } = defineRo
     const service = event.key.split("@")[0];
     const key = `count/${service}`;
     state.setJson(key, state.getJson(key, 0) + 1);
+    // Also a counter at the host's /metrics; best effort, as metrics are.
+    try {
+      host.count("service_events", { kind: event.kind });
+    } catch {}
     state.setJson("last-seq", Number(event.seq));
   },
 

@@ -26,6 +26,11 @@ class ServiceCounter(hm.Role):
         service = event.key.split("@", 1)[0]
         key = f"count/{service}"
         hm.state.set_json(key, hm.state.get_json(key, 0) + 1)
+        # Also a counter at the host's /metrics; best effort, as metrics are.
+        try:
+            hm.host.count("service_events", {"kind": event.kind})
+        except hm.HostError:
+            pass
         hm.state.set_json("last-seq", event.seq)
 
     def on_request(self, request):

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use hivemind_sdk::{Description, Event, Request, Response, Role, export_role, info, state};
+use hivemind_sdk::{Description, Event, Request, Response, Role, export_role, host, info, state};
 
 const COUNT_PREFIX: &str = "count/";
 
@@ -34,6 +34,8 @@ impl Role for ServiceCounter {
         let key = format!("{COUNT_PREFIX}{service}");
         let count: u64 = state::get_json(&key)?.unwrap_or(0);
         state::set_json(&key, &(count + 1))?;
+        // Also a counter at the host's /metrics; best effort, as metrics are.
+        let _ = host::count("service_events", &[("kind", &event.kind)], 1);
         state::set_json("last-seq", &event.seq)
     }
 
