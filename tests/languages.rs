@@ -177,8 +177,8 @@ async fn example_serves(name: &str, wasm: &[u8]) {
     wait_counts(&host, name, json!({ "web": 2, "db": 1 })).await;
     // The SDK's `count` reached the host's metrics.
     let metrics = host.api().get("/metrics").await.text();
-    for (kind, total) in [("service.up", 2), ("service.down", 1)] {
-        let series = format!(r#"hivemind_role_service_events_total{{role="{name}",kind="{kind}"}} {total}"#);
+    for (change, total) in [("up", 2), ("down", 1)] {
+        let series = format!(r#"hivemind_counter_service_events_total{{role="{name}",change="{change}"}} {total}"#);
         assert!(
             metrics.contains(&series),
             "{series} in:

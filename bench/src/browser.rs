@@ -2,6 +2,7 @@
 //! `chromedriver`, for the dashboard's bench and its tests (which include
 //! this file by path).
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,10 +42,13 @@ fn find(program: &str) -> String {
 impl ChromeDriver {
     pub fn start() -> ChromeDriver {
         let port = free_port();
+        // A process group of its own, so that dropping it also ends the
+        // browsers it started (a test that fails never closes its window).
         let child = Command::new(find("chromedriver"))
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("chromedriver starts");
         let deadline = Instant::now() + PATIENCE;
@@ -87,7 +91,11 @@ impl ChromeDriver {
 
 impl Drop for ChromeDriver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: signals the process group this driver leads; no memory
+        // is involved.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
         let _ = self.child.wait();
     }
 }

@@ -48,7 +48,7 @@ bool hm_state_set_int(const char *key, int64_t value, char **error);
 
 // Adds `delta` to the counter `name`, with one label (`label` = `value`) or
 // none (`label` NULL), served at the host's `/metrics` as
-// `hivemind_role_NAME_total`. False when the host refused (a bad name, too
+// `hivemind_counter_NAME_total`. False when the host refused (a bad name, too
 // many series). Each call crosses into the host: on a hot path, sum and
 // report in batches.
 bool hm_count(const char *name, const char *label, const char *value, uint64_t delta);

@@ -219,7 +219,7 @@ export const host = {
   },
   /**
    * Adds `delta` to the counter `name` for `labels` ({label: value}), served at the host's
-   * `/metrics` as `hivemind_role_NAME_total`. Each call crosses into the host: on a hot path,
+   * `/metrics` as `hivemind_counter_NAME_total`. Each call crosses into the host: on a hot path,
    * sum and report in batches.
    */
   count(name, labels = {}, delta = 1) {

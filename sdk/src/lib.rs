@@ -363,7 +363,7 @@ pub mod host {
     }
 
     /// Adds `delta` to the role's counter `name` for `labels`; the host
-    /// serves it at `/metrics` as `hivemind_role_NAME_total{role, labels}`.
+    /// serves it at `/metrics` as `hivemind_counter_NAME_total{role, labels}`.
     /// Names are `[a-z_][a-z0-9_]*`. Each call crosses into the host, so a
     /// hot path should sum in memory and report in batches.
     pub fn count(name: &str, labels: &[(&str, &str)], delta: u64) -> Result<(), HostError> {

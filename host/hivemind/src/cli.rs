@@ -63,8 +63,8 @@ pub enum Command {
         /// Redraw every `--interval` until interrupted (as `hivemind top`).
         #[arg(long)]
         watch: bool,
-        /// How often `--watch` redraws: 500ms, 2s, 1m.
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2s")]
+        /// How often `--watch` redraws: 500ms, 2s, 1m (at least 100ms).
+        #[arg(long, value_name = "DURATION", value_parser = parse_interval, default_value = "2s", requires = "watch")]
         interval: Duration,
         #[command(flatten)]
         client: ClientArgs,
@@ -72,8 +72,8 @@ pub enum Command {
     /// `hivemind status`, redrawn live with calls/s and write latency;
     /// Ctrl-C ends it. With --json, one JSON object per line per refresh.
     Top {
-        /// How often to redraw: 500ms, 2s, 1m.
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2s")]
+        /// How often to redraw: 500ms, 2s, 1m (at least 100ms).
+        #[arg(long, value_name = "DURATION", value_parser = parse_interval, default_value = "2s")]
         interval: Duration,
         #[command(flatten)]
         client: ClientArgs,
@@ -182,6 +182,16 @@ pub struct NodesFilter {
 }
 
 /// `2s`, `500ms`, `1m` or a number of seconds.
+/// A redraw interval: a duration of at least 100 ms, so a watch never
+/// hammers the API.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let interval = parse_duration(text)?;
+    if interval < Duration::from_millis(100) {
+        return Err(format!("{text:?} is too short: redraw at most every 100ms"));
+    }
+    Ok(interval)
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -462,6 +472,7 @@ impl Client {
         &self.base
     }
 
+    /// The API token this client sends.
     pub fn token(&self) -> &str {
         &self.token
     }

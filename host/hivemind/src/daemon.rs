@@ -193,7 +193,7 @@ impl Daemon {
                 .await?;
         tasks.extend(bridge_tasks);
         let notifier = Arc::new(Notifier::new(node_id, config.webhook.clone()));
-        let metrics = crate::metrics::NodeMetrics::new(log.writes.seconds.clone());
+        let metrics = crate::metrics::NodeMetrics::new(log.writes.seconds.clone(), log.writes.failures.clone());
         let parts = HostParts {
             log: log.clone() as Arc<dyn crate::log::EventLog>,
             store,

@@ -18,8 +18,8 @@ const STYLE_CSS: &str = include_str!("dashboard/style.css");
 
 /// Scripts and styles from this host only, API calls to this host only, and
 /// no framing by other sites (the page has controls that act on bridges).
-const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
-     connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+     img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 /// Bytes of the page and its assets, for the page-weight figure.
 pub fn page_weight() -> usize {

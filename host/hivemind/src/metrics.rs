@@ -5,7 +5,9 @@
 //! process never mix):
 //! - counted as things happen, in [`NodeMetrics`]: role calls, errors,
 //!   traps, overloads, reloads and call latency per role, counters roles
-//!   report through the `count` import, and the log's write latency;
+//!   report through the `count` import (as `hivemind_counter_NAME_total`,
+//!   a name space of their own, so no role can shadow a host series), and
+//!   the log's writes;
 //! - read at scrape time from the subsystems that own them, in
 //!   [`Snapshot`]: role state and queues, the log's term, leader and
 //!   indexes, membership, gossip packets, the bridges and the connect layer.
@@ -17,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hivemind_runtime::{CallOutcome, Export, HostError};
+use hivemind_runtime::{CallOutcome, Export, HostError, MAX_COUNTER_SERIES};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -29,10 +31,6 @@ use prometheus_client::registry::Registry;
 
 /// Every series name starts with this.
 const PREFIX: &str = "hivemind";
-/// Most series of `count` counters one role may keep: a role that labels
-/// by an unbounded value (a client address, a query name) would otherwise
-/// grow the host's memory and every scrape without limit.
-pub const MAX_REPORTED_SERIES: usize = 1000;
 /// The content type of the text `/metrics` serves.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -66,8 +64,8 @@ pub struct NodeMetrics {
 }
 
 impl NodeMetrics {
-    /// Metrics of one node; `log_write_seconds` is the log's own histogram.
-    pub fn new(log_write_seconds: Histogram) -> Arc<NodeMetrics> {
+    /// Metrics of one node; the log's write series are the log's own.
+    pub fn new(log_write_seconds: Histogram, log_write_failures: Counter) -> Arc<NodeMetrics> {
         let mut registry = Registry::with_prefix(PREFIX);
         let calls = Family::<CallLabels, Counter>::default();
         let errors = Family::<CallLabels, Counter>::default();
@@ -105,6 +103,11 @@ impl NodeMetrics {
             "log_write_seconds",
             "Time from a log write's start on this node to its commit",
             log_write_seconds,
+        );
+        registry.register(
+            "log_write_failures",
+            "Log writes on this node that failed: no quorum, refused or timed out",
+            log_write_failures,
         );
         Arc::new(NodeMetrics {
             registry,
@@ -199,8 +202,9 @@ pub struct RoleMetrics {
 }
 
 impl RoleMetrics {
+    /// Counts a finished call (see [`hivemind_runtime::RoleHost::observe_call`]).
     pub fn observe_call(&self, export: Export, outcome: CallOutcome, elapsed: Duration) {
-        let index = Export::ALL.iter().position(|known| *known == export).unwrap_or(0);
+        let index = export.index();
         match outcome {
             CallOutcome::Overloaded => {
                 self.overloads.inc();
@@ -218,40 +222,40 @@ impl RoleMetrics {
         self.seconds[index].observe(elapsed.as_secs_f64());
     }
 
+    /// A new version went live in place of a running one.
     pub fn reloaded(&self) {
         self.reloads.inc();
     }
 
     /// The `count` import, after the runtime checked names and labels.
     pub fn count(&self, name: &str, labels: &[(String, String)], delta: u64) -> Result<(), HostError> {
+        // One series whatever order the role lists its labels in.
+        let mut labels = labels.to_vec();
+        labels.sort();
         let mut reported = self.reported.lock().unwrap();
         let series_count: usize = reported.values().map(BTreeMap::len).sum();
-        let known = reported.get(name).is_some_and(|series| series.contains_key(labels));
-        if !known && series_count >= MAX_REPORTED_SERIES {
+        let known = reported.get(name).is_some_and(|series| series.contains_key(&labels));
+        if !known && series_count >= MAX_COUNTER_SERIES {
             return Err(HostError::Overloaded(format!(
-                "counter {name:?}: the role already has {MAX_REPORTED_SERIES} series; label by a bounded set of \
+                "counter {name:?}: the role already has {MAX_COUNTER_SERIES} series; label by a bounded set of \
                  values (a kind or a status, not an address or a name)"
             )));
         }
-        let total = reported
-            .entry(name.to_string())
-            .or_default()
-            .entry(labels.to_vec())
-            .or_default();
+        let total = reported.entry(name.to_string()).or_default().entry(labels).or_default();
         *total = total.saturating_add(delta);
         Ok(())
     }
 }
-
-/// The `count` counters of every role, as `role_NAME_total`.
-#[derive(Debug)]
-struct ReportedCounters(Vec<(String, Arc<RoleMetrics>)>);
 
 impl std::fmt::Debug for RoleMetrics {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter.write_str("RoleMetrics")
     }
 }
+
+/// The `count` counters of every role, as `counter_NAME_total`.
+#[derive(Debug)]
+struct ReportedCounters(Vec<(String, Arc<RoleMetrics>)>);
 
 impl Collector for ReportedCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
@@ -270,7 +274,7 @@ impl Collector for ReportedCounters {
             }
         }
         for (name, series) in by_name {
-            let metric_name = format!("role_{name}");
+            let metric_name = format!("counter_{name}");
             let mut family = encoder.encode_descriptor(
                 &metric_name,
                 "A counter the role reports through its count import",
@@ -309,6 +313,7 @@ pub struct BackendGauges {
     pub bytes_to_client: u64,
 }
 
+/// One bridge's figures on this node.
 #[derive(Debug, Clone)]
 pub struct BridgeGauges {
     pub name: String,
@@ -472,7 +477,7 @@ impl Snapshot {
         gauge(
             encoder,
             "cluster_degraded",
-            "1 when this node sees no quorum or no leader: writes are refused",
+            "1 when this node cannot write: no quorum or no leader seen, not yet admitted, or removed",
             i64::from(self.degraded),
         )?;
         gauge(
@@ -607,5 +612,83 @@ impl Snapshot {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn node() -> Arc<NodeMetrics> {
+        NodeMetrics::new(Histogram::new([0.001]), Counter::default())
+    }
+
+    /// Counts add up per series, labels in any order are one series, and
+    /// they are served as `hivemind_counter_NAME_total` with the role's name.
+    #[test]
+    fn reported_counters_add_up_under_their_own_name() {
+        let metrics = node();
+        let dns = metrics.role("dns");
+        dns.count("queries", &labels(&[("qtype", "A"), ("rcode", "NOERROR")]), 2)
+            .unwrap();
+        dns.count("queries", &labels(&[("rcode", "NOERROR"), ("qtype", "A")]), 3)
+            .unwrap();
+        metrics.role("other").count("queries", &[], 1).unwrap();
+        let text = metrics.render(Snapshot::default());
+        assert!(
+            text.contains("hivemind_counter_queries_total{role=\"dns\",qtype=\"A\",rcode=\"NOERROR\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hivemind_counter_queries_total{role=\"other\"} 1\n"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE hivemind_counter_queries counter").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// Past the series limit a new series is refused as `overloaded`, and
+    /// the series already kept still count.
+    #[test]
+    fn a_role_keeps_at_most_the_series_limit() {
+        let role = node().role("chatty");
+        for index in 0..MAX_COUNTER_SERIES {
+            role.count("hits", &labels(&[("client", &index.to_string())]), 1)
+                .unwrap();
+        }
+        let refused = role.count("hits", &labels(&[("client", "one-too-many")]), 1);
+        assert!(matches!(refused, Err(HostError::Overloaded(_))), "{refused:?}");
+        role.count("hits", &labels(&[("client", "0")]), 1).unwrap();
+    }
+
+    /// A call's outcome lands in the right series: calls, errors, traps;
+    /// an overloaded call is not a call.
+    #[test]
+    fn calls_are_counted_by_export_and_outcome() {
+        let metrics = node();
+        let role = metrics.role("probe");
+        role.observe_call(Export::Request, CallOutcome::Ok, Duration::from_micros(50));
+        role.observe_call(Export::Request, CallOutcome::Error, Duration::from_micros(50));
+        role.observe_call(Export::Event, CallOutcome::Trapped, Duration::from_micros(50));
+        role.observe_call(Export::Event, CallOutcome::Overloaded, Duration::ZERO);
+        let text = metrics.render(Snapshot::default());
+        for line in [
+            "hivemind_role_calls_total{role=\"probe\",export=\"on-request\"} 2",
+            "hivemind_role_errors_total{role=\"probe\",export=\"on-request\"} 1",
+            "hivemind_role_calls_total{role=\"probe\",export=\"on-event\"} 1",
+            "hivemind_role_traps_total{role=\"probe\"} 1",
+            "hivemind_role_overloads_total{role=\"probe\"} 1",
+            "hivemind_role_call_seconds_count{role=\"probe\",export=\"on-request\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
     }
 }

@@ -47,7 +47,8 @@ impl Sample {
 }
 
 /// Prints one sample, or with `watch` a new one every `watch` until
-/// interrupted (a failed read is shown and retried, as `top` does).
+/// interrupted; a failed read is shown and retried, so a host restarting
+/// or cut off shows as such instead of ending the watch.
 pub fn run(api: &Client, json_output: bool, watch: Option<Duration>) -> anyhow::Result<()> {
     let Some(interval) = watch else {
         let sample = Sample::fetch(api)?;
@@ -86,12 +87,13 @@ pub fn run(api: &Client, json_output: bool, watch: Option<Duration>) -> anyhow::
     }
 }
 
+/// A value as one line of plain text: `-` for null, and control
+/// characters (a role's error text may carry terminal escapes) as spaces.
 fn text(value: &Value) -> String {
-    match value {
-        Value::Null => "-".into(),
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    }
+    crate::cli::text(value)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 fn clip(text: &str, width: usize) -> String {
@@ -123,7 +125,9 @@ pub fn render(sample: &Sample, previous: Option<&Sample>) -> String {
         .as_array()
         .into_iter()
         .flatten()
-        .find(|member| member["leader"] == true)
+        .find(|member| member["leader"] == true);
+    let leader_id = leader.map(|member| member["id"].clone()).unwrap_or(Value::Null);
+    let leader = leader
         .map(|member| text(&member["name"]))
         .unwrap_or_else(|| "none".into());
     let _ = writeln!(
@@ -152,9 +156,9 @@ pub fn render(sample: &Sample, previous: Option<&Sample>) -> String {
         if writes > earlier {
             let _ = write!(
                 log_line,
-                " (avg write {:.1} ms over the last {} s)",
+                " (avg write {:.1} ms over the last {:.1} s)",
                 seconds * 1000.0 / (writes - earlier) as f64,
-                sample.taken.duration_since(previous.taken).as_secs()
+                sample.taken.duration_since(previous.taken).as_secs_f64()
             );
         }
     }
@@ -191,7 +195,11 @@ pub fn render(sample: &Sample, previous: Option<&Sample>) -> String {
             clip(&name, 18),
             if node["voter"] == true { "voter" } else { "learner" },
             health,
-            if leader == text(&node["name"]) { "yes" } else { "" },
+            if !leader_id.is_null() && node["id"] == leader_id {
+                "yes"
+            } else {
+                ""
+            },
             if roles.is_empty() { "-".into() } else { roles.join(", ") }
         );
     }
@@ -222,7 +230,7 @@ pub fn render(sample: &Sample, previous: Option<&Sample>) -> String {
             calls.map_or("-".into(), |calls| calls.to_string()),
             rate,
             text(&role["stats"]["traps"]),
-            clip(&text(&role["last_error"]).replace('\n', " "), 60)
+            clip(&text(&role["last_error"]), 60)
         );
     }
 
@@ -264,7 +272,7 @@ pub fn render(sample: &Sample, previous: Option<&Sample>) -> String {
                 out,
                 "  {}: {}",
                 text(&failure["role"]),
-                clip(&text(&failure["message"]).replace('\n', " "), 100)
+                clip(&text(&failure["message"]), 100)
             );
         }
     }

@@ -96,6 +96,12 @@ impl Runtime {
 
         std::fs::create_dir_all(&config.cache_dir)
             .map_err(|error| anyhow::anyhow!("create compile cache {}: {error}", config.cache_dir.display()))?;
+        // Cache writes a crash cut short; one host owns its cache directory.
+        for entry in std::fs::read_dir(&config.cache_dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.weak();

@@ -16,6 +16,12 @@ pub const MAX_COUNTER_NAME: usize = 64;
 pub const MAX_COUNTER_LABELS: usize = 8;
 /// Longest label value.
 pub const MAX_LABEL_VALUE: usize = 128;
+/// Most series of `count` counters one role may keep: a role that labels
+/// by an unbounded value (a client address, a query name) would otherwise
+/// grow the host's memory and every scrape without limit.
+pub const MAX_COUNTER_SERIES: usize = 1000;
+/// Name endings a counter may not have.
+const RESERVED_SUFFIXES: [&str; 6] = ["_total", "_count", "_sum", "_bucket", "_created", "_info"];
 
 /// The host services one role's instances call into. One value per loaded
 /// version of a role, shared by all its instances.
@@ -69,7 +75,7 @@ pub trait RoleHost: Send + Sync + 'static {
     }
 
     /// A call into the role ended: which export, how, and how long it ran
-    /// (from getting a worker to the result, queueing not included).
+    /// in its worker (queueing and starting an instance not included).
     fn observe_call(&self, export: Export, outcome: CallOutcome, elapsed: Duration) {
         let _ = (export, outcome, elapsed);
     }
@@ -120,6 +126,11 @@ pub enum Export {
 impl Export {
     pub const ALL: [Export; 4] = [Export::Event, Export::Request, Export::Packet, Export::Tick];
 
+    /// Its place in [`Export::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Export::Event => "on-event",
@@ -137,7 +148,8 @@ pub enum CallOutcome {
     /// The role answered with an error: `on-event` returned one, or
     /// `on-request` answered 5xx.
     Error,
-    /// The instance trapped (panic, limit, deadline).
+    /// The instance trapped (panic, limit, deadline), or no instance could
+    /// be started for the call.
     Trapped,
     /// The call was refused because the role's workers and queue were full;
     /// it never ran.
@@ -160,6 +172,13 @@ pub fn validate_counter(name: &str, labels: &[(String, String)]) -> Result<(), H
             "counter name {name:?}: use [a-z_][a-z0-9_]*, at most {MAX_COUNTER_NAME} bytes"
         )));
     }
+    // Prometheus adds these to names itself (a counter's `_total`, a
+    // histogram's parts); a counter ending in one would read as another kind.
+    if let Some(suffix) = RESERVED_SUFFIXES.iter().find(|suffix| name.ends_with(*suffix)) {
+        return Err(HostError::Invalid(format!(
+            "counter name {name:?}: do not end it in {suffix:?}; the host adds `_total` itself"
+        )));
+    }
     if labels.len() > MAX_COUNTER_LABELS {
         return Err(HostError::Invalid(format!(
             "counter {name:?} has {} labels; at most {MAX_COUNTER_LABELS} are allowed",
@@ -170,6 +189,11 @@ pub fn validate_counter(name: &str, labels: &[(String, String)]) -> Result<(), H
         if !valid_name(label) {
             return Err(HostError::Invalid(format!(
                 "counter {name:?}: label name {label:?}: use [a-z_][a-z0-9_]*, at most {MAX_COUNTER_NAME} bytes"
+            )));
+        }
+        if label.starts_with("__") {
+            return Err(HostError::Invalid(format!(
+                "counter {name:?}: label {label:?}: names starting with `__` are Prometheus's own"
             )));
         }
         if label == "role" {
@@ -211,6 +235,9 @@ mod tests {
         assert!(validate_counter("ok", &labels(&[("role", "x")])).is_err());
         assert!(validate_counter("ok", &labels(&[("a", "1"), ("a", "2")])).is_err());
         assert!(validate_counter("ok", &labels(&[("a-b", "1")])).is_err());
+        assert!(validate_counter("ok", &labels(&[("__name__", "x")])).is_err());
+        assert!(validate_counter("queries_total", &[]).is_err());
+        assert!(validate_counter("latency_bucket", &[]).is_err());
         assert!(validate_counter("ok", &labels(&[("a", &"v".repeat(129))])).is_err());
         let nine: Vec<_> = (0..9).map(|i| (format!("l{i}"), String::new())).collect();
         assert!(validate_counter("ok", &nine).is_err());

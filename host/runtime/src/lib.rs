@@ -32,7 +32,7 @@ mod role;
 pub use bindings::{Description, Event, ExecOutput, HealthCheck, HostError, Level, Node, Request, Response};
 pub use engine::{Allocator, CompiledRole, EPOCH_TICK, Runtime, RuntimeConfig};
 pub use error::{CallError, LoadError};
-pub use host::{CallOutcome, Export, FailureKind, RoleFailure, RoleHost, validate_counter};
+pub use host::{CallOutcome, Export, FailureKind, MAX_COUNTER_SERIES, RoleFailure, RoleHost, validate_counter};
 pub use limits::RoleLimits;
 pub use role::{LoadedRole, RoleStats};
 

@@ -272,12 +272,15 @@ impl LoadedRole {
         };
         self.calls.fetch_add(1, Ordering::Relaxed);
         let export = call.export();
-        let started = Instant::now();
-
         let mut worker = match self.take_worker().await {
             Ok(worker) => worker,
-            Err(error) => return Err(error),
+            Err(error) => {
+                // No instance to run the call in: as good as a trap at its start.
+                self.host.observe_call(export, CallOutcome::Trapped, Duration::ZERO);
+                return Err(error);
+            }
         };
+        let started = Instant::now();
         worker
             .store
             .data_mut()

@@ -1,5 +1,5 @@
 //! Queries by type and response code, served by the host at `/metrics` as
-//! `hivemind_role_dns_queries_total{role="dns",qtype="A",rcode="NOERROR"}`.
+//! `hivemind_counter_dns_queries_total{role="dns",qtype="A",rcode="NOERROR"}`.
 //!
 //! Counts are summed in the instance's memory and reported from `on-tick`
 //! (once a second) or when many are pending, so answering a query makes no
@@ -112,8 +112,7 @@ pub fn flush() {
             };
             if let Err(error) = hivemind_sdk::host::count("dns_queries", &[("qtype", qtype), ("rcode", rcode)], *count)
             {
-                hivemind_sdk::warn!("cannot report query counts: {error:?}");
-                return;
+                hivemind_sdk::warn!("cannot report {count} {qtype} queries answered {rcode}: {error:?}");
             }
         }
     }

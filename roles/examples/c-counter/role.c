@@ -50,10 +50,12 @@ bool exports_role_on_event(role_event_t *event, role_string_t *err) {
         strcpy(key, COUNT_PREFIX);
         strcat(key, service);
         char *error = NULL;
-        // Also a counter at the host's /metrics; best effort, as metrics are.
-        char *kind = hm_cstring(event->kind.ptr, event->kind.len);
-        hm_count("service_events", "kind", kind, 1);
-        free(kind);
+        // Also a counter at the host's /metrics, labelled from a fixed set
+        // (any role may emit any service.* kind); best effort, as metrics are.
+        const char *change = hm_string_equals(&event->kind, "service.up")     ? "up"
+                             : hm_string_equals(&event->kind, "service.down") ? "down"
+                                                                              : "other";
+        hm_count("service_events", "change", change, 1);
         if (!hm_state_set_int(key, hm_state_get_int(key, 0) + 1, &error) ||
             !hm_state_set_int("last-seq", (int64_t)event->seq, &error)) {
             *err = hm_string(error);

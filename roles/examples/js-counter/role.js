@@ -21,11 +21,13 @@ export const { describe, init, onEvent, onRequest, onPacket, onTick } = defineRo
     if (event.seq <= BigInt(state.getJson("last-seq", 0))) return;
     const service = event.key.split("@")[0];
     const key = `count/${service}`;
-    state.setJson(key, state.getJson(key, 0) + 1);
-    // Also a counter at the host's /metrics; best effort, as metrics are.
+    // Also a counter at the host's /metrics, labelled from a fixed set (any
+    // role may emit any service.* kind); best effort, as metrics are.
+    const change = { "service.up": "up", "service.down": "down" }[event.kind] ?? "other";
     try {
-      host.count("service_events", { kind: event.kind });
+      host.count("service_events", { change });
     } catch {}
+    state.setJson(key, state.getJson(key, 0) + 1);
     state.setJson("last-seq", Number(event.seq));
   },
 

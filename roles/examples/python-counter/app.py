@@ -25,12 +25,14 @@ class ServiceCounter(hm.Role):
             return
         service = event.key.split("@", 1)[0]
         key = f"count/{service}"
-        hm.state.set_json(key, hm.state.get_json(key, 0) + 1)
-        # Also a counter at the host's /metrics; best effort, as metrics are.
+        # Also a counter at the host's /metrics, labelled from a fixed set
+        # (any role may emit any service.* kind); best effort, as metrics are.
+        change = {"service.up": "up", "service.down": "down"}.get(event.kind, "other")
         try:
-            hm.host.count("service_events", {"kind": event.kind})
+            hm.host.count("service_events", {"change": change})
         except hm.HostError:
             pass
+        hm.state.set_json(key, hm.state.get_json(key, 0) + 1)
         hm.state.set_json("last-seq", event.seq)
 
     def on_request(self, request):

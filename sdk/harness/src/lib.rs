@@ -32,8 +32,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use hivemind_runtime::manifest::Manifest;
 use hivemind_runtime::{
-    Description, Event, ExecOutput, HealthCheck, HostError, Level, LoadedRole, Node, Request, Response, RoleFailure,
-    RoleHost, Runtime, RuntimeConfig,
+    Description, Event, ExecOutput, HealthCheck, HostError, Level, LoadedRole, MAX_COUNTER_SERIES, Node, Request,
+    Response, RoleFailure, RoleHost, Runtime, RuntimeConfig,
 };
 use serde::Serialize;
 
@@ -125,12 +125,19 @@ impl RoleHost for SandboxHost {
     }
 
     fn count(&self, name: &str, labels: &[(String, String)], delta: u64) -> Result<(), HostError> {
-        let labels: Vec<String> = labels
+        let mut labels: Vec<String> = labels
             .iter()
             .map(|(label, value)| format!("{label}={value:?}"))
             .collect();
+        // One series whatever order the labels come in, as in the daemon.
+        labels.sort();
         let series = format!("{name}{{{}}}", labels.join(","));
         let mut record = self.record.lock().unwrap();
+        if !record.counters.contains_key(&series) && record.counters.len() >= MAX_COUNTER_SERIES {
+            return Err(HostError::Overloaded(format!(
+                "counter {name:?}: the role already has {MAX_COUNTER_SERIES} series; label by a bounded set of values"
+            )));
+        }
         let total = record.counters.entry(series).or_default();
         *total = total.saturating_add(delta);
         Ok(())

@@ -297,7 +297,7 @@ class host:
     @staticmethod
     def count(name: str, labels: Optional[dict[str, str]] = None, delta: int = 1) -> None:
         """Adds ``delta`` to the counter ``name`` for ``labels``, served at
-        the host's ``/metrics`` as ``hivemind_role_NAME_total``. Each call
+        the host's ``/metrics`` as ``hivemind_counter_NAME_total``. Each call
         crosses into the host: on a hot path, sum and report in batches."""
         _host_call(_host.count, name, list((labels or {}).items()), delta)
 

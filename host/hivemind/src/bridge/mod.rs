@@ -534,7 +534,6 @@ impl Bridges {
         self.status(name).await
     }
 
-    /// Every bridge's status on this node.
     /// This node's figures of every bridge, for metrics.
     pub fn gauges(&self) -> Vec<crate::metrics::BridgeGauges> {
         let ledger = self.ledger.borrow().clone();
@@ -573,6 +572,7 @@ impl Bridges {
             .collect()
     }
 
+    /// Every bridge's status on this node.
     pub async fn list(&self) -> Vec<Value> {
         let mut all = Vec::new();
         for bridge in &self.bridges {

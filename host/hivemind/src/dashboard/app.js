@@ -92,7 +92,7 @@ function clock(t) {
   return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
 }
 // A timestamp: local clock time, full date on hover.
-const when = (t) => (t ? `<time class="mono" title="${new Date(t).toISOString()}">${clock(t)}</time>` : '');
+const when = (t) => (Number.isFinite(t) && t > 0 && t < 8.64e15 ? `<time class="mono" title="${new Date(t).toISOString()}">${clock(t)}</time>` : '');
 const cut = (s, n) => (s && s.length > n ? `${s.slice(0, n - 1)}…` : s || '');
 
 // Right-aligned so the newest sample is always at the right edge; a null
@@ -338,7 +338,7 @@ function nodes() {
       esc(n.health) + (n.admitted ? '' : ' · not admitted'),
       badge(n.gossip || 'unheard'),
       m ? badge(m.role + (m.reachable ? '' : ' · unreachable'), null, m.reachable ? 'ok' : 'bad') : badge(n.voter ? 'voter' : 'not a member'),
-      m ? m.joined_epoch : '—',
+      m ? int(m.joined_epoch) : '—',
       `<div class="chips">${roles}</div>`,
       esc(n.api || '—'),
     ].map((cell, i) => `<td data-label="${NODE_COLUMNS[i]}"${i === 7 ? ' class="mono small"' : ''}>${cell}</td>`).join(''));
@@ -361,7 +361,7 @@ function roles() {
       `<div class="card-head"><h3>${esc(role.name)}</h3>${badge(role.state, role.mode !== 'active' ? `operator mode: ${role.mode}` : null)}` +
       `<span class="muted mono small">${role.version ? `v${esc(role.version)} · ${esc(role.digest?.slice(0, 12))}` : 'not loaded'}</span></div>` +
       `<div class="metric"><div class="big">${rate(series[series.length - 1])}<span class="unit"> calls/s</span></div>${spark(series, 'calls/s', rate)}</div>` +
-      `<div class="muted small">${s ? `${int(s.calls)} calls · ${int(s.traps)} traps · ${int(s.overloads)} overloads · workers ${s.busy_workers}/${s.workers} busy · queue ${s.queued}/${s.queue}` +
+      `<div class="muted small">${s ? `${int(s.calls)} calls · ${int(s.traps)} traps · ${int(s.overloads)} overloads · workers ${int(s.busy_workers)}/${int(s.workers)} busy · queue ${int(s.queued)}/${int(s.queue)}` +
         (s.recycled ? ` · ${int(s.recycled)} recycled` : '') : 'no counters: not loaded'}</div>` +
       (role.loading ? `<div class="note warn">Loading ${esc(role.loading.digest.slice(0, 12))} for ${ms(role.loading.elapsed_ms)}</div>` : '') +
       (role.last_error ? `<div class="note bad">Last error: ${esc(role.last_error)}</div>` : ''));
@@ -409,7 +409,7 @@ function backendCells(b, bridge) {
       `${bridge.pinned?.backend === b.name ? '<span class="tag">pinned</span>' : ''}` +
       `${b.drained ? `<span class="tag warn" title="${esc(b.drained.reason)}">drained</span>` : ''}` +
       `<div class="muted mono small">${esc(b.address)}</div><div class="muted small">check: ${esc(b.check)}</div>`,
-    `${badge(h.verdict || 'unknown')}<div class="muted small">${h.up || 0} up · ${h.down || 0} down</div>`,
+    `${badge(h.verdict || 'unknown')}<div class="muted small">${int(h.up || 0)} up · ${int(h.down || 0)} down</div>`,
     `<ul class="seen">${seen || '<li class="muted">no reports yet</li>'}</ul>`,
     badge(here, local?.detail),
     s ? `${int(s.current)} / ${int(s.total)}` + (s.severed || s.connect_failures ? `<div class="muted small">${int(s.severed)} severed · ${int(s.connect_failures)} connect failures</div>` : '') : '—',

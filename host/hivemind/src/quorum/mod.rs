@@ -369,12 +369,15 @@ pub struct QuorumLog {
     pub writes: WriteStats,
 }
 
-/// Log writes this node asked for, and how long they took to commit.
+/// Log writes this node asked for: how long the committed ones took, and
+/// how many failed (no quorum, refused, timed out).
 pub struct WriteStats {
     /// Seconds from a write's start to its commit, as the metrics serve it.
     pub seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Committed writes, and their summed time, for `/v1/status`.
     pub count: std::sync::atomic::AtomicU64,
     pub total_micros: std::sync::atomic::AtomicU64,
+    pub failures: prometheus_client::metrics::counter::Counter,
 }
 
 impl Default for WriteStats {
@@ -387,6 +390,7 @@ impl Default for WriteStats {
             ),
             count: Default::default(),
             total_micros: Default::default(),
+            failures: Default::default(),
         }
     }
 }
@@ -818,8 +822,11 @@ impl QuorumLog {
     async fn write(&self, command: Command, timeout: Duration) -> Result<CommandResult, LogError> {
         let started = Instant::now();
         let result = self.write_once(command, timeout).await;
-        if result.is_ok() {
-            self.writes.record(started.elapsed());
+        match &result {
+            Ok(_) => self.writes.record(started.elapsed()),
+            Err(_) => {
+                self.writes.failures.inc();
+            }
         }
         result
     }
@@ -1425,7 +1432,12 @@ impl QuorumLog {
             is_leader: metrics.current_leader == Some(self.id),
             has_leader: metrics.current_leader.is_some(),
             last_index: metrics.last_log_index.unwrap_or(0),
-            committed: self.committed.load(std::sync::atomic::Ordering::Relaxed),
+            // Applied implies committed; after a restart the store hears of
+            // commits only from the next one on.
+            committed: self
+                .committed
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0)),
             applied: metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0),
             reachable_voters: voters
                 .iter()

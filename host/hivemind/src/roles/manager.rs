@@ -53,6 +53,7 @@ pub enum RoleState {
 }
 
 impl RoleState {
+    /// The state as the API spells it.
     pub fn as_str(self) -> &'static str {
         match self {
             RoleState::Loading => "loading",

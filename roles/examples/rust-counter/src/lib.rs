@@ -32,10 +32,16 @@ impl Role for ServiceCounter {
         }
         let service = event.key.split('@').next().unwrap_or_default();
         let key = format!("{COUNT_PREFIX}{service}");
+        // Also a counter at the host's /metrics, labelled from a fixed set
+        // (any role may emit any service.* kind); best effort, as metrics are.
+        let change = match event.kind.as_str() {
+            "service.up" => "up",
+            "service.down" => "down",
+            _ => "other",
+        };
+        let _ = host::count("service_events", &[("change", change)], 1);
         let count: u64 = state::get_json(&key)?.unwrap_or(0);
         state::set_json(&key, &(count + 1))?;
-        // Also a counter at the host's /metrics; best effort, as metrics are.
-        let _ = host::count("service_events", &[("kind", &event.kind)], 1);
         state::set_json("last-seq", &event.seq)
     }
 
