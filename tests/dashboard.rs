@@ -13,6 +13,30 @@ use serde_json::Value;
 use support::backend::{Backend, Manner, Session, bridge_section};
 use support::*;
 
+/// Clicks the element `css` selects.
+async fn click(browser: &fantoccini::Client, css: &str) {
+    let element = browser
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|error| panic!("{css}: {error}"));
+    element
+        .click()
+        .await
+        .unwrap_or_else(|error| panic!("click {css}: {error}"));
+}
+
+/// Types `text` into the field `css` selects.
+async fn type_into(browser: &fantoccini::Client, css: &str, text: &str) {
+    let element = browser
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|error| panic!("{css}: {error}"));
+    element
+        .send_keys(text)
+        .await
+        .unwrap_or_else(|error| panic!("type into {css}: {error}"));
+}
+
 /// The page shows the three nodes and the bundled roles; disabling the
 /// bridge from the page, with a reason, severs its sessions on the node and
 /// shows the reason; an event emitted through the API shows in the tail;
@@ -75,20 +99,8 @@ async fn the_dashboard_shows_and_controls_a_live_cluster() {
          bridge.querySelector('.active-backend').textContent.includes('a')",
     )
     .await;
-    browser
-        .find(Locator::Css("[data-bridge='app'] input.reason"))
-        .await
-        .unwrap()
-        .send_keys(reason)
-        .await
-        .unwrap();
-    browser
-        .find(Locator::Css("[data-bridge='app'] [data-action='disable']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&browser, "[data-bridge='app'] input.reason", reason).await;
+    click(&browser, "[data-bridge='app'] [data-action='disable']").await;
     wait_page(
         &browser,
         "routing off with the reason",
@@ -182,15 +194,8 @@ async fn the_dashboard_asks_for_the_token() {
         "return document.body.dataset.auth === 'required' && !!document.querySelector('#token')",
     )
     .await;
-    let field = browser.find(Locator::Css("#token")).await.unwrap();
-    field.send_keys("not-the-token").await.unwrap();
-    browser
-        .find(Locator::Css("#sign-in"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&browser, "#token", "not-the-token").await;
+    click(&browser, "#sign-in").await;
     wait_page(
         &browser,
         "the API's refusal",
@@ -203,16 +208,15 @@ async fn the_dashboard_asks_for_the_token() {
         "no data with a wrong token"
     );
     let token = std::fs::read_to_string(node.dir.join("token")).unwrap();
-    let field = browser.find(Locator::Css("#token")).await.unwrap();
-    field.clear().await.unwrap();
-    field.send_keys(token.trim()).await.unwrap();
     browser
-        .find(Locator::Css("#sign-in"))
+        .find(Locator::Css("#token"))
         .await
         .unwrap()
-        .click()
+        .clear()
         .await
         .unwrap();
+    type_into(&browser, "#token", token.trim()).await;
+    click(&browser, "#sign-in").await;
     wait_page(
         &browser,
         "its first render",

@@ -305,12 +305,7 @@ pub struct RoleGauges {
 pub struct BackendGauges {
     pub name: String,
     pub active: bool,
-    pub current: u64,
-    pub total: u64,
-    pub severed: u64,
-    pub connect_failures: u64,
-    pub bytes_to_backend: u64,
-    pub bytes_to_client: u64,
+    pub sessions: crate::bridge::proxy::BackendCountersView,
 }
 
 /// One bridge's figures on this node.
@@ -565,37 +560,37 @@ impl Snapshot {
                 "bridge_sessions",
                 "Bridged connections open now",
                 MetricType::Gauge,
-                |backend| backend.current,
+                |backend| backend.sessions.current,
             ),
             (
                 "bridge_sessions_opened",
                 "Bridged connections opened",
                 MetricType::Counter,
-                |backend| backend.total,
+                |backend| backend.sessions.total,
             ),
             (
                 "bridge_severed",
                 "Bridged connections severed because the route moved or routing went off",
                 MetricType::Counter,
-                |backend| backend.severed,
+                |backend| backend.sessions.severed,
             ),
             (
                 "bridge_connect_failures",
                 "Connections to the backend that failed",
                 MetricType::Counter,
-                |backend| backend.connect_failures,
+                |backend| backend.sessions.connect_failures,
             ),
             (
                 "bridge_bytes_to_backend",
                 "Bytes copied from clients to the backend",
                 MetricType::Counter,
-                |backend| backend.bytes_to_backend,
+                |backend| backend.sessions.bytes_to_backend,
             ),
             (
                 "bridge_bytes_to_client",
                 "Bytes copied from the backend to clients",
                 MetricType::Counter,
-                |backend| backend.bytes_to_client,
+                |backend| backend.sessions.bytes_to_client,
             ),
         ];
         for (name, help, kind, value) in per_backend {

@@ -553,18 +553,10 @@ impl Bridges {
                         .counters
                         .backends
                         .iter()
-                        .map(|(name, counters)| {
-                            let view = counters.view();
-                            crate::metrics::BackendGauges {
-                                name: name.clone(),
-                                active: routed == Some(name.as_str()),
-                                current: view.current,
-                                total: view.total,
-                                severed: view.severed,
-                                connect_failures: view.connect_failures,
-                                bytes_to_backend: view.bytes_to_backend,
-                                bytes_to_client: view.bytes_to_client,
-                            }
+                        .map(|(name, counters)| crate::metrics::BackendGauges {
+                            name: name.clone(),
+                            active: routed == Some(name.as_str()),
+                            sessions: counters.view(),
                         })
                         .collect(),
                 }
