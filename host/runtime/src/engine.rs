@@ -89,6 +89,15 @@ impl Runtime {
     /// Builds the engine (pooling allocator if it can be reserved), starts the
     /// epoch clock and creates the cache directory.
     pub fn new(config: RuntimeConfig) -> anyhow::Result<Runtime> {
+        // Compiling (cranelift on rayon's pool) is the heaviest work a host
+        // does, and never urgent: its threads run at a lower priority so
+        // serving threads (DNS packets, bridged bytes, the API) win the CPU
+        // while a role compiles. The pool may already exist (another runtime
+        // in this process built it); then it stays as it is.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .thread_name(|index| format!("hivemind-compile-{index}"))
+            .start_handler(|_| lower_thread_priority())
+            .build_global();
         let (engine, allocator) = build_engine(&config)?;
         let mut linker = Linker::<InstanceState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -300,6 +309,20 @@ fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
         return Err(LoadError::CoreModule);
     }
     Ok(())
+}
+
+/// How much lower than normal compile threads run (a nice value, 0-19).
+const COMPILE_NICENESS: libc::c_int = 10;
+
+/// Lowers the calling thread's CPU priority to [`COMPILE_NICENESS`], for
+/// threads that compile roles. On Linux a thread's nice value is its own.
+pub fn lower_thread_priority() {
+    // SAFETY: gettid and setpriority take plain integers and touch no
+    // memory of ours.
+    unsafe {
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, thread, COMPILE_NICENESS);
+    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ pub mod manifest;
 mod role;
 
 pub use bindings::{Description, Event, ExecOutput, HealthCheck, HostError, Level, Node, Request, Response};
-pub use engine::{Allocator, CompiledRole, EPOCH_TICK, Runtime, RuntimeConfig};
+pub use engine::{Allocator, CompiledRole, EPOCH_TICK, Runtime, RuntimeConfig, lower_thread_priority};
 pub use error::{CallError, LoadError};
 pub use host::{CallOutcome, Export, FailureKind, MAX_COUNTER_SERIES, RoleFailure, RoleHost, validate_counter};
 pub use limits::RoleLimits;

@@ -498,9 +498,19 @@ impl RoleManager {
             None => Manifest::default(),
         };
         let runtime = self.runtime.clone();
-        let compiled = tokio::task::spawn_blocking(move || runtime.compile(&bytes))
+        // A thread of its own at a lower priority (as are wasmtime's compile
+        // threads): a compile must not starve the roles that are serving.
+        let (sender, answer) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("hivemind-compile".into())
+            .spawn(move || {
+                hivemind_runtime::lower_thread_priority();
+                let _ = sender.send(runtime.compile(&bytes));
+            })
+            .map_err(|error| format!("cannot start a compile thread: {error}"))?;
+        let compiled = answer
             .await
-            .map_err(|error| format!("compile task: {error}"))?
+            .map_err(|_| "the compile thread ended without an answer".to_string())?
             .map_err(|error| error.to_string())?;
         let cache_hit = compiled.cache_hit;
         // Bind new listeners before the version can go live, so a port that
