@@ -233,7 +233,9 @@ impl Daemon {
                 tracing::error!(%error, "API server stopped");
             }
         }));
-        tracing::info!(api = %api_addr, transport = %transport_addr, data_dir = %data_dir.display(), roles_dir = %config.roles_dir.display(), "hivemind is up");
+        // The dashboard's link with the token is `hivemind dashboard`'s to
+        // print: logs travel further than the data directory's token file.
+        tracing::info!(api = %api_addr, dashboard = %format!("http://{api_addr}/"), transport = %transport_addr, data_dir = %data_dir.display(), roles_dir = %config.roles_dir.display(), "hivemind is up");
         Ok(Daemon {
             api_addr,
             transport_addr,
