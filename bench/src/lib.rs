@@ -327,3 +327,20 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|byte| format!("{byte:02x}"))
         .collect()
 }
+
+/// A peer process (dnsmasq, HAProxy, ...), killed when dropped, so a bench
+/// that stops early leaves none behind.
+pub struct Peer(pub std::process::Child);
+
+impl Peer {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

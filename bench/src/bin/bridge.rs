@@ -19,14 +19,15 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hivemind_bench::{
-    HostProcess, cpu_time, free_port, list, median, micros, millis, one_node_args, require_tools, summarize, verdict,
+    HostProcess, Peer, cpu_time, free_port, list, median, micros, millis, one_node_args, require_tools, summarize,
+    verdict,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -143,22 +144,6 @@ fn haproxy_config(frontends: &[(u16, u16, &str)]) -> String {
         );
     }
     text
-}
-
-/// A peer process, killed when dropped, so an early exit leaves none behind.
-struct Peer(Child);
-
-impl Peer {
-    fn id(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn start_haproxy(dir: &std::path::Path, config: &str) -> anyhow::Result<Peer> {

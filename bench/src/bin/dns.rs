@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hivemind_bench::{
-    HostProcess, bootstrap_args, cpu_time, free_port, list, median, millis, one_node_args, require_tools, sha256_hex,
-    summarize, verdict, with_nonce,
+    HostProcess, Peer, bootstrap_args, cpu_time, free_port, list, median, millis, one_node_args, require_tools,
+    sha256_hex, summarize, verdict, with_nonce,
 };
 use serde_json::{Value, json};
 
@@ -264,7 +264,7 @@ fn main() -> anyhow::Result<()> {
     pin(host.pid(), 0)?;
 
     let dnsmasq_port = free_port();
-    let mut dnsmasq = Command::new("dnsmasq")
+    let dnsmasq = Command::new("dnsmasq")
         .args([
             "-k",
             "--no-resolv",
@@ -279,6 +279,7 @@ fn main() -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Peer)
         .context("dnsmasq (Debian package dnsmasq-base)")?;
     std::thread::sleep(Duration::from_millis(500));
     pin(dnsmasq.id(), 0)?;
@@ -301,8 +302,7 @@ fn main() -> anyhow::Result<()> {
         measure(dnsmasq.id(), dnsmasq_port, &queries, &mut theirs)?;
         measure(host.pid(), dns_port, &queries, &mut ours)?;
     }
-    let _ = dnsmasq.kill();
-    let _ = dnsmasq.wait();
+    drop(dnsmasq);
 
     println!("dns role vs dnsmasq, {NAMES} names, {ROUNDS} rounds (server on core 0, dnsperf on core 1)");
     let qps_ratio = median(&ours.saturated_qps) / median(&theirs.saturated_qps);
