@@ -152,9 +152,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
     let quorum = state.quorum.status().await;
     let view = state.membership.view();
-    let members = |wanted: crate::membership::Liveness| {
-        view.members.iter().filter(|member| member.liveness == wanted).count() as u64
-    };
+    let members = |liveness| view.count(liveness) as u64;
     let snapshot = crate::metrics::Snapshot {
         roles: state
             .manager
@@ -231,8 +229,7 @@ async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
 
 fn gossip_status(state: &ApiState) -> serde_json::Value {
     let view = state.membership.view();
-    let count =
-        |wanted: crate::membership::Liveness| view.members.iter().filter(|member| member.liveness == wanted).count();
+    let count = |liveness| view.count(liveness);
     json!({
         "address": state.membership.local_addr.to_string(),
         "generation": view.me.as_ref().map(|me| me.generation),

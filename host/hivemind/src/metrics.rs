@@ -24,7 +24,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -49,6 +49,18 @@ struct RoleLabel {
 /// exec), ×4 apart.
 fn call_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_01, 4.0, 11))
+}
+
+/// One role's series of `family`, one per export.
+fn per_export<M: Clone, C: MetricConstructor<M>>(family: &Family<CallLabels, M, C>, role: &str) -> [M; 4] {
+    Export::ALL.map(|export| {
+        family
+            .get_or_create(&CallLabels {
+                role: role.to_string(),
+                export: export.as_str(),
+            })
+            .clone()
+    })
 }
 
 /// The series a node counts as things happen.
@@ -127,28 +139,11 @@ impl NodeMetrics {
         if let Some(found) = roles.get(name) {
             return found.clone();
         }
-        let per_export = |family: &Family<CallLabels, Counter>| {
-            Export::ALL.map(|export| {
-                family
-                    .get_or_create(&CallLabels {
-                        role: name.to_string(),
-                        export: export.as_str(),
-                    })
-                    .clone()
-            })
-        };
         let role = RoleLabel { role: name.to_string() };
         let metrics = Arc::new(RoleMetrics {
-            calls: per_export(&self.calls),
-            errors: per_export(&self.errors),
-            seconds: Export::ALL.map(|export| {
-                self.call_seconds
-                    .get_or_create(&CallLabels {
-                        role: name.to_string(),
-                        export: export.as_str(),
-                    })
-                    .clone()
-            }),
+            calls: per_export(&self.calls, name),
+            errors: per_export(&self.errors, name),
+            seconds: per_export(&self.call_seconds, name),
             traps: self.traps.get_or_create(&role).clone(),
             overloads: self.overloads.get_or_create(&role).clone(),
             reloads: self.reloads.get_or_create(&role).clone(),

@@ -546,7 +546,7 @@ impl Bridges {
                 crate::metrics::BridgeGauges {
                     name: bridge.config.name.clone(),
                     routing: record.routing.value,
-                    serving: route.enabled && route.backend.is_some(),
+                    serving: route.serving(),
                     refused: bridge.counters.refused.load(Ordering::Relaxed),
                     backend_changes: bridge.counters.backend_changes.load(Ordering::Relaxed),
                     backends: bridge
@@ -640,7 +640,7 @@ impl Bridges {
                 "reason": record.routing.reason,
                 "seq": record.routing.seq,
             },
-            "serving": route.enabled && route.backend.is_some(),
+            "serving": route.serving(),
             "serving_reason": route.reason,
             "isolated": self.isolated.load(Ordering::Relaxed),
             "active": record.active.as_ref().map(|active| json!({

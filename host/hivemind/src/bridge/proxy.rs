@@ -36,6 +36,11 @@ pub struct Route {
 }
 
 impl Route {
+    /// Whether new clients are taken: routing on and a backend to route to.
+    pub fn serving(&self) -> bool {
+        self.enabled && self.backend.is_some()
+    }
+
     /// Whether a session to `backend` may go on under this route.
     fn keeps(&self, backend: &str) -> bool {
         self.enabled

@@ -60,6 +60,11 @@ pub struct GossipView {
 }
 
 impl GossipView {
+    /// How many members are `liveness`.
+    pub fn count(&self, liveness: Liveness) -> usize {
+        self.members.iter().filter(|member| member.liveness == liveness).count()
+    }
+
     /// Liveness and generation per node, as the decider wants them.
     pub fn liveness(&self) -> HashMap<NodeId, (Liveness, u64)> {
         liveness_of(&self.members)
