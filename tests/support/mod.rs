@@ -494,8 +494,19 @@ impl NodeProcess {
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
+        // A failed test's process output goes with the temp directory:
+        // print its end, which usually says why.
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+            eprintln!("---- the end of {}'s output ----\n{tail}", self.name);
+        }
     }
 }
+
+/// How much of a node's output a failed test prints.
+const LOG_TAIL_LINES: usize = 40;
 
 /// Several `hivemind up` processes on loopback.
 pub struct ProcessCluster {
