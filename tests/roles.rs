@@ -190,6 +190,58 @@ async fn udp_listener_answers_through_reloads() {
     host.stop().await;
 }
 
+/// Datagrams from many clients at once, queued together (the listener
+/// takes them in batches), each get their reply at their own sender, over
+/// IPv4 and IPv6.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_from_many_clients_gets_each_reply_at_its_sender() {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 20;
+    let host = TestHost::start().await;
+    let free = |address: &str| std::net::UdpSocket::bind(address).unwrap().local_addr().unwrap();
+    let (v4, v6) = (free("127.0.0.1:0"), free("[::1]:0"));
+    let manifest =
+        format!("[[listeners]]\nname = \"v4\"\naddress = \"{v4}\"\n[[listeners]]\nname = \"v6\"\naddress = \"{v6}\"\n");
+    host.drop_role("probe", &probe(), Some(&manifest));
+    host.wait_live("probe", &probe()).await;
+
+    let mut clients = Vec::new();
+    for index in 0..CLIENTS {
+        let (bind, server) = if index % 2 == 0 {
+            ("127.0.0.1:0", v4)
+        } else {
+            ("[::1]:0", v6)
+        };
+        let client = tokio::net::UdpSocket::bind(bind).await.unwrap();
+        client.connect(server).await.unwrap();
+        clients.push(client);
+    }
+    // Every client sends its whole burst before any reads a reply.
+    for (index, client) in clients.iter().enumerate() {
+        for n in 0..EACH {
+            client.send(format!("c{index}-{n}").as_bytes()).await.unwrap();
+        }
+    }
+    for (index, client) in clients.iter().enumerate() {
+        let mut buffer = [0u8; 256];
+        let mut got = std::collections::BTreeSet::new();
+        while got.len() < EACH {
+            let length = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buffer))
+                .await
+                .unwrap_or_else(|_| panic!("client {index} got {} of {EACH} replies", got.len()))
+                .unwrap();
+            let reply = String::from_utf8_lossy(&buffer[..length]).into_owned();
+            let message = reply.split(' ').nth(1).unwrap_or_default().to_string();
+            assert!(
+                message.starts_with(&format!("c{index}-")),
+                "client {index} got {reply:?}"
+            );
+            got.insert(message);
+        }
+    }
+    host.stop().await;
+}
+
 /// Committed events reach a subscribed role in seq order, only the kinds it
 /// subscribed to, including events the role emitted itself.
 #[tokio::test(flavor = "multi_thread")]

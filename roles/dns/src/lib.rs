@@ -23,6 +23,7 @@
 //! manifest runs one instance (`workers = 1`): events and queries then see
 //! the same table. Commands: `records [--json]`, `lookup NAME [TYPE]`.
 
+mod cache;
 mod metrics;
 mod table;
 
@@ -270,6 +271,9 @@ enum Owner {
 }
 
 struct Reply {
+    /// Whether the answer's order was drawn for this query (several
+    /// instances), so the next query must not get the same reply.
+    shuffled: bool,
     rcode: Rcode,
     answer: Vec<(Owner, Data)>,
     authority: Vec<(Owner, Data)>,
@@ -303,6 +307,7 @@ fn resolve(loaded: &mut Loaded, qname: &str, qtype: Rtype) -> Reply {
         shuffle: state,
     } = loaded;
     let mut reply = Reply {
+        shuffled: false,
         rcode: Rcode::NOERROR,
         answer: Vec::new(),
         authority: Vec::new(),
@@ -339,6 +344,7 @@ fn resolve(loaded: &mut Loaded, qname: &str, qtype: Rtype) -> Reply {
         }
         Found::Node(address) | Found::Address(address) => push_address(&mut reply, address),
         Found::Service(mut instances) => {
+            reply.shuffled = instances.len() > 1;
             shuffle(&mut instances, state);
             let mut seen = Vec::new();
             for served in &instances {
@@ -365,6 +371,7 @@ fn resolve(loaded: &mut Loaded, qname: &str, qtype: Rtype) -> Reply {
             }
         }
         Found::ServiceSrv(mut instances) => {
+            reply.shuffled = instances.len() > 1;
             shuffle(&mut instances, state);
             if wants(Rtype::SRV) {
                 srv_records(&mut reply, &instances);
@@ -548,6 +555,9 @@ fn error_reply(request: &Message<&[u8]>, rcode: OptRcode, edns: Option<u16>) -> 
 /// Answers one DNS message; `None` for input that gets no answer at all
 /// (too short for a header, or itself a response).
 fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<Vec<u8>> {
+    if let Some(reply) = loaded.table.replies.get(query, over_udp) {
+        return Some(reply);
+    }
     let request = Message::from_octets(query).ok()?;
     if request.header().qr() {
         return None;
@@ -574,7 +584,11 @@ fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<Vec<u8>> 
         u16::MAX as usize
     };
     let reply = resolve(loaded, &normal_name(question.qname()), question.qtype());
-    encode(&loaded.zone, &request, &question, &reply, limit, edns)
+    let encoded = encode(&loaded.zone, &request, &question, &reply, limit, edns)?;
+    if !reply.shuffled {
+        loaded.table.replies.put(query, over_udp, &encoded);
+    }
+    Some(encoded)
 }
 
 impl Role for Dns {

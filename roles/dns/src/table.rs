@@ -9,6 +9,8 @@ use std::str::FromStr;
 use domain::base::Name;
 use hivemind_sdk::services::ServiceTable;
 
+use crate::cache::ReplyCache;
+
 /// Where the table lives in the role's state.
 const STATE_PREFIX: &str = "table";
 
@@ -32,6 +34,8 @@ pub struct Table {
     pub node_addresses: HashMap<String, IpAddr>,
     /// Addresses answered under `HEX.addr.ZONE`.
     pub addresses: HashMap<String, IpAddr>,
+    /// Replies given from this table, dropped whenever it changes.
+    pub replies: ReplyCache,
 }
 
 /// `7f000001` for 127.0.0.1: the label of an address under `addr.ZONE`.
@@ -55,6 +59,7 @@ impl Table {
 
     /// Rebuilds the lookup maps from the service table.
     pub fn rebuild(&mut self, zone: &str) {
+        self.replies.clear();
         self.by_service.clear();
         self.node_addresses.clear();
         self.addresses.clear();

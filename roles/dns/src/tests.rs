@@ -79,3 +79,53 @@ fn an_answer_too_big_for_udp_is_truncated() {
     assert!(!message.header().tc());
     assert_eq!(message.header_counts().ancount(), 1);
 }
+
+fn with_id(mut query: Vec<u8>, id: u16) -> Vec<u8> {
+    query[..2].copy_from_slice(&id.to_be_bytes());
+    query
+}
+
+fn addresses(reply: &[u8]) -> Vec<IpAddr> {
+    let message = Message::from_octets(reply).unwrap();
+    message
+        .answer()
+        .unwrap()
+        .limit_to::<A>()
+        .map(|record| IpAddr::V4(record.unwrap().data().addr()))
+        .collect()
+}
+
+/// A question asked again gets the kept reply under its own ID, and a
+/// change to the table is answered from the next query on.
+#[test]
+fn a_repeated_question_is_answered_from_the_kept_reply_until_the_table_changes() {
+    let mut loaded = loaded(&[("web", "127.0.0.10", 80, &[])]);
+    let first = answer(&mut loaded, &with_id(query("web.service.hive.", Rtype::A), 1), true).unwrap();
+    let again = answer(&mut loaded, &with_id(query("web.service.hive.", Rtype::A), 2), true).unwrap();
+    assert_eq!(&again[..2], &2u16.to_be_bytes(), "the reply carries the query's ID");
+    assert_eq!(first[2..], again[2..], "the same question gets the same reply");
+    assert_eq!(addresses(&again), ["127.0.0.10".parse::<IpAddr>().unwrap()]);
+
+    let instance = loaded.table.services.instances.get_mut("web@node0").unwrap();
+    instance.address = "127.0.0.11".parse().unwrap();
+    loaded.table.rebuild("hive.");
+    let changed = answer(&mut loaded, &with_id(query("web.service.hive.", Rtype::A), 3), true).unwrap();
+    assert_eq!(addresses(&changed), ["127.0.0.11".parse::<IpAddr>().unwrap()]);
+}
+
+/// A service with several instances is answered in a new order per query:
+/// its replies are never kept.
+#[test]
+fn several_instances_are_shuffled_per_query_not_kept() {
+    let instances: Vec<(&str, String)> = (0..5).map(|n| ("web", format!("127.0.0.{}", 10 + n))).collect();
+    let instances: Vec<(&str, &str, u16, &[&str])> = instances
+        .iter()
+        .map(|(service, address)| (*service, address.as_str(), 80, &[][..]))
+        .collect();
+    let mut loaded = loaded(&instances);
+    let orders: std::collections::HashSet<Vec<IpAddr>> = (0..20)
+        .map(|id| addresses(&answer(&mut loaded, &with_id(query("web.service.hive.", Rtype::A), id), true).unwrap()))
+        .collect();
+    assert!(orders.iter().all(|order| order.len() == 5));
+    assert!(orders.len() > 1, "20 answers came in one order: {orders:?}");
+}

@@ -6,8 +6,9 @@
 //! A UDP listener is served by a thread of its own, calling the role
 //! directly: no task per datagram, no hop between runtime threads, and when
 //! the role is busy the kernel's socket buffer queues (and past it drops)
-//! datagrams, as for any UDP server. It wakes every [`UDP_POLL`] to notice
-//! that it should stop.
+//! datagrams, as for any UDP server. It takes queued datagrams in batches
+//! (`recvmmsg`), answers each, and sends the batch's replies in one call
+//! (`sendmmsg`). It wakes every [`UDP_POLL`] to notice that it should stop.
 //!
 //! TCP carries messages framed as in DNS over TCP (RFC 1035 4.2.2): a
 //! two-byte big-endian length, then the message. A connection's messages
@@ -194,10 +195,11 @@ fn serve_datagrams(
     // sockets work; a plain executor per call is cheaper than the runtime's
     // `block_on`, which sets up a scheduler context each time.
     let _context = runtime.enter();
-    let mut buffer = vec![0u8; MAX_DATAGRAM];
+    let mut datagrams = Datagrams::new();
+    let mut replies: Vec<(usize, Vec<u8>)> = Vec::with_capacity(BATCH);
     let mut peer_text = String::with_capacity(48);
     while !stop.load(Ordering::Relaxed) && !slot.shutdown.is_cancelled() {
-        let (length, peer) = match socket.recv_from(&mut buffer) {
+        let received = match datagrams.receive(socket) {
             Ok(received) => received,
             Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(error) => {
@@ -208,15 +210,153 @@ fn serve_datagrams(
             }
         };
         let Some(role) = slot.serving() else { continue };
-        write_peer(&mut peer_text, peer);
-        match futures::executor::block_on(role.on_packet(&name, &peer_text, &buffer[..length])) {
-            Ok(Some(reply)) => {
-                if let Err(error) = socket.send_to(&reply, peer) {
-                    tracing::debug!(role = role.name(), %peer, %error, "udp reply not sent");
-                }
+        replies.clear();
+        for index in 0..received {
+            let Some((data, peer)) = datagrams.get(index) else {
+                continue;
+            };
+            write_peer(&mut peer_text, peer);
+            match futures::executor::block_on(role.on_packet(&name, &peer_text, data)) {
+                Ok(Some(reply)) => replies.push((index, reply)),
+                Ok(None) => {}
+                Err(error) => tracing::debug!(role = role.name(), %peer, %error, "datagram dropped"),
             }
-            Ok(None) => {}
-            Err(error) => tracing::debug!(role = role.name(), %peer, %error, "datagram dropped"),
+        }
+        datagrams.send(socket, &replies);
+    }
+}
+
+/// Datagrams taken from the socket, and replies sent, per system call.
+const BATCH: usize = 32;
+
+/// Buffers and addresses for `recvmmsg(2)` and `sendmmsg(2)`: under load
+/// one system call carries up to [`BATCH`] datagrams each way, where
+/// `recv_from`/`send_to` cost two calls per query.
+struct Datagrams {
+    buffers: Vec<Vec<u8>>,
+    lengths: [usize; BATCH],
+    peers: [libc::sockaddr_storage; BATCH],
+    peer_lengths: [libc::socklen_t; BATCH],
+}
+
+impl Datagrams {
+    fn new() -> Datagrams {
+        Datagrams {
+            // Zeroed allocations: a page is touched only when a datagram
+            // reaches it, so small datagrams cost little memory.
+            buffers: (0..BATCH).map(|_| vec![0u8; MAX_DATAGRAM]).collect(),
+            lengths: [0; BATCH],
+            // SAFETY: sockaddr_storage is plain bytes; all zeroes is valid.
+            peers: unsafe { std::mem::zeroed() },
+            peer_lengths: [0; BATCH],
+        }
+    }
+
+    /// Waits (up to the socket's read timeout) for a datagram and takes
+    /// those already queued behind it, up to [`BATCH`]; returns how many.
+    fn receive(&mut self, socket: &std::net::UdpSocket) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let mut iovecs: [libc::iovec; BATCH] = std::array::from_fn(|index| libc::iovec {
+            iov_base: self.buffers[index].as_mut_ptr().cast(),
+            iov_len: MAX_DATAGRAM,
+        });
+        // SAFETY: mmsghdr is plain data; its pointers are set below.
+        let mut headers: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for ((header, iovec), peer) in headers.iter_mut().zip(iovecs.iter_mut()).zip(self.peers.iter_mut()) {
+            header.msg_hdr.msg_name = (peer as *mut libc::sockaddr_storage).cast();
+            header.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            header.msg_hdr.msg_iov = iovec;
+            header.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: each header points at a buffer, an iovec and an address
+        // that outlive the call, with their true sizes.
+        let count = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                headers.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if count < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let count = count as usize;
+        for (index, header) in headers[..count].iter().enumerate() {
+            self.lengths[index] = header.msg_len as usize;
+            self.peer_lengths[index] = header.msg_hdr.msg_namelen;
+        }
+        Ok(count)
+    }
+
+    /// The `index`th datagram received, and its sender.
+    fn get(&self, index: usize) -> Option<(&[u8], SocketAddr)> {
+        let peer = &self.peers[index];
+        let address = match peer.ss_family as libc::c_int {
+            libc::AF_INET => {
+                // SAFETY: the family says the kernel wrote a sockaddr_in.
+                let v4 = unsafe { &*(peer as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+                SocketAddr::from((v4.sin_addr.s_addr.to_ne_bytes(), u16::from_be(v4.sin_port)))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says the kernel wrote a sockaddr_in6.
+                let v6 = unsafe { &*(peer as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                SocketAddr::V6(std::net::SocketAddrV6::new(
+                    v6.sin6_addr.s6_addr.into(),
+                    u16::from_be(v6.sin6_port),
+                    v6.sin6_flowinfo,
+                    v6.sin6_scope_id,
+                ))
+            }
+            _ => return None,
+        };
+        Some((&self.buffers[index][..self.lengths[index]], address))
+    }
+
+    /// Sends each reply (index of the datagram it answers, bytes) to that
+    /// datagram's sender. A reply the kernel refuses is dropped, as a lone
+    /// `send_to` would drop it, and the rest still go.
+    fn send(&mut self, socket: &std::net::UdpSocket, replies: &[(usize, Vec<u8>)]) {
+        use std::os::fd::AsRawFd;
+        let mut iovecs: Vec<libc::iovec> = replies
+            .iter()
+            .map(|(_, reply)| libc::iovec {
+                iov_base: reply.as_ptr().cast_mut().cast(),
+                iov_len: reply.len(),
+            })
+            .collect();
+        let mut headers: Vec<libc::mmsghdr> = replies
+            .iter()
+            .zip(iovecs.iter_mut())
+            .map(|((index, _), iovec)| {
+                // SAFETY: mmsghdr is plain data; its pointers are set here.
+                let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                header.msg_hdr.msg_name = (&mut self.peers[*index] as *mut libc::sockaddr_storage).cast();
+                header.msg_hdr.msg_namelen = self.peer_lengths[*index];
+                header.msg_hdr.msg_iov = iovec;
+                header.msg_hdr.msg_iovlen = 1;
+                header
+            })
+            .collect();
+        let mut sent = 0;
+        while sent < headers.len() {
+            // SAFETY: as in `receive`; the replies outlive the call.
+            let count = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    headers[sent..].as_mut_ptr(),
+                    (headers.len() - sent) as libc::c_uint,
+                    0,
+                )
+            };
+            if count > 0 {
+                sent += count as usize;
+            } else {
+                let error = std::io::Error::last_os_error();
+                tracing::debug!(peer = ?self.get(replies[sent].0).map(|(_, peer)| peer), %error, "udp reply not sent");
+                sent += 1;
+            }
         }
     }
 }
