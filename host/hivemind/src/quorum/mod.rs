@@ -366,6 +366,8 @@ pub struct QuorumLog {
     cluster_id: String,
     /// The highest log index known committed (from the log store).
     committed: Arc<std::sync::atomic::AtomicU64>,
+    /// The cluster facts as last applied (kept by the state machine).
+    cluster: Arc<std::sync::RwLock<ClusterState>>,
     pub writes: WriteStats,
 }
 
@@ -609,6 +611,7 @@ impl QuorumLog {
         let (mut log_store, state_machine, applied) = storage::open(&store)?;
         log_store.set_node_id(id);
         let committed = log_store.committed();
+        let cluster = state_machine.cluster();
         let connector = files.identity.connector()?;
         let raft = Raft::new(
             id,
@@ -642,6 +645,7 @@ impl QuorumLog {
         tokio::spawn(forward_batches(pool.clone(), queue, forwarding.clone()));
         let log = Arc::new(QuorumLog {
             committed,
+            cluster,
             writes: WriteStats::default(),
             proposals,
             proposing,
@@ -758,10 +762,7 @@ impl QuorumLog {
 
     /// The cluster facts as last applied here.
     pub async fn cluster_state(&self) -> Result<ClusterState, LogError> {
-        self.store
-            .blocking(|store| Ok(storage::read_cluster(&store.database()).map_err(|error| error.to_string())))
-            .await?
-            .map_err(LogError::Unavailable)
+        Ok(self.cluster.read().unwrap().clone())
     }
 
     /// Records the cluster's identity once this node formed it (no-op when

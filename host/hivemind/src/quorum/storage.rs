@@ -184,12 +184,14 @@ pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Rec
         table.last()?.map(|(seq, _)| seq.value()).unwrap_or(0)
     };
     let (sender, receiver) = watch::channel(last_seq);
+    let cluster = Arc::new(std::sync::RwLock::new(read_cluster(&db)?));
     Ok((
         LogStore::new(log_db),
         StateMachine {
             db,
             applied: Arc::new(sender),
             last_durable: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
+            cluster,
         },
         receiver,
     ))
@@ -911,6 +913,10 @@ pub struct StateMachine {
     applied: Arc<watch::Sender<u64>>,
     /// When an apply last committed durably.
     last_durable: Arc<std::sync::Mutex<std::time::Instant>>,
+    /// The cluster facts as last committed to the store, kept in memory:
+    /// the leader's health decisions and the API read them several times
+    /// a second, and only an apply or a snapshot changes them.
+    cluster: Arc<std::sync::RwLock<ClusterState>>,
 }
 
 /// The payload of `node.joined`: what a reader needs to reach the node.
@@ -928,6 +934,11 @@ fn latest_key(kind: &str, key: &str) -> String {
 }
 
 impl StateMachine {
+    /// The cluster facts as last applied, shared with the log's readers.
+    pub fn cluster(&self) -> Arc<std::sync::RwLock<ClusterState>> {
+        self.cluster.clone()
+    }
+
     /// Tells watchers (role delivery, event streams) about events up to `seq`.
     fn notify_applied(&self, seq: u64) {
         self.applied.send_if_modified(|last| {
@@ -964,7 +975,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // and this is on the path of every write's answer.
         let flush = self.last_durable.lock().unwrap().elapsed() >= STATE_MACHINE_FLUSH;
         let db = &self.db;
-        let (results, last_seq) = {
+        let (results, last_seq, cluster) = {
             let mut txn = db.begin_write().map_err(write_error)?;
             if !flush {
                 txn.set_durability(Durability::None).map_err(write_error)?;
@@ -972,12 +983,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut results = Vec::with_capacity(entries.len());
             let mut last = None;
             let last_seq;
+            let mut cluster: ClusterState;
             {
                 let mut machine = txn.open_table(MACHINE).map_err(write_error)?;
                 let mut events = txn.open_table(EVENTS).map_err(write_error)?;
                 let mut latest = txn.open_table(LATEST).map_err(write_error)?;
                 let mut superseded = txn.open_table(SUPERSEDED).map_err(write_error)?;
-                let mut cluster: ClusterState = get_json(&machine, "cluster")?.unwrap_or_default();
+                cluster = get_json(&machine, "cluster")?.unwrap_or_default();
                 let mut applier = Applier {
                     cluster: &mut cluster,
                     events: &mut events,
@@ -1026,8 +1038,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if flush {
                 *self.last_durable.lock().unwrap() = std::time::Instant::now();
             }
-            (results, last_seq)
+            (results, last_seq, cluster)
         };
+        *self.cluster.write().unwrap() = cluster;
         self.notify_applied(last_seq);
         Ok(results)
     }
@@ -1083,9 +1096,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .map_err(write_error)?;
             }
             txn.commit().map_err(write_error)?;
-            Ok(data.events.iter().map(|event| event.seq).max().unwrap_or(0))
+            Ok((
+                data.events.iter().map(|event| event.seq).max().unwrap_or(0),
+                data.cluster,
+            ))
         })
         .await?;
+        let (last_seq, cluster) = last_seq;
+        *self.cluster.write().unwrap() = cluster;
         self.notify_applied(last_seq);
         Ok(())
     }
