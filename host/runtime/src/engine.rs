@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -21,9 +21,106 @@ use crate::host::RoleHost;
 use crate::limits::RoleLimits;
 use crate::role::LoadedRole;
 
-/// How often the epoch advances. A looping role is noticed within one tick
-/// and yields the thread to other tasks at least this often.
+/// How often the epoch advances while guest code runs. A looping role is
+/// noticed within one tick and yields the thread to other tasks at least
+/// this often.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// The longest the epoch clock waits while no guest code runs. Every entry
+/// into guest code wakes it at once; this only bounds the wait should one
+/// ever be missed.
+const EPOCH_IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// Advances the engine's epoch, which interrupts guest code to check its CPU
+/// budget, every [`EPOCH_TICK`] while guest code may be running. When no
+/// call ran or started since the last tick it waits until one starts: an
+/// idle host then does not wake 200 times a second for nothing.
+pub(crate) struct EpochClock {
+    /// Guest calls running now.
+    running: AtomicUsize,
+    /// Guest calls ever started: a call that started and ended between two
+    /// ticks still keeps the clock going for one more.
+    started: AtomicU64,
+    waiting: AtomicBool,
+    stop: AtomicBool,
+    thread: std::sync::OnceLock<thread::Thread>,
+}
+
+/// Held while guest code runs (see [`EpochClock::enter`]).
+pub(crate) struct GuestRunning<'a>(&'a EpochClock);
+
+impl Drop for GuestRunning<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl EpochClock {
+    /// Starts the clock's thread for `engine`; it ends when the engine is
+    /// dropped or [`EpochClock::stop`] is called.
+    fn start(engine: &Engine) -> anyhow::Result<Arc<EpochClock>> {
+        let clock = Arc::new(EpochClock {
+            running: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            thread: std::sync::OnceLock::new(),
+        });
+        let ticking = clock.clone();
+        let engine = engine.weak();
+        let handle = thread::Builder::new()
+            .name("hivemind-epoch".into())
+            .spawn(move || ticking.run(engine))?;
+        let _ = clock.thread.set(handle.thread().clone());
+        Ok(clock)
+    }
+
+    fn run(&self, engine: wasmtime::EngineWeak) {
+        let mut seen = self.started.load(Ordering::SeqCst);
+        while !self.stop.load(Ordering::SeqCst) {
+            thread::sleep(EPOCH_TICK);
+            match engine.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+            let started = self.started.load(Ordering::SeqCst);
+            if started != seen || self.running.load(Ordering::SeqCst) > 0 {
+                seen = started;
+                continue;
+            }
+            // Announce the wait, then look again: a call that starts after
+            // this sees `waiting` and wakes the thread (both sides use
+            // SeqCst, so one of them sees the other).
+            self.waiting.store(true, Ordering::SeqCst);
+            if self.started.load(Ordering::SeqCst) == seen && self.running.load(Ordering::SeqCst) == 0 {
+                thread::park_timeout(EPOCH_IDLE_WAIT);
+            }
+            self.waiting.store(false, Ordering::SeqCst);
+            seen = self.started.load(Ordering::SeqCst);
+        }
+    }
+
+    /// Marks guest code as running until the guard is dropped, waking the
+    /// clock if it waits.
+    pub(crate) fn enter(&self) -> GuestRunning<'_> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        self.running.fetch_add(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst)
+            && self.waiting.swap(false, Ordering::SeqCst)
+            && let Some(thread) = self.thread.get()
+        {
+            thread.unpark();
+        }
+        GuestRunning(self)
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+}
 
 /// Instance slots the pooling allocator reserves. Each slot reserves address
 /// space (not memory) for its linear memory; 256 slots cover dozens of roles
@@ -82,7 +179,7 @@ pub struct Runtime {
     cache_dir: PathBuf,
     allocator: Allocator,
     max_memory_bytes: u64,
-    ticker_stop: Arc<AtomicBool>,
+    epoch: Arc<EpochClock>,
 }
 
 impl Runtime {
@@ -112,18 +209,7 @@ impl Runtime {
             }
         }
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let ticker_engine = engine.weak();
-        let stop = ticker_stop.clone();
-        thread::Builder::new().name("hivemind-epoch".into()).spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                thread::sleep(EPOCH_TICK);
-                match ticker_engine.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => break,
-                }
-            }
-        })?;
+        let epoch = EpochClock::start(&engine)?;
 
         Ok(Runtime {
             engine,
@@ -131,7 +217,7 @@ impl Runtime {
             cache_dir: config.cache_dir,
             allocator,
             max_memory_bytes: config.pool_max_memory_bytes,
-            ticker_stop,
+            epoch,
         })
     }
 
@@ -223,7 +309,7 @@ impl Runtime {
             .instantiate_pre(&compiled.component)
             .map_err(|error| LoadError::Link(format!("{error:#}")))?;
         let pre = RolePre::new(instance_pre).map_err(|error| LoadError::Link(format!("{error:#}")))?;
-        LoadedRole::start(name, &self.engine, pre, compiled.digest, limits, host).await
+        LoadedRole::start(name, &self.engine, &self.epoch, pre, compiled.digest, limits, host).await
     }
 
     /// Refuses imports of interfaces roles are not given, with a hint at the
@@ -248,7 +334,7 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.epoch.stop();
     }
 }
 
@@ -328,6 +414,37 @@ pub fn lower_thread_priority() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With no guest code running the epoch clock waits instead of ticking;
+    /// entering guest code wakes it, and it ticks for as long as that runs.
+    #[test]
+    fn the_epoch_clock_waits_while_idle_and_ticks_while_guest_code_runs() {
+        let engine = Engine::new(&base_config()).unwrap();
+        let clock = EpochClock::start(&engine).unwrap();
+        let waits = |clock: &EpochClock| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !clock.waiting.load(Ordering::SeqCst) {
+                assert!(std::time::Instant::now() < deadline, "the idle clock never waited");
+                thread::sleep(Duration::from_millis(1));
+            }
+        };
+        waits(&clock);
+        let running = clock.enter();
+        assert!(
+            !clock.waiting.load(Ordering::SeqCst),
+            "entering guest code wakes the clock"
+        );
+        for _ in 0..20 {
+            thread::sleep(EPOCH_TICK / 2);
+            assert!(
+                !clock.waiting.load(Ordering::SeqCst),
+                "the clock waited while guest code ran"
+            );
+        }
+        drop(running);
+        waits(&clock);
+        clock.stop();
+    }
 
     /// A pool too large for the address space does not stop the host: the
     /// engine falls back to on-demand allocation.

@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use wasmtime::{Engine, Store, UpdateDeadline};
 
 use crate::bindings::{Description, Event, InstanceState, Request, Response, Role, RolePre};
+use crate::engine::EpochClock;
 use crate::error::{self, CallError, LoadError};
 use crate::host::{CallOutcome, Export, FailureKind, RoleFailure, RoleHost};
 use crate::limits::RoleLimits;
@@ -57,6 +58,7 @@ struct TrapState {
 pub struct LoadedRole {
     name: String,
     engine: Engine,
+    epoch: Arc<EpochClock>,
     pre: RolePre<InstanceState>,
     description: Description,
     digest: String,
@@ -116,14 +118,16 @@ impl LoadedRole {
     pub(crate) async fn start(
         name: &str,
         engine: &Engine,
+        epoch: &Arc<EpochClock>,
         pre: RolePre<InstanceState>,
         digest: String,
         limits: RoleLimits,
         host: Arc<dyn RoleHost>,
     ) -> Result<LoadedRole, LoadError> {
-        let mut worker = instantiate(engine, &pre, &limits, &host)
+        let mut worker = instantiate(engine, epoch, &pre, &limits, &host)
             .await
             .map_err(|error| LoadError::Link(format!("{error:#}")))?;
+        let running = epoch.enter();
 
         worker
             .store
@@ -141,11 +145,13 @@ impl LoadedRole {
             Ok(Err(message)) => return Err(LoadError::InitFailed(message)),
             Err(error) => return Err(LoadError::InitTrapped(explain_trap(&worker.store, &error))),
         }
+        drop(running);
 
         let workers = limits.workers.max(1);
         Ok(LoadedRole {
             name: name.to_string(),
             engine: engine.clone(),
+            epoch: epoch.clone(),
             pre,
             description,
             digest,
@@ -288,6 +294,7 @@ impl LoadedRole {
             .start(self.limits.cpu_per_call, "limits.cpu_ms");
         worker.store.data().stderr.clear_tail();
         worker.store.set_epoch_deadline(1);
+        let running = self.epoch.enter();
         let result = match call {
             Call::Event(event) => worker
                 .role
@@ -306,6 +313,7 @@ impl LoadedRole {
                 .map(Output::Packet),
             Call::Tick => worker.role.call_on_tick(&mut worker.store).await.map(|()| Output::Tick),
         };
+        drop(running);
         let outcome = match &result {
             Ok(Output::Event(Err(_))) => CallOutcome::Error,
             Ok(Output::Response(response)) if response.status >= 500 => CallOutcome::Error,
@@ -357,7 +365,7 @@ impl LoadedRole {
         if let Some(until) = backoff_until {
             tokio::time::sleep_until(until.into()).await;
         }
-        instantiate(&self.engine, &self.pre, &self.limits, &self.host)
+        instantiate(&self.engine, &self.epoch, &self.pre, &self.limits, &self.host)
             .await
             .map_err(|error| CallError::Instantiate {
                 role: self.name.clone(),
@@ -419,6 +427,7 @@ impl LoadedRole {
 
 async fn instantiate(
     engine: &Engine,
+    epoch: &EpochClock,
     pre: &RolePre<InstanceState>,
     limits: &RoleLimits,
     host: &Arc<dyn RoleHost>,
@@ -437,6 +446,7 @@ async fn instantiate(
     // Instantiation runs start functions; give them the init budget.
     store.data_mut().clock.start(limits.cpu_per_init, "limits.init_cpu_ms");
     store.set_epoch_deadline(1);
+    let _running = epoch.enter();
     let role = pre.instantiate_async(&mut store).await?;
     Ok(Worker { store, role })
 }
