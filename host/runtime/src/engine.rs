@@ -38,8 +38,9 @@ const EPOCH_IDLE_WAIT: Duration = Duration::from_millis(100);
 pub(crate) struct EpochClock {
     /// Guest calls running now.
     running: AtomicUsize,
-    /// Guest calls ever started: a call that started and ended between two
-    /// ticks still keeps the clock going for one more.
+    /// Guest calls ever started. Calls that start and end between ticks
+    /// (a busy listener's) keep the clock going, so it does not wait after
+    /// each tick only for the next call to pay for waking it.
     started: AtomicU64,
     waiting: AtomicBool,
     stop: AtomicBool,

@@ -387,9 +387,7 @@ impl Bridges {
             if !self.log.is_leader() || !self.log.has_quorum() {
                 continue;
             }
-            let Ok(alive) = self.alive_members().await else {
-                continue;
-            };
+            let alive = self.alive_members();
             let ledger = self.ledger.borrow().clone();
             for bridge in &self.bridges {
                 let record = ledger.record(&bridge.config.name);
@@ -416,10 +414,9 @@ impl Bridges {
     }
 
     /// Members the log holds alive (hex ids): their reports count.
-    async fn alive_members(&self) -> Result<BTreeSet<String>, LogError> {
-        let state = self.log.cluster_state().await?;
-        Ok(self
-            .log
+    fn alive_members(&self) -> BTreeSet<String> {
+        let state = self.log.cluster_state();
+        self.log
             .member_addresses()
             .0
             .into_keys()
@@ -430,7 +427,7 @@ impl Bridges {
                     .is_none_or(|member| member.health == NodeHealth::Alive)
             })
             .map(hex_id)
-            .collect())
+            .collect()
     }
 
     async fn append(&self, kind: &str, key: String, payload: &impl serde::Serialize) -> Result<u64, LogError> {
@@ -582,7 +579,7 @@ impl Bridges {
         let record = self.ledger.borrow().record(name);
         let route = bridge.route.borrow().clone();
         let local = bridge.local.borrow().clone();
-        let alive = self.alive_members().await.unwrap_or_default();
+        let alive = self.alive_members();
         let active = record.active_backend().map(str::to_string);
         let backends: Vec<Value> = bridge
             .config

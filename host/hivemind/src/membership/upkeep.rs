@@ -43,7 +43,7 @@ pub async fn keep_registry(
     let mut resolved: BTreeMap<String, SocketAddr> = BTreeMap::new();
     let mut last_self_rejoin: Option<Instant> = None;
     loop {
-        let state = quorum.cluster_state().await.unwrap_or_default();
+        let state = quorum.cluster_state();
         let (addresses, voters) = quorum.member_addresses();
         let mut seeds = Vec::new();
         for (id, address) in &addresses {
@@ -129,9 +129,7 @@ pub async fn decide_health(
         if !quorum.is_leader() {
             continue;
         }
-        let Ok(state) = quorum.cluster_state().await else {
-            continue;
-        };
+        let state = quorum.cluster_state();
         let log: BTreeMap<NodeId, NodeHealth> = state.members.iter().map(|(id, record)| (*id, record.health)).collect();
         let view = membership.view();
         for decision in decider.decide(origin.elapsed(), me, &log, &view.liveness()) {

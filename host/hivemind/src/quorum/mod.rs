@@ -761,19 +761,15 @@ impl QuorumLog {
     }
 
     /// The cluster facts as last applied here.
-    pub async fn cluster_state(&self) -> Result<ClusterState, LogError> {
-        Ok(self.cluster.read().unwrap().clone())
+    pub fn cluster_state(&self) -> ClusterState {
+        self.cluster.read().unwrap().clone()
     }
 
     /// Records the cluster's identity once this node formed it (no-op when
     /// it is already recorded or this node did not form the cluster).
     async fn ensure_formed(&self) {
         let Some(secret) = &self.forming_secret else { return };
-        if self
-            .cluster_state()
-            .await
-            .is_ok_and(|state| !state.cluster_id.is_empty())
-        {
+        if !self.cluster_state().cluster_id.is_empty() {
             return;
         }
         let command = Command::Formed {
@@ -796,11 +792,7 @@ impl QuorumLog {
         loop {
             if self.raft.is_initialized().await.unwrap_or(false) {
                 self.ensure_formed().await;
-                if self
-                    .cluster_state()
-                    .await
-                    .is_ok_and(|state| !state.cluster_id.is_empty())
-                {
+                if !self.cluster_state().cluster_id.is_empty() {
                     return;
                 }
             }
@@ -1073,10 +1065,7 @@ impl QuorumLog {
     /// node as a learner.
     async fn admit_as_leader(&self, request: join::JoinRequest, binding: [u8; 32]) -> join::JoinReply {
         use join::{JoinReply, Refusal};
-        let state = match self.cluster_state().await {
-            Ok(state) => state,
-            Err(error) => return JoinReply::refused(Refusal::NotReady, error.to_string()),
-        };
+        let state = self.cluster_state();
         let secret = if state.secret.is_empty() {
             self.forming_secret.clone().unwrap_or_default()
         } else {
@@ -1176,11 +1165,7 @@ impl QuorumLog {
             }
             tracing::info!(node = %request.address, id = %hex_id(request.id), "admitted a node as learner");
         }
-        let epoch = self
-            .cluster_state()
-            .await
-            .map(|state| state.epoch)
-            .unwrap_or(state.epoch);
+        let epoch = self.cluster_state().epoch;
         match self.admission(request.id, epoch, &key, &binding) {
             Ok(admission) => JoinReply::Admitted(Box::new(admission)),
             Err(reply) => reply,
@@ -1264,7 +1249,7 @@ impl QuorumLog {
             Ok(Err(error)) => return Err(LogError::Unavailable(format!("the membership change failed: {error}"))),
             Ok(Ok(_)) => {}
         }
-        let epoch = self.cluster_state().await.map(|state| state.epoch).unwrap_or_default();
+        let epoch = self.cluster_state().epoch;
         self.compact_after_epoch_change().await;
         Ok(format!("{name} {done}; the cluster is at epoch {epoch}"))
     }
@@ -1302,7 +1287,7 @@ impl QuorumLog {
         let leader = self.raft.metrics().borrow().current_leader == Some(self.id);
         Pong {
             id: self.id,
-            epoch: self.cluster_state().await.map(|state| state.epoch).unwrap_or_default(),
+            epoch: self.cluster_state().epoch,
             member,
             leader,
         }
@@ -1344,7 +1329,7 @@ impl QuorumLog {
     /// a later epoch (the voter set changed while it was down), installs the
     /// leader's snapshot instead of replaying the old epoch's log.
     pub async fn resync_if_stale(&self) {
-        let ours = self.cluster_state().await.map(|state| state.epoch).unwrap_or_default();
+        let ours = self.cluster_state().epoch;
         let peers: Vec<(NodeId, NodeAddress)> = {
             let metrics = self.raft.metrics().borrow().clone();
             metrics
@@ -1452,7 +1437,7 @@ impl QuorumLog {
     /// in hex, as everywhere users see them).
     pub async fn status(&self) -> QuorumStatus {
         let metrics = self.raft.metrics().borrow().clone();
-        let state = self.cluster_state().await.unwrap_or_default();
+        let state = self.cluster_state();
         let membership = metrics.membership_config.membership();
         let voter_ids: Vec<NodeId> = membership.voter_ids().collect();
         let members: Vec<MemberStatus> = membership

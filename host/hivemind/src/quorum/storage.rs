@@ -1060,7 +1060,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StorageResult<()> {
         let meta = meta.clone();
         let bytes = snapshot.into_inner();
-        let last_seq = blocking(&self.db, move |db| {
+        let (last_seq, cluster) = blocking(&self.db, move |db| {
             let data: SnapshotData = serde_json::from_slice(&bytes)
                 .map_err(|error| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, error))?;
             let txn = db.begin_write().map_err(write_error)?;
@@ -1102,7 +1102,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             ))
         })
         .await?;
-        let (last_seq, cluster) = last_seq;
         *self.cluster.write().unwrap() = cluster;
         self.notify_applied(last_seq);
         Ok(())

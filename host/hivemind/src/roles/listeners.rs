@@ -260,14 +260,9 @@ impl Datagrams {
             iov_base: self.buffers[index].as_mut_ptr().cast(),
             iov_len: MAX_DATAGRAM,
         });
-        // SAFETY: mmsghdr is plain data; its pointers are set below.
-        let mut headers: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for ((header, iovec), peer) in headers.iter_mut().zip(iovecs.iter_mut()).zip(self.peers.iter_mut()) {
-            header.msg_hdr.msg_name = (peer as *mut libc::sockaddr_storage).cast();
-            header.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            header.msg_hdr.msg_iov = iovec;
-            header.msg_hdr.msg_iovlen = 1;
-        }
+        let whole = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let mut headers: [libc::mmsghdr; BATCH] =
+            std::array::from_fn(|index| message_header(&mut self.peers[index], whole, &mut iovecs[index]));
         // SAFETY: each header points at a buffer, an iovec and an address
         // that outlive the call, with their true sizes.
         let count = unsafe {
@@ -292,26 +287,14 @@ impl Datagrams {
 
     /// The `index`th datagram received, and its sender.
     fn get(&self, index: usize) -> Option<(&[u8], SocketAddr)> {
-        let peer = &self.peers[index];
-        let address = match peer.ss_family as libc::c_int {
-            libc::AF_INET => {
-                // SAFETY: the family says the kernel wrote a sockaddr_in.
-                let v4 = unsafe { &*(peer as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-                SocketAddr::from((v4.sin_addr.s_addr.to_ne_bytes(), u16::from_be(v4.sin_port)))
-            }
-            libc::AF_INET6 => {
-                // SAFETY: the family says the kernel wrote a sockaddr_in6.
-                let v6 = unsafe { &*(peer as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-                SocketAddr::V6(std::net::SocketAddrV6::new(
-                    v6.sin6_addr.s6_addr.into(),
-                    u16::from_be(v6.sin6_port),
-                    v6.sin6_flowinfo,
-                    v6.sin6_scope_id,
-                ))
-            }
-            _ => return None,
+        let mut storage = socket2::SockAddrStorage::zeroed();
+        // SAFETY: the storage is a sockaddr_storage, and the kernel wrote
+        // `peer_lengths[index]` bytes of a socket address into ours.
+        let peer = unsafe {
+            *storage.view_as::<libc::sockaddr_storage>() = self.peers[index];
+            socket2::SockAddr::new(storage, self.peer_lengths[index])
         };
-        Some((&self.buffers[index][..self.lengths[index]], address))
+        Some((&self.buffers[index][..self.lengths[index]], peer.as_socket()?))
     }
 
     /// Sends each reply (index of the datagram it answers, bytes) to that
@@ -329,15 +312,7 @@ impl Datagrams {
         let mut headers: Vec<libc::mmsghdr> = replies
             .iter()
             .zip(iovecs.iter_mut())
-            .map(|((index, _), iovec)| {
-                // SAFETY: mmsghdr is plain data; its pointers are set here.
-                let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                header.msg_hdr.msg_name = (&mut self.peers[*index] as *mut libc::sockaddr_storage).cast();
-                header.msg_hdr.msg_namelen = self.peer_lengths[*index];
-                header.msg_hdr.msg_iov = iovec;
-                header.msg_hdr.msg_iovlen = 1;
-                header
-            })
+            .map(|((index, _), iovec)| message_header(&mut self.peers[*index], self.peer_lengths[*index], iovec))
             .collect();
         let mut sent = 0;
         while sent < headers.len() {
@@ -359,6 +334,21 @@ impl Datagrams {
             }
         }
     }
+}
+
+/// A one-buffer message to or from `peer` (`peer_length` bytes of it).
+fn message_header(
+    peer: &mut libc::sockaddr_storage,
+    peer_length: libc::socklen_t,
+    iovec: &mut libc::iovec,
+) -> libc::mmsghdr {
+    // SAFETY: mmsghdr is plain data; the fields that matter are set below.
+    let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+    header.msg_hdr.msg_name = (peer as *mut libc::sockaddr_storage).cast();
+    header.msg_hdr.msg_namelen = peer_length;
+    header.msg_hdr.msg_iov = iovec;
+    header.msg_hdr.msg_iovlen = 1;
+    header
 }
 
 /// `peer` as `IP:PORT` into `text`. IPv4 is written by hand: going
