@@ -242,6 +242,125 @@ async fn a_burst_from_many_clients_gets_each_reply_at_its_sender() {
     host.stop().await;
 }
 
+/// Sends `datagram` and returns the reply.
+async fn exchange(client: &tokio::net::UdpSocket, datagram: &[u8]) -> Vec<u8> {
+    client.send(datagram).await.unwrap();
+    let mut buffer = [0u8; 512];
+    let length = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buffer))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to {:?}", String::from_utf8_lossy(datagram)))
+        .unwrap();
+    buffer[..length].to_vec()
+}
+
+/// Asks the probe `IDkeep:TEXT`; returns the reply's ID and the text after
+/// it (`VERSION call N TEXT`).
+async fn ask_kept(client: &tokio::net::UdpSocket, id: u16, text: &str) -> (u16, String) {
+    let mut datagram = id.to_be_bytes().to_vec();
+    datagram.extend_from_slice(format!("keep:{text}").as_bytes());
+    let reply = exchange(client, &datagram).await;
+    assert!(reply.len() > 2, "short reply {reply:?}");
+    (
+        u16::from_be_bytes([reply[0], reply[1]]),
+        String::from_utf8_lossy(&reply[2..]).into_owned(),
+    )
+}
+
+/// N in the probe's `VERSION call N TEXT`.
+fn call_number(reply: &str) -> u64 {
+    reply
+        .split(' ')
+        .nth(2)
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no call number in {reply:?}"))
+}
+
+/// A reply the role let the host keep (`keep-reply`) answers repeats of its
+/// datagram without a call to the role (its call count stays), each under
+/// the repeat's own ID, and the repeats reach the role's tally counter. A
+/// request, an event, the role's `forget-replies` and a new version each
+/// make the next repeat the role's own again. Outside `on-packet`, or with
+/// more than 16 bytes to take from the datagram, `keep-reply` is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_replies_answer_repeats_until_the_role_changes() {
+    let host = TestHost::start().await;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let manifest = format!("[[listeners]]\nname = \"echo\"\naddress = \"127.0.0.1:{port}\"\n");
+    host.drop_role("probe", &probe(), Some(&manifest));
+    host.wait_live("probe", &probe()).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(("127.0.0.1", port)).await.unwrap();
+
+    let (id, first) = ask_kept(&client, 1, "x").await;
+    assert_eq!(id, 1);
+    assert!(first.starts_with("0.1.0 call "), "{first}");
+    let call = call_number(&first);
+    for id in 2..=6 {
+        let (got, text) = ask_kept(&client, id, "x").await;
+        assert_eq!(got, id, "a kept reply carries the repeat's own ID");
+        assert_eq!(text, first, "a repeat is answered with the kept reply, without a call");
+    }
+    let (_, other) = ask_kept(&client, 7, "y").await;
+    assert_eq!(call_number(&other), call + 1, "another datagram is the role's");
+
+    // The five repeats are counted on the role's tally within a second or so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let tally = "hivemind_counter_probe_kept_total{role=\"probe\",kind=\"keep\"} 5";
+    loop {
+        let metrics = host.api().get("/metrics").await.text();
+        if metrics.lines().any(|line| line == tally) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no `{tally}` in\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A request may change what the role answers: the next repeat is its own.
+    assert_eq!(host.api().role("probe", "version", &[]).await.status, 200);
+    let (_, after_request) = ask_kept(&client, 8, "x").await;
+    assert_eq!(call_number(&after_request), call + 2);
+    let (_, kept_again) = ask_kept(&client, 9, "x").await;
+    assert_eq!(kept_again, after_request, "kept again after the request");
+
+    // So may an event, once the role has handled it (delivery is async).
+    host.api().emit("test.kept", "k").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut id = 10;
+    loop {
+        let (_, text) = ask_kept(&client, id, "x").await;
+        if call_number(&text) == call + 3 {
+            break;
+        }
+        assert_eq!(text, after_request, "a repeat is either the kept reply or a new call");
+        assert!(Instant::now() < deadline, "the event never made the next repeat a call");
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The role's own forget-replies.
+    assert_eq!(exchange(&client, b"forget").await, b"forgot");
+    let (_, after_forget) = ask_kept(&client, 100, "x").await;
+    assert_eq!(call_number(&after_forget), call + 4);
+
+    // A new version answers for itself from the first repeat.
+    host.drop_role("probe", &probe_v2(), Some(&manifest));
+    host.wait_live("probe", &probe_v2()).await;
+    let (_, from_v2) = ask_kept(&client, 101, "x").await;
+    assert!(from_v2.starts_with("0.2.0 call "), "{from_v2}");
+
+    // Refusals name what is wrong.
+    let refused = String::from_utf8(exchange(&client, b"keep-too-much").await).unwrap();
+    assert!(refused.contains("skip 17") && refused.contains("16"), "{refused}");
+    let outside = host.api().role("probe", "keep", &[]).await;
+    assert_eq!(outside.status, 400);
+    assert!(outside.text().contains("only inside on-packet"), "{}", outside.text());
+    host.stop().await;
+}
+
 /// Committed events reach a subscribed role in seq order, only the kinds it
 /// subscribed to, including events the role emitted itself.
 #[tokio::test(flavor = "multi_thread")]

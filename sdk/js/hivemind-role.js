@@ -21,8 +21,8 @@
 // The host may run several instances of a role and replace any of them at
 // any time: keep what matters in `state`, not in module variables.
 
-import * as hostImports from "hivemind:role/host@0.1.2";
-import * as stateImports from "hivemind:role/state@0.1.2";
+import * as hostImports from "hivemind:role/host@0.1.3";
+import * as stateImports from "hivemind:role/state@0.1.3";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();

@@ -373,6 +373,35 @@ pub mod host {
             .collect();
         raw::count(name, &labels, delta)
     }
+
+    /// Inside `on_packet` for a UDP datagram: lets the host answer later
+    /// datagrams on the same listener that match this one after its first
+    /// `skip` bytes with the reply being returned (its first `skip` bytes
+    /// taken from each datagram), without calling the role. Only for a reply
+    /// that depends on nothing but the datagram and what the role holds in
+    /// memory; the host forgets kept replies after an event or a request,
+    /// and when the role calls [`forget_replies`]. With `tally`, each reuse
+    /// adds one to that counter as [`count`] would.
+    pub fn keep_reply(skip: u32, tally: Option<(&str, &[(&str, &str)])>) -> Result<(), HostError> {
+        let tally = tally.map(|(name, labels)| {
+            let labels: Vec<(String, String)> = labels
+                .iter()
+                .map(|(label, value)| (label.to_string(), value.to_string()))
+                .collect();
+            (name.to_string(), labels)
+        });
+        raw::keep_reply(
+            skip,
+            tally.as_ref().map(|(name, labels)| (name.as_str(), labels.as_slice())),
+        )
+    }
+
+    /// Forgets every reply kept with [`keep_reply`] once this call ends:
+    /// for a change to the answers that no event or request brought (a
+    /// tick that caught up with the log, a timer).
+    pub fn forget_replies() {
+        raw::forget_replies()
+    }
 }
 
 /// Logs at info level with `format!` arguments.

@@ -13,6 +13,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::error;
 use crate::guest_output::GuestOutput;
 use crate::host::RoleHost;
+use crate::role::{KeepReply, MAX_KEEP_SKIP};
 
 wasmtime::component::bindgen!({
     path: "../../wit",
@@ -33,6 +34,12 @@ pub(crate) struct InstanceState {
     pub(crate) clock: CallClock,
     /// The guest's stderr, kept to explain traps (e.g. a panic message).
     pub(crate) stderr: GuestOutput,
+    /// Set while an `on-packet` call runs: only then may a role keep its reply.
+    pub(crate) in_packet: bool,
+    /// What the running `on-packet` call asked for with `keep-reply`.
+    pub(crate) keep: Option<KeepReply>,
+    /// Set when the running call asked to forget kept replies.
+    pub(crate) forget_replies: bool,
 }
 
 impl InstanceState {
@@ -61,6 +68,9 @@ impl InstanceState {
                 denied: None,
             },
             clock: CallClock::idle(),
+            in_packet: false,
+            keep: None,
+            forget_replies: false,
         }
     }
 }
@@ -238,6 +248,38 @@ impl hivemind::role::host::Host for InstanceState {
             self,
             crate::host::validate_counter(&name, &labels).and_then(|()| self.host.count(&name, &labels, delta))
         ))
+    }
+
+    async fn keep_reply(
+        &mut self,
+        skip: u32,
+        tally: Option<(String, Vec<(String, String)>)>,
+    ) -> wasmtime::Result<Result<(), HostError>> {
+        if !self.in_packet {
+            return Ok(Err(HostError::Invalid(
+                "keep-reply works only inside on-packet, for the reply that call returns".into(),
+            )));
+        }
+        if skip as usize > MAX_KEEP_SKIP {
+            return Ok(Err(HostError::Invalid(format!(
+                "keep-reply: skip {skip} is more than {MAX_KEEP_SKIP} bytes; only an ID-like prefix may differ"
+            ))));
+        }
+        if let Some((name, labels)) = &tally
+            && let Err(error) = crate::host::validate_counter(name, labels)
+        {
+            return Ok(Err(error));
+        }
+        self.keep = Some(KeepReply {
+            skip: skip as usize,
+            tally,
+        });
+        Ok(Ok(()))
+    }
+
+    async fn forget_replies(&mut self) -> wasmtime::Result<()> {
+        self.forget_replies = true;
+        Ok(())
     }
 }
 

@@ -27,9 +27,9 @@ use crate::role::LoadedRole;
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// The longest the epoch clock waits while no guest code runs. Every entry
-/// into guest code wakes it at once; this only bounds the wait should one
-/// ever be missed.
-const EPOCH_IDLE_WAIT: Duration = Duration::from_millis(100);
+/// into guest code wakes it at once, so this only lets the thread notice
+/// that its engine is gone; each wake-up costs an idle host CPU.
+const EPOCH_IDLE_WAIT: Duration = Duration::from_secs(1);
 
 /// Advances the engine's epoch, which interrupts guest code to check its CPU
 /// budget, every [`EPOCH_TICK`] while guest code may be running. When no

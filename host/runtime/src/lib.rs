@@ -34,7 +34,7 @@ pub use engine::{Allocator, CompiledRole, EPOCH_TICK, Runtime, RuntimeConfig, lo
 pub use error::{CallError, LoadError};
 pub use host::{CallOutcome, Export, FailureKind, MAX_COUNTER_SERIES, RoleFailure, RoleHost, validate_counter};
 pub use limits::RoleLimits;
-pub use role::{LoadedRole, RoleStats};
+pub use role::{KeepReply, LoadedRole, MAX_KEEP_SKIP, PacketReply, RoleStats};
 
 /// The version of the role contract this runtime implements.
-pub const CONTRACT: &str = "hivemind:role@0.1.2";
+pub const CONTRACT: &str = "hivemind:role@0.1.3";

@@ -25,6 +25,30 @@ const TRAP_BACKOFF_BASE: Duration = Duration::from_millis(50);
 /// Longest pause before a new instance after traps.
 const TRAP_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Most leading bytes a kept reply may take from each datagram
+/// (`keep-reply`'s `skip`): room for an ID, not for a different question.
+pub const MAX_KEEP_SKIP: usize = 16;
+
+/// A role's leave to reuse the reply of an `on-packet` call for later
+/// datagrams with the same bytes after `skip` (the `keep-reply` import).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeepReply {
+    /// Leading bytes the host copies from each datagram into the reply.
+    pub skip: usize,
+    /// A counter (name, labels) each reuse adds one to, checked as `count`
+    /// checks its arguments.
+    pub tally: Option<(String, Vec<(String, String)>)>,
+}
+
+/// What an `on-packet` call returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketReply {
+    /// Bytes to send back, if any.
+    pub reply: Option<Vec<u8>>,
+    /// Set when the role allowed the reply to answer repeats of the datagram.
+    pub keep: Option<KeepReply>,
+}
+
 /// One instance and its store.
 struct Worker {
     store: Store<InstanceState>,
@@ -72,6 +96,9 @@ pub struct LoadedRole {
     trap_count: AtomicU64,
     overloads: AtomicU64,
     recycled: AtomicU64,
+    /// Bumped whenever replies kept through `keep-reply` may no longer be
+    /// what the role would answer (see [`LoadedRole::kept_replies_generation`]).
+    kept_generation: AtomicU64,
 }
 
 /// Decrements the queue length when a waiting call leaves, even if its future
@@ -110,7 +137,7 @@ impl Call<'_> {
 enum Output {
     Event(Result<(), String>),
     Response(Response),
-    Packet(Option<Vec<u8>>),
+    Packet(PacketReply),
     Tick,
 }
 
@@ -168,6 +195,7 @@ impl LoadedRole {
             trap_count: AtomicU64::new(0),
             overloads: AtomicU64::new(0),
             recycled: AtomicU64::new(0),
+            kept_generation: AtomicU64::new(0),
             limits,
             host,
         })
@@ -240,7 +268,7 @@ impl LoadedRole {
     }
 
     /// Hands a datagram to the role; `Some` bytes are the reply.
-    pub async fn on_packet(&self, listener: &str, peer: &str, data: &[u8]) -> Result<Option<Vec<u8>>, CallError> {
+    pub async fn on_packet(&self, listener: &str, peer: &str, data: &[u8]) -> Result<PacketReply, CallError> {
         match self.invoke(Call::Packet { listener, peer, data }).await? {
             Output::Packet(reply) => Ok(reply),
             _ => unreachable!("on-packet returns an optional reply"),
@@ -249,6 +277,27 @@ impl LoadedRole {
 
     pub async fn on_tick(&self) -> Result<(), CallError> {
         self.invoke(Call::Tick).await.map(|_| ())
+    }
+
+    /// Whether the role failed (too many traps in a row) and serves nothing
+    /// until a new version is loaded.
+    pub fn is_failed(&self) -> bool {
+        self.traps.lock().unwrap().failed.is_some()
+    }
+
+    /// Changes whenever replies the role kept (`keep-reply`) may have gone
+    /// stale: after an event or a request (either may change what the role
+    /// holds), after a call that asked for it (`forget-replies`), and when
+    /// an instance traps, is retired or is added. A reply is reusable only while this stays
+    /// what it was when the call that kept it started.
+    pub fn kept_replies_generation(&self) -> u64 {
+        self.kept_generation.load(Ordering::Acquire)
+    }
+
+    /// Adds `delta` to one of the role's counters, as its `count` import
+    /// does; `name` and `labels` must have passed [`crate::validate_counter`].
+    pub fn count(&self, name: &str, labels: &[(String, String)], delta: u64) -> Result<(), crate::HostError> {
+        self.host.count(name, labels, delta)
     }
 
     async fn invoke(&self, call: Call<'_>) -> Result<Output, CallError> {
@@ -293,6 +342,11 @@ impl LoadedRole {
             .clock
             .start(self.limits.cpu_per_call, "limits.cpu_ms");
         worker.store.data().stderr.clear_tail();
+        let is_packet = matches!(call, Call::Packet { .. });
+        let state = worker.store.data_mut();
+        state.in_packet = is_packet;
+        state.keep = None;
+        state.forget_replies = false;
         worker.store.set_epoch_deadline(1);
         let running = self.epoch.enter();
         let result = match call {
@@ -310,10 +364,23 @@ impl LoadedRole {
                 .role
                 .call_on_packet(&mut worker.store, listener, peer, data)
                 .await
-                .map(Output::Packet),
+                .map(|reply| {
+                    Output::Packet(PacketReply {
+                        reply,
+                        keep: worker.store.data_mut().keep.take(),
+                    })
+                }),
             Call::Tick => worker.role.call_on_tick(&mut worker.store).await.map(|()| Output::Tick),
         };
         drop(running);
+        let state = worker.store.data_mut();
+        state.in_packet = false;
+        // An event or a request may change what the role answers; a tick
+        // or a packet says so with `forget-replies`.
+        let forget = matches!(call, Call::Event(_) | Call::Request(_)) || std::mem::take(&mut state.forget_replies);
+        if forget {
+            self.forget_kept_replies();
+        }
         let outcome = match &result {
             Ok(Output::Event(Err(_))) => CallOutcome::Error,
             Ok(Output::Response(response)) if response.status >= 500 => CallOutcome::Error,
@@ -332,6 +399,7 @@ impl LoadedRole {
                 // the next call gets a fresh one (state lives in `state`).
                 if memory.in_use() > memory.limit / 4 * 3 {
                     self.recycled.fetch_add(1, Ordering::Relaxed);
+                    self.forget_kept_replies();
                     return Ok(output);
                 }
                 let mut idle = self.idle.lock().unwrap();
@@ -343,9 +411,14 @@ impl LoadedRole {
             Err(error) => {
                 let reason = explain_trap(&worker.store, &error);
                 drop(worker);
+                self.forget_kept_replies();
                 Err(self.record_trap(reason))
             }
         }
+    }
+
+    fn forget_kept_replies(&self) {
+        self.kept_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     fn failed_error(&self) -> Option<CallError> {
@@ -365,6 +438,8 @@ impl LoadedRole {
         if let Some(until) = backoff_until {
             tokio::time::sleep_until(until.into()).await;
         }
+        // A new instance holds nothing the kept replies came from.
+        self.forget_kept_replies();
         instantiate(&self.engine, &self.epoch, &self.pre, &self.limits, &self.host)
             .await
             .map_err(|error| CallError::Instantiate {

@@ -109,7 +109,7 @@ pub fn lookup(loaded: &mut Loaded, args: &[&String], json: bool) -> Response {
     if builder.push((&qname, qtype, Class::IN)).is_err() {
         return Response::error(400, &format!("{name:?} does not fit in a DNS query"));
     }
-    let Some(reply) = crate::answer(loaded, &builder.finish(), false) else {
+    let Some((reply, _)) = crate::answer(loaded, &builder.finish(), false) else {
         return Response::error(500, "the query got no answer");
     };
     let Ok(message) = Message::from_octets(reply.as_slice()) else {

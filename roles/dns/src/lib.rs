@@ -552,11 +552,13 @@ fn error_reply(request: &Message<&[u8]>, rcode: OptRcode, edns: Option<u16>) -> 
     Some(additional.finish().into_target())
 }
 
-/// Answers one DNS message; `None` for input that gets no answer at all
-/// (too short for a header, or itself a response).
-fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<Vec<u8>> {
+/// Answers one DNS message: the reply, and whether every query with these
+/// bytes after the ID gets the same one (so it may be kept). `None` for
+/// input that gets no answer at all (too short for a header, or itself a
+/// response).
+fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<(Vec<u8>, bool)> {
     if let Some(reply) = loaded.table.replies.get(query, over_udp) {
-        return Some(reply);
+        return Some((reply, true));
     }
     let request = Message::from_octets(query).ok()?;
     if request.header().qr() {
@@ -566,16 +568,16 @@ fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<Vec<u8>> 
     let client_edns = request.opt();
     let edns = client_edns.as_ref().map(|_| announced);
     if request.header().opcode() != Opcode::QUERY {
-        return error_reply(&request, OptRcode::NOTIMP, edns);
+        return error_reply(&request, OptRcode::NOTIMP, edns).map(|reply| (reply, false));
     }
     if client_edns.as_ref().is_some_and(|opt| opt.version() > 0) {
-        return error_reply(&request, OptRcode::BADVERS, edns);
+        return error_reply(&request, OptRcode::BADVERS, edns).map(|reply| (reply, false));
     }
     let Ok(question) = request.sole_question() else {
-        return error_reply(&request, OptRcode::FORMERR, edns);
+        return error_reply(&request, OptRcode::FORMERR, edns).map(|reply| (reply, false));
     };
     if question.qclass() != Class::IN && question.qclass() != Class::ANY {
-        return error_reply(&request, OptRcode::REFUSED, edns);
+        return error_reply(&request, OptRcode::REFUSED, edns).map(|reply| (reply, false));
     }
     let limit = if over_udp {
         let client = client_edns.as_ref().map(|opt| opt.udp_payload_size()).unwrap_or(512);
@@ -588,7 +590,7 @@ fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<Vec<u8>> 
     if !reply.shuffled {
         loaded.table.replies.put(query, over_udp, &encoded);
     }
-    Some(encoded)
+    Some((encoded, !reply.shuffled))
 }
 
 impl Role for Dns {
@@ -619,6 +621,8 @@ impl Role for Dns {
         let outcome = with_loaded(|loaded| {
             if loaded.table.services.catch_up()? {
                 loaded.table.rebuild(&loaded.zone.suffix);
+                // Replies the host kept came from the old table.
+                hivemind_sdk::host::forget_replies();
             }
             Ok::<(), String>(())
         });
@@ -630,9 +634,22 @@ impl Role for Dns {
     fn on_packet(_listener: String, peer: String, data: Vec<u8>) -> Option<Vec<u8>> {
         let over_udp = !peer.starts_with("tcp://");
         match with_loaded(|loaded| answer(loaded, &data, over_udp)) {
-            Ok(reply) => {
-                metrics::record(&data, reply.as_deref());
-                reply
+            Ok(Some((reply, same_for_all))) => {
+                metrics::record(&data, Some(&reply));
+                if same_for_all && over_udp {
+                    // Repeats of this query are then answered by the host,
+                    // and counted there under the same labels.
+                    let (qtype, rcode) = metrics::labels(&data, &reply);
+                    let tally = [("qtype", qtype), ("rcode", rcode)];
+                    if let Err(error) = hivemind_sdk::host::keep_reply(2, Some(("dns_queries", &tally))) {
+                        hivemind_sdk::warn!("the host cannot keep replies: {error:?}");
+                    }
+                }
+                Some(reply)
+            }
+            Ok(None) => {
+                metrics::record(&data, None);
+                None
             }
             Err(error) => {
                 // Said once per instance; every query would repeat it.

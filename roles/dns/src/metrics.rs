@@ -4,6 +4,8 @@
 //! Counts are summed in the instance's memory and reported from `on-tick`
 //! (once a second) or when many are pending, so answering a query makes no
 //! host call. An instance that traps loses what it had not reported yet.
+//! Queries the host answers from a kept reply (see `on_packet`) are counted
+//! by the host under the same labels.
 
 use std::cell::RefCell;
 
@@ -79,6 +81,21 @@ fn rcode_slot(reply: Option<&[u8]>) -> usize {
     }
 }
 
+fn slot_labels(qtype_index: usize, rcode_index: usize) -> (&'static str, &'static str) {
+    let qtype = QTYPES.get(qtype_index).map_or(OTHER, |(_, name)| name);
+    let rcode = match rcode_index {
+        index if index < RCODES.len() => RCODES[index],
+        index if index == RCODES.len() => OTHER,
+        _ => NO_ANSWER,
+    };
+    (qtype, rcode)
+}
+
+/// The `qtype` and `rcode` labels a query and its reply are counted under.
+pub fn labels(query: &[u8], reply: &[u8]) -> (&'static str, &'static str) {
+    slot_labels(qtype_slot(query), rcode_slot(Some(reply)))
+}
+
 /// Counts one query and its answer.
 pub fn record(query: &[u8], reply: Option<&[u8]>) {
     let full = PENDING.with(|pending| {
@@ -104,12 +121,7 @@ pub fn flush() {
             if *count == 0 {
                 continue;
             }
-            let qtype = QTYPES.get(qtype_index).map_or(OTHER, |(_, name)| name);
-            let rcode = match rcode_index {
-                index if index < RCODES.len() => RCODES[index],
-                index if index == RCODES.len() => OTHER,
-                _ => NO_ANSWER,
-            };
+            let (qtype, rcode) = slot_labels(qtype_index, rcode_index);
             if let Err(error) = hivemind_sdk::host::count("dns_queries", &[("qtype", qtype), ("rcode", rcode)], *count)
             {
                 hivemind_sdk::warn!("cannot report {count} {qtype} queries answered {rcode}: {error:?}");

@@ -320,6 +320,17 @@ impl Harness {
     /// Hands a message to `on-packet` as if it came from `peer` on
     /// `listener`; returns the reply, if any.
     pub async fn packet(&self, listener: &str, peer: &str, data: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.packet_reply(listener, peer, data).await?.reply)
+    }
+
+    /// As [`Self::packet`], with whether the role let the host keep the
+    /// reply for repeats of the datagram (`keep-reply`) and how.
+    pub async fn packet_reply(
+        &self,
+        listener: &str,
+        peer: &str,
+        data: &[u8],
+    ) -> anyhow::Result<hivemind_runtime::PacketReply> {
         Ok(self.role.on_packet(listener, peer, data).await?)
     }
 

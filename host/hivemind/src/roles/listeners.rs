@@ -8,7 +8,9 @@
 //! the role is busy the kernel's socket buffer queues (and past it drops)
 //! datagrams, as for any UDP server. It takes queued datagrams in batches
 //! (`recvmmsg`), answers each, and sends the batch's replies in one call
-//! (`sendmmsg`). It wakes every [`UDP_POLL`] to notice that it should stop.
+//! (`sendmmsg`). A reply the role marked reusable (`keep-reply`) answers
+//! repeats of its datagram without a call (`kept.rs`). It wakes every
+//! [`UDP_POLL`] to notice that it should stop.
 //!
 //! TCP carries messages framed as in DNS over TCP (RFC 1035 4.2.2): a
 //! two-byte big-endian length, then the message. A connection's messages
@@ -26,7 +28,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use crate::roles::kept::KeptReplies;
 use crate::roles::manager::{RoleManager, RoleSlot};
+use hivemind_runtime::PacketReply;
 use hivemind_runtime::manifest::{ListenerProtocol, ListenerSpec};
 
 /// Largest datagram read; anything bigger is truncated by the kernel anyway.
@@ -183,7 +187,9 @@ pub(crate) fn commit(slot: &Arc<RoleSlot>, prepared: Prepared) {
 }
 
 /// Reads datagrams and hands each to the serving version of the role,
-/// one at a time, until `stop` is set or the host shuts down.
+/// one at a time, until `stop` is set or the host shuts down. A datagram
+/// the role let the host answer before (`keep-reply`) is answered from
+/// [`KeptReplies`] without a call.
 fn serve_datagrams(
     slot: &RoleSlot,
     name: Arc<str>,
@@ -196,12 +202,26 @@ fn serve_datagrams(
     // `block_on`, which sets up a scheduler context each time.
     let _context = runtime.enter();
     let mut datagrams = Datagrams::new();
-    let mut replies: Vec<(usize, Vec<u8>)> = Vec::with_capacity(BATCH);
+    let mut replies = Replies::default();
+    let mut kept = KeptReplies::default();
     let mut peer_text = String::with_capacity(48);
-    while !stop.load(Ordering::Relaxed) && !slot.shutdown.is_cancelled() {
+    let mut batches: u32 = 0;
+    loop {
+        // The shutdown token takes a lock to read; under load every 64th
+        // batch is soon enough, and an idle socket's timeout looks at once.
+        batches = batches.wrapping_add(1);
+        if stop.load(Ordering::Relaxed) || (batches.is_multiple_of(64) && slot.shutdown.is_cancelled()) {
+            break;
+        }
         let received = match datagrams.receive(socket) {
             Ok(received) => received,
-            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                kept.tally_now_and_then();
+                if slot.shutdown.is_cancelled() {
+                    break;
+                }
+                continue;
+            }
             Err(error) => {
                 // Unexpected: keep serving, without spinning if it persists.
                 tracing::debug!(role = %slot.name, listener = %name, %error, "udp receive error");
@@ -209,46 +229,87 @@ fn serve_datagrams(
                 continue;
             }
         };
+        // Paused, disabled or failed: no answers, kept ones included.
         let Some(role) = slot.serving() else { continue };
         replies.clear();
         for index in 0..received {
+            let generation = kept.follow(&role);
             let Some((data, peer)) = datagrams.get(index) else {
                 continue;
             };
+            if kept.answer(data, &mut replies.bytes) {
+                replies.written(index);
+                continue;
+            }
             write_peer(&mut peer_text, peer);
             match futures::executor::block_on(role.on_packet(&name, &peer_text, data)) {
-                Ok(Some(reply)) => replies.push((index, reply)),
-                Ok(None) => {}
+                Ok(PacketReply {
+                    reply: Some(reply),
+                    keep,
+                }) => {
+                    if let Some(keep) = keep {
+                        kept.keep(&role, generation, data, &reply, keep);
+                    }
+                    replies.bytes.extend_from_slice(&reply);
+                    replies.written(index);
+                }
+                Ok(PacketReply { reply: None, .. }) => {}
                 Err(error) => tracing::debug!(role = role.name(), %peer, %error, "datagram dropped"),
             }
         }
-        datagrams.send(socket, &replies);
+        replies.send(socket, &datagrams);
+        kept.tally_now_and_then();
     }
 }
 
 /// Datagrams taken from the socket, and replies sent, per system call.
 const BATCH: usize = 32;
 
-/// Buffers and addresses for `recvmmsg(2)` and `sendmmsg(2)`: under load
-/// one system call carries up to [`BATCH`] datagrams each way, where
-/// `recv_from`/`send_to` cost two calls per query.
+/// Buffers and addresses for `recvmmsg(2)`: under load one system call
+/// takes up to [`BATCH`] datagrams, where `recv_from` costs a call each.
+/// The headers are built once and point into the buffers, iovecs and
+/// addresses, which are boxed and never move.
 struct Datagrams {
     buffers: Vec<Vec<u8>>,
-    lengths: [usize; BATCH],
-    peers: [libc::sockaddr_storage; BATCH],
-    peer_lengths: [libc::socklen_t; BATCH],
+    /// Receive headers, one per buffer.
+    headers: Box<[libc::mmsghdr; BATCH]>,
+    /// Held for the headers, which point into them.
+    _iovecs: Box<[libc::iovec; BATCH]>,
+    peers: Box<[libc::sockaddr_storage; BATCH]>,
+}
+
+/// A batch's replies for one `sendmmsg(2)`: their bytes end to end, where
+/// each ends with the index of the datagram it answers, and the headers
+/// and iovecs of the call (kept, so a batch allocates nothing).
+#[derive(Default)]
+struct Replies {
+    bytes: Vec<u8>,
+    ends: Vec<(usize, usize)>,
+    headers: Vec<libc::mmsghdr>,
+    iovecs: Vec<libc::iovec>,
 }
 
 impl Datagrams {
     fn new() -> Datagrams {
-        Datagrams {
+        let mut buffers: Vec<Vec<u8>> = (0..BATCH)
             // Zeroed allocations: a page is touched only when a datagram
             // reaches it, so small datagrams cost little memory.
-            buffers: (0..BATCH).map(|_| vec![0u8; MAX_DATAGRAM]).collect(),
-            lengths: [0; BATCH],
-            // SAFETY: sockaddr_storage is plain bytes; all zeroes is valid.
-            peers: unsafe { std::mem::zeroed() },
-            peer_lengths: [0; BATCH],
+            .map(|_| vec![0u8; MAX_DATAGRAM])
+            .collect();
+        let mut iovecs: Box<[libc::iovec; BATCH]> = Box::new(std::array::from_fn(|index| libc::iovec {
+            iov_base: buffers[index].as_mut_ptr().cast(),
+            iov_len: MAX_DATAGRAM,
+        }));
+        // SAFETY: sockaddr_storage is plain bytes; all zeroes is valid.
+        let mut peers: Box<[libc::sockaddr_storage; BATCH]> = Box::new(unsafe { std::mem::zeroed() });
+        let headers = Box::new(std::array::from_fn(|index| {
+            message_header(&mut peers[index], PEER_STORAGE, &mut iovecs[index])
+        }));
+        Datagrams {
+            buffers,
+            headers,
+            _iovecs: iovecs,
+            peers,
         }
     }
 
@@ -256,19 +317,16 @@ impl Datagrams {
     /// those already queued behind it, up to [`BATCH`]; returns how many.
     fn receive(&mut self, socket: &std::net::UdpSocket) -> std::io::Result<usize> {
         use std::os::fd::AsRawFd;
-        let mut iovecs: [libc::iovec; BATCH] = std::array::from_fn(|index| libc::iovec {
-            iov_base: self.buffers[index].as_mut_ptr().cast(),
-            iov_len: MAX_DATAGRAM,
-        });
-        let whole = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let mut headers: [libc::mmsghdr; BATCH] =
-            std::array::from_fn(|index| message_header(&mut self.peers[index], whole, &mut iovecs[index]));
+        for header in self.headers.iter_mut() {
+            // The kernel writes each sender's true length here.
+            header.msg_hdr.msg_namelen = PEER_STORAGE;
+        }
         // SAFETY: each header points at a buffer, an iovec and an address
-        // that outlive the call, with their true sizes.
+        // owned by `self` (boxed, so they stay put), with their true sizes.
         let count = unsafe {
             libc::recvmmsg(
                 socket.as_raw_fd(),
-                headers.as_mut_ptr(),
+                self.headers.as_mut_ptr(),
                 BATCH as libc::c_uint,
                 libc::MSG_WAITFORONE,
                 std::ptr::null_mut(),
@@ -277,51 +335,66 @@ impl Datagrams {
         if count < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let count = count as usize;
-        for (index, header) in headers[..count].iter().enumerate() {
-            self.lengths[index] = header.msg_len as usize;
-            self.peer_lengths[index] = header.msg_hdr.msg_namelen;
-        }
-        Ok(count)
+        Ok(count as usize)
     }
 
     /// The `index`th datagram received, and its sender.
     fn get(&self, index: usize) -> Option<(&[u8], SocketAddr)> {
+        let header = &self.headers[index];
         let mut storage = socket2::SockAddrStorage::zeroed();
         // SAFETY: the storage is a sockaddr_storage, and the kernel wrote
-        // `peer_lengths[index]` bytes of a socket address into ours.
+        // `msg_namelen` bytes of a socket address into ours.
         let peer = unsafe {
             *storage.view_as::<libc::sockaddr_storage>() = self.peers[index];
-            socket2::SockAddr::new(storage, self.peer_lengths[index])
+            socket2::SockAddr::new(storage, header.msg_hdr.msg_namelen)
         };
-        Some((&self.buffers[index][..self.lengths[index]], peer.as_socket()?))
+        Some((&self.buffers[index][..header.msg_len as usize], peer.as_socket()?))
+    }
+}
+
+impl Replies {
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
     }
 
-    /// Sends each reply (index of the datagram it answers, bytes) to that
-    /// datagram's sender. A reply the kernel refuses is dropped, as a lone
-    /// `send_to` would drop it, and the rest still go.
-    fn send(&mut self, socket: &std::net::UdpSocket, replies: &[(usize, Vec<u8>)]) {
+    /// Marks the bytes appended to `bytes` since the last reply as the
+    /// reply to the `index`th datagram.
+    fn written(&mut self, index: usize) {
+        self.ends.push((index, self.bytes.len()));
+    }
+
+    /// Sends each reply to the sender of its datagram in `datagrams`. A
+    /// reply the kernel refuses is dropped, as a lone `send_to` would drop
+    /// it, and the rest still go.
+    fn send(&mut self, socket: &std::net::UdpSocket, datagrams: &Datagrams) {
         use std::os::fd::AsRawFd;
-        let mut iovecs: Vec<libc::iovec> = replies
-            .iter()
-            .map(|(_, reply)| libc::iovec {
-                iov_base: reply.as_ptr().cast_mut().cast(),
-                iov_len: reply.len(),
-            })
-            .collect();
-        let mut headers: Vec<libc::mmsghdr> = replies
-            .iter()
-            .zip(iovecs.iter_mut())
-            .map(|((index, _), iovec)| message_header(&mut self.peers[*index], self.peer_lengths[*index], iovec))
-            .collect();
+        self.iovecs.clear();
+        self.headers.clear();
+        let mut start = 0;
+        for (_, end) in &self.ends {
+            self.iovecs.push(libc::iovec {
+                // sendmmsg only reads through it; the C type is mutable.
+                iov_base: self.bytes[start..].as_ptr().cast_mut().cast(),
+                iov_len: end - start,
+            });
+            start = *end;
+        }
+        for ((index, _), iovec) in self.ends.iter().zip(self.iovecs.iter_mut()) {
+            // sendmmsg only reads the address; the C type is mutable.
+            let peer = (&datagrams.peers[*index] as *const libc::sockaddr_storage).cast_mut();
+            let peer_length = datagrams.headers[*index].msg_hdr.msg_namelen;
+            self.headers.push(message_header(peer, peer_length, iovec));
+        }
         let mut sent = 0;
-        while sent < headers.len() {
-            // SAFETY: as in `receive`; the replies outlive the call.
+        while sent < self.headers.len() {
+            // SAFETY: each header points at reply bytes, an iovec and an
+            // address that outlive the call, with their true sizes.
             let count = unsafe {
                 libc::sendmmsg(
                     socket.as_raw_fd(),
-                    headers[sent..].as_mut_ptr(),
-                    (headers.len() - sent) as libc::c_uint,
+                    self.headers[sent..].as_mut_ptr(),
+                    (self.headers.len() - sent) as libc::c_uint,
                     0,
                 )
             };
@@ -329,22 +402,26 @@ impl Datagrams {
                 sent += count as usize;
             } else {
                 let error = std::io::Error::last_os_error();
-                tracing::debug!(peer = ?self.get(replies[sent].0).map(|(_, peer)| peer), %error, "udp reply not sent");
+                let peer = datagrams.get(self.ends[sent].0).map(|(_, peer)| peer);
+                tracing::debug!(?peer, %error, "udp reply not sent");
                 sent += 1;
             }
         }
     }
 }
 
+/// Room for any sender's address.
+const PEER_STORAGE: libc::socklen_t = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+
 /// A one-buffer message to or from `peer` (`peer_length` bytes of it).
 fn message_header(
-    peer: &mut libc::sockaddr_storage,
+    peer: *mut libc::sockaddr_storage,
     peer_length: libc::socklen_t,
     iovec: &mut libc::iovec,
 ) -> libc::mmsghdr {
     // SAFETY: mmsghdr is plain data; the fields that matter are set below.
     let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-    header.msg_hdr.msg_name = (peer as *mut libc::sockaddr_storage).cast();
+    header.msg_hdr.msg_name = peer.cast();
     header.msg_hdr.msg_namelen = peer_length;
     header.msg_hdr.msg_iov = iovec;
     header.msg_hdr.msg_iovlen = 1;
@@ -435,11 +512,12 @@ async fn serve_connection(slot: &Arc<RoleSlot>, name: &str, mut stream: TcpStrea
             return;
         }
         let Some(role) = slot.serving() else { return };
+        // Kept replies serve datagrams only: each TCP message is the role's.
         let reply = match role.on_packet(name, &peer_text, &message).await {
-            Ok(Some(reply)) => reply,
+            Ok(PacketReply { reply: Some(reply), .. }) => reply,
             // No answer for this message: like a dropped datagram, the
             // connection closes so the client does not wait forever.
-            Ok(None) => return,
+            Ok(PacketReply { reply: None, .. }) => return,
             Err(error) => {
                 tracing::debug!(role = role.name(), %peer, %error, "tcp message dropped");
                 return;

@@ -152,7 +152,7 @@ impl RoleSlot {
         if self.mode() != Mode::Active {
             return None;
         }
-        self.current().filter(|role| role.stats().failed.is_none())
+        self.current().filter(|role| !role.is_failed())
     }
 
     pub fn watch_changes(&self) -> watch::Receiver<u64> {

@@ -4,6 +4,7 @@
 //! `hivemind_runtime::manifest`.)
 
 pub mod delivery;
+mod kept;
 pub mod listeners;
 pub mod manager;
 pub mod services;

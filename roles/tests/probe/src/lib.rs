@@ -6,13 +6,22 @@
 //! `on-event`), `self`, `nodes`, `config`, `call NODE ROLE CMD`,
 //! `write PATH TEXT`, `exec PROGRAM ARGS...`, `sleep MS` (answers `slept VERSION`),
 //! `ambient` (what WASI gives it: environment size, a file read, `/` listing).
-//! Datagrams on any listener are answered with `VERSION DATA`.
+//! Datagrams on any listener are answered with `VERSION DATA`, but for:
+//! `IDkeep:TEXT` (a two-byte ID first), answered `ID VERSION call N TEXT`
+//! with N counting such calls, and kept by the host (`keep-reply`, tallied
+//! as `probe_kept`); `forget` (calls `forget-replies`); `keep-too-much`
+//! (a refused `keep-reply`, answered with the error).
 
 use hivemind_sdk::{Description, Event, Request, Response, Role, export_role, host, state};
 
 struct Probe;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+thread_local! {
+    /// `keep:` datagrams this instance was called for.
+    static PACKET_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 impl Role for Probe {
     fn describe() -> Description {
@@ -35,6 +44,11 @@ impl Role for Probe {
         let arg = |index: usize| args.get(index).map(String::as_str).unwrap_or("");
         match request.command() {
             "version" => Response::text(200, VERSION),
+            // keep-reply is for on-packet only: this shows the refusal.
+            "keep" => match host::keep_reply(2, None) {
+                Ok(()) => Response::text(200, "kept"),
+                Err(error) => Response::error(400, &error.message()),
+            },
             "echo" => Response {
                 status: 200,
                 headers: vec![],
@@ -157,6 +171,31 @@ impl Role for Probe {
     }
 
     fn on_packet(_listener: String, _peer: String, data: Vec<u8>) -> Option<Vec<u8>> {
+        // `IDkeep:TEXT` (a two-byte ID first): the reply may be kept.
+        if let Some(text) = data.get(2..).and_then(|rest| rest.strip_prefix(b"keep:")) {
+            let call = PACKET_CALLS.with(|calls| {
+                calls.set(calls.get() + 1);
+                calls.get()
+            });
+            let mut reply = data[..2].to_vec();
+            reply.extend_from_slice(format!("{VERSION} call {call} ").as_bytes());
+            reply.extend_from_slice(text);
+            if let Err(error) = host::keep_reply(2, Some(("probe_kept", &[("kind", "keep")]))) {
+                return Some(format!("keep-reply failed: {}", error.message()).into_bytes());
+            }
+            return Some(reply);
+        }
+        match data.as_slice() {
+            b"forget" => {
+                host::forget_replies();
+                return Some(b"forgot".to_vec());
+            }
+            b"keep-too-much" => {
+                let outcome = host::keep_reply(17, None).map_err(|error| error.message().to_string());
+                return Some(format!("{outcome:?}").into_bytes());
+            }
+            _ => {}
+        }
         let mut reply = format!("{VERSION} ").into_bytes();
         reply.extend_from_slice(&data);
         Some(reply)
