@@ -105,18 +105,18 @@ pub async fn relay(
     Ok(())
 }
 
-/// Where bytes wait between the read and the write.
-enum Carrier {
-    Pipe {
-        read: OwnedFd,
-        write: OwnedFd,
-    },
-    /// `bytes` is taken from this thread's spares for a read and given
-    /// back once written: an idle session holds no buffer.
-    Buffer {
-        bytes: Option<Box<[u8]>>,
-        start: usize,
-    },
+/// A small exchange's bytes between the read and the write. They are taken
+/// from this thread's spares for a read and given back once written: an
+/// idle session holds no buffer.
+struct Buffer {
+    bytes: Option<Box<[u8]>>,
+    start: usize,
+}
+
+/// A bulk direction's pipe, for splice(2).
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
 }
 
 thread_local! {
@@ -128,8 +128,8 @@ thread_local! {
 /// Spares kept per thread (4 MiB); more are freed.
 const SPARE_LIMIT: usize = 256;
 
-impl Carrier {
-    fn pipe() -> io::Result<Carrier> {
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two new descriptors into `fds` on success;
         // each is owned by exactly one OwnedFd below.
@@ -143,18 +143,18 @@ impl Carrier {
         unsafe {
             libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int);
         }
-        Ok(Carrier::Pipe { read, write })
+        Ok(Pipe { read, write })
     }
+}
 
-    fn buffer() -> Carrier {
-        Carrier::Buffer { bytes: None, start: 0 }
+impl Buffer {
+    fn new() -> Buffer {
+        Buffer { bytes: None, start: 0 }
     }
 
     /// Gives an empty buffer back to the thread's spares.
     fn release(&mut self) {
-        if let Carrier::Buffer { bytes, .. } = self
-            && let Some(bytes) = bytes.take()
-        {
+        if let Some(bytes) = self.bytes.take() {
             SPARE_BUFFERS.with_borrow_mut(|spare| {
                 if spare.len() < SPARE_LIMIT {
                     spare.push(bytes);
@@ -163,35 +163,24 @@ impl Carrier {
         }
     }
 
-    /// Moves what `from` has (up to a chunk) into the empty carrier; 0 at
-    /// end of stream. Only called when the carrier is empty, so a
-    /// `WouldBlock` is always the socket's.
+    /// Reads what `from` has (up to a chunk) into the empty buffer; 0 at
+    /// end of stream.
     fn fill(&mut self, mut from: &std::net::TcpStream) -> io::Result<usize> {
-        match self {
-            Carrier::Pipe { write, .. } => splice(from.as_raw_fd(), write.as_raw_fd(), PIPE_SIZE),
-            Carrier::Buffer { bytes, start } => {
-                *start = 0;
-                let bytes = bytes.get_or_insert_with(|| {
-                    SPARE_BUFFERS
-                        .with_borrow_mut(Vec::pop)
-                        .unwrap_or_else(|| vec![0; CHUNK].into_boxed_slice())
-                });
-                from.read(bytes)
-            }
-        }
+        self.start = 0;
+        let bytes = self.bytes.get_or_insert_with(|| {
+            SPARE_BUFFERS
+                .with_borrow_mut(Vec::pop)
+                .unwrap_or_else(|| vec![0; CHUNK].into_boxed_slice())
+        });
+        from.read(bytes)
     }
 
-    /// Moves up to `pending` waiting bytes to `to`.
+    /// Writes up to `pending` waiting bytes to `to`.
     fn drain(&mut self, mut to: &std::net::TcpStream, pending: usize) -> io::Result<usize> {
-        match self {
-            Carrier::Pipe { read, .. } => splice(read.as_raw_fd(), to.as_raw_fd(), pending),
-            Carrier::Buffer { bytes, start } => {
-                let bytes = bytes.as_ref().expect("a filled buffer");
-                let written = to.write(&bytes[*start..*start + pending])?;
-                *start += written;
-                Ok(written)
-            }
-        }
+        let bytes = self.bytes.as_ref().expect("a filled buffer");
+        let written = to.write(&bytes[self.start..self.start + pending])?;
+        self.start += written;
+        Ok(written)
     }
 }
 
@@ -219,11 +208,11 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// One direction. Readiness is cleared on `WouldBlock`, and also after a
 /// read into the buffer that did not fill it: that read emptied the
 /// socket, so asking again would only return `WouldBlock`, one wasted
-/// system call per message (HAProxy skips it the same way). A splice may
-/// stop short while data remains (the pipe counts slots, not bytes), so
-/// pipes clear only on `WouldBlock`.
+/// system call per message (HAProxy skips it the same way). A read that
+/// fills the buffer marks bulk data: with splice on, the direction moves to
+/// a pipe ([`pump`]) for the rest of the session.
 async fn one_way(from: &Socket, to: &Socket, splice: bool, counter: &AtomicU64) -> io::Result<()> {
-    let mut carrier = Carrier::buffer();
+    let mut carrier = Buffer::new();
     loop {
         let filled = loop {
             let mut ready = from.readable().await?;
@@ -234,7 +223,7 @@ async fn one_way(from: &Socket, to: &Socket, splice: bool, counter: &AtomicU64) 
                 }
                 Err(error) => return Err(error),
                 Ok(filled) => {
-                    if matches!(carrier, Carrier::Buffer { .. }) && filled > 0 && filled < CHUNK {
+                    if filled > 0 && filled < CHUNK {
                         ready.clear_ready();
                     }
                     break filled;
@@ -260,12 +249,78 @@ async fn one_way(from: &Socket, to: &Socket, splice: bool, counter: &AtomicU64) 
             }
         }
         carrier.release();
-        if splice && filled == CHUNK && matches!(carrier, Carrier::Buffer { .. }) {
-            match Carrier::pipe() {
-                Ok(pipe) => carrier = pipe,
+        if splice && filled == CHUNK {
+            match Pipe::new() {
+                Ok(pipe) => return pump(from, to, &pipe, counter).await,
                 // Out of descriptors: the buffer still works.
                 Err(error) => tracing::debug!(%error, "no pipe for a bulk session; copying through a buffer"),
             }
+        }
+    }
+}
+
+/// Moves a bulk direction through a pipe with splice(2), reading and
+/// writing as each side allows: bytes keep coming in while earlier ones
+/// wait for room on the way out, so neither connection waits for the other
+/// (a read-then-write cycle left each idle in turn). A side is tried only
+/// while its readiness is set, and readiness is cleared only on
+/// `WouldBlock`: a splice may stop short while data remains (the pipe
+/// counts slots, not bytes).
+async fn pump(from: &Socket, to: &Socket, pipe: &Pipe, counter: &AtomicU64) -> io::Result<()> {
+    use futures::FutureExt;
+    let mut in_pipe = 0usize;
+    let mut ended = false;
+    // A read refused while the pipe held bytes may have met a full pipe
+    // rather than an empty socket: reading waits for a write to make room,
+    // and the socket's readiness is kept.
+    let mut pipe_full = false;
+    loop {
+        let mut moved = false;
+        if !ended
+            && !pipe_full
+            && in_pipe < PIPE_SIZE
+            && let Some(ready) = from.readable().now_or_never()
+        {
+            let mut ready = ready?;
+            match splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE - in_pipe) {
+                Ok(0) => ended = true,
+                Ok(spliced) => {
+                    in_pipe += spliced;
+                    moved = true;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock && in_pipe > 0 => pipe_full = true,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
+                Err(error) => return Err(error),
+            }
+        }
+        if in_pipe > 0
+            && let Some(ready) = to.writable().now_or_never()
+        {
+            let mut ready = ready?;
+            match splice(pipe.read.as_raw_fd(), to.as_raw_fd(), in_pipe) {
+                Ok(spliced) => {
+                    in_pipe -= spliced;
+                    counter.fetch_add(spliced as u64, Ordering::Relaxed);
+                    pipe_full = false;
+                    moved = true;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
+                Err(error) => return Err(error),
+            }
+        }
+        if ended && in_pipe == 0 {
+            // The peer may already be gone; the other direction sees that.
+            let _ = to.get_ref().shutdown(std::net::Shutdown::Write);
+            return Ok(());
+        }
+        if moved {
+            continue;
+        }
+        // Nothing moved: wait for a side that can make progress.
+        let reading = !ended && !pipe_full && in_pipe < PIPE_SIZE;
+        tokio::select! {
+            ready = from.readable(), if reading => drop(ready?),
+            ready = to.writable(), if in_pipe > 0 => drop(ready?),
         }
     }
 }
