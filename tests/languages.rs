@@ -1,8 +1,9 @@
 //! Roles in Python, JavaScript and C: each example under `roles/examples`
 //! builds offline with its language's toolchain (installed by
 //! `scripts/role-toolchains`) and runs in a real host: init, events, requests,
-//! a reload and a restart, with its state kept across both, and a counter
-//! through its SDK's `count` at the host's `/metrics`.
+//! a reload and a restart, with its state kept across both, a counter
+//! through its SDK's `count` at the host's `/metrics`, and a UDP reply the
+//! host keeps through its SDK's `keep_reply`.
 //! `hivemind roles new --lang` projects build with their own `./build.sh`
 //! and load too.
 
@@ -141,11 +142,34 @@ async fn example_runs_in_a_host(name: &str, tools: &[&str]) {
     example_serves(name, &wasm).await;
 }
 
+/// The example's counts over UDP: a datagram of a two-byte ID and
+/// `counts`, answered with the ID and the counts as JSON.
+async fn counts_over_udp(port: u16, id: u16) -> Value {
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut datagram = id.to_be_bytes().to_vec();
+    datagram.extend_from_slice(b"counts");
+    client.send_to(&datagram, ("127.0.0.1", port)).await.unwrap();
+    let mut buffer = [0u8; 1024];
+    let length = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buffer))
+        .await
+        .expect("no answer to a counts datagram")
+        .unwrap();
+    assert_eq!(buffer[..2], id.to_be_bytes(), "the reply carries the datagram's ID");
+    serde_json::from_slice(&buffer[2..length])
+        .unwrap_or_else(|error| panic!("{error}: {:?}", String::from_utf8_lossy(&buffer[..length])))
+}
+
 async fn example_serves(name: &str, wasm: &[u8]) {
     let mut host = TestHost::start().await;
     host.drop_role("probe", &probe(), None);
     host.wait_live("probe", &probe()).await;
-    host.drop_role(name, wasm, None);
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let manifest = format!("[[listeners]]\nname = \"counts\"\naddress = \"127.0.0.1:{port}\"\n");
+    host.drop_role(name, wasm, Some(&manifest));
     // A compile in progress blocks neither the API nor other roles: while
     // the host shows this role loading, the probe answers.
     let mut answered_while_loading = 0;
@@ -186,6 +210,21 @@ async fn example_serves(name: &str, wasm: &[u8]) {
         );
     }
 
+    // Over UDP the role lets the host keep its reply (its SDK's
+    // `keep_reply`): the repeat is the host's, counted on the role's tally.
+    assert_eq!(counts_over_udp(port, 1).await, json!({ "web": 2, "db": 1 }));
+    assert_eq!(counts_over_udp(port, 2).await, json!({ "web": 2, "db": 1 }));
+    let tally = format!(r#"hivemind_counter_count_queries_total{{role="{name}",kind="counts"}} 1"#);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = host.api().get("/metrics").await.text();
+        if metrics.lines().any(|line| line == tally) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no `{tally}` in\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     let one = host.api().role(name, "counts", &["web"]).await;
     assert_eq!((one.status, one.json()), (200, json!({ "web": 2 })));
     let unknown = host.api().role(name, "counts", &["nope"]).await;
@@ -205,6 +244,8 @@ async fn example_serves(name: &str, wasm: &[u8]) {
     wait_counts(&host, name, json!({ "web": 2, "db": 1 })).await;
     host.api().emit("service.changed", "web@n1").await;
     wait_counts(&host, name, json!({ "web": 3, "db": 1 })).await;
+    // The event made the kept reply stale; the host forgot it.
+    assert_eq!(counts_over_udp(port, 3).await, json!({ "web": 3, "db": 1 }));
 
     // A restart loads the compiled code from the cache; state stays.
     host.restart().await;

@@ -78,6 +78,31 @@ bool hm_count(const char *name, const char *label, const char *value, uint64_t d
     return false;
 }
 
+bool hm_keep_reply(uint32_t skip, const char *tally, const char *label, const char *value) {
+    role_tuple2_string_list_tuple2_string_string_t kept;
+    role_tuple2_string_string_t pair;
+    kept.f1.ptr = &pair;
+    kept.f1.len = 0;
+    if (tally != NULL) {
+        role_string_set(&kept.f0, tally);
+        if (label != NULL) {
+            role_string_set(&pair.f0, label);
+            role_string_set(&pair.f1, value != NULL ? value : "");
+            kept.f1.len = 1;
+        }
+    }
+    hivemind_role_host_host_error_t failure;
+    if (hivemind_role_host_keep_reply(skip, tally != NULL ? &kept : NULL, &failure)) {
+        return true;
+    }
+    hivemind_role_host_host_error_free(&failure);
+    return false;
+}
+
+void hm_forget_replies(void) {
+    hivemind_role_host_forget_replies();
+}
+
 int64_t hm_state_get_int(const char *key, int64_t fallback) {
     char *text = hm_state_get_text(key);
     if (text == NULL) {

@@ -53,6 +53,19 @@ bool hm_state_set_int(const char *key, int64_t value, char **error);
 // report in batches.
 bool hm_count(const char *name, const char *label, const char *value, uint64_t delta);
 
+// Inside `on-packet` for a UDP datagram: lets the host answer later
+// datagrams on the same listener that match this one after its first `skip`
+// bytes with the reply being returned (its first `skip` bytes taken from
+// each datagram), without calling the role. Only for a reply that depends
+// on nothing but the datagram and what the role holds; the host forgets
+// kept replies after an event or a request and on `hm_forget_replies`. With
+// `tally` set, each reuse adds one to that counter (with one label, or none
+// when `label` is NULL), as `hm_count` would. False when the host refused.
+bool hm_keep_reply(uint32_t skip, const char *tally, const char *label, const char *value);
+
+// Forgets every reply kept with `hm_keep_reply` once this call ends.
+void hm_forget_replies(void);
+
 // The request's command: its first path segment (`counts` for `/counts/x`),
 // malloc'd.
 char *hm_request_command(const role_request_t *request);

@@ -225,6 +225,22 @@ export const host = {
   count(name, labels = {}, delta = 1) {
     hostCall(hostImports.count, name, Object.entries(labels), BigInt(delta));
   },
+  /**
+   * Inside `onPacket` for a UDP datagram: lets the host answer later datagrams on the same
+   * listener that match this one after its first `skip` bytes with the reply being returned (its
+   * first `skip` bytes taken from each datagram), without calling the role. Only for a reply that
+   * depends on nothing but the datagram and what the role holds; the host forgets kept replies
+   * after an event or a request and on `forgetReplies`. With `tally` ([name, {label: value}]),
+   * each reuse adds one to that counter as `count` would.
+   */
+  keepReply(skip, tally) {
+    const kept = tally === undefined ? undefined : [tally[0], Object.entries(tally[1] ?? {})];
+    hostCall(hostImports.keepReply, skip, kept);
+  },
+  /** Forgets every reply kept with `keepReply` once this call ends. */
+  forgetReplies() {
+    hostImports.forgetReplies();
+  },
 };
 
 /** Durable key-value state private to the role: it survives reloads, new versions and restarts. */

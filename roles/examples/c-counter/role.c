@@ -3,7 +3,9 @@
 // `hivemind role c-counter counts` (or GET /v1/roles/c-counter/counts)
 // answers {"SERVICE": N, ...}; `counts SERVICE` answers one count. The counts
 // live in the role's state, so they survive reloads, new versions and
-// restarts.
+// restarts. On a UDP listener, a datagram of a two-byte ID and `counts` is
+// answered with the ID and the counts as JSON; the host keeps that reply and
+// answers repeats itself until the next event (`hm_keep_reply`).
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -131,11 +133,25 @@ void exports_role_on_request(role_request_t *request, role_response_t *ret) {
 
 bool exports_role_on_packet(role_string_t *listener, role_string_t *peer, role_list_u8_t *data,
                             role_list_u8_t *ret) {
-    (void)ret;
+    bool answered = false;
+    if (data->len == 8 && memcmp(data->ptr + 2, "counts", 6) == 0) {
+        hm_buffer_t body = {0};
+        counts_json(&body, NULL);
+        size_t length = strlen(body.text);
+        ret->ptr = malloc(2 + length);
+        ret->len = 2 + length;
+        memcpy(ret->ptr, data->ptr, 2);
+        memcpy(ret->ptr + 2, body.text, length);
+        free(body.text);
+        // Only events change the counts, and the host forgets kept replies
+        // after each one.
+        hm_keep_reply(2, "count_queries", "kind", "counts");
+        answered = true;
+    }
     role_string_free(listener);
     role_string_free(peer);
     role_list_u8_free(data);
-    return false;
+    return answered;
 }
 
 void exports_role_on_tick(void) {}

@@ -3,6 +3,9 @@
 `hivemind role python-counter counts` (or GET /v1/roles/python-counter/counts)
 answers {"SERVICE": N, ...}; `counts SERVICE` answers one count. The counts
 live in the role's state, so they survive reloads, new versions and restarts.
+On a UDP listener, a datagram of a two-byte ID and `counts` is answered with
+the ID and the counts as JSON; the host keeps that reply and answers repeats
+itself until the next event (`keep_reply`).
 """
 
 import json
@@ -38,13 +41,29 @@ class ServiceCounter(hm.Role):
     def on_request(self, request):
         if request.command != "counts":
             return hm.Response.not_found(request)
-        counts = {key[len("count/"):]: hm.state.get_json(key) for key in hm.state.keys("count/")}
+        counts = _counts()
         if request.args:
             service = request.args[0]
             if service not in counts:
                 return hm.Response.error(404, f"no events counted for service {json.dumps(service)}")
             return hm.Response.json({service: counts[service]})
         return hm.Response.json(counts)
+
+
+    def on_packet(self, listener, peer, data):
+        if data[2:] != b"counts":
+            return None
+        # Only events change the counts, and the host forgets kept replies
+        # after each one.
+        try:
+            hm.host.keep_reply(2, ("count_queries", {"kind": "counts"}))
+        except hm.HostError:
+            pass
+        return data[:2] + json.dumps(_counts(), separators=(",", ":")).encode()
+
+
+def _counts():
+    return {key[len("count/"):]: hm.state.get_json(key) for key in hm.state.keys("count/")}
 
 
 WitWorld = hm.export(ServiceCounter)

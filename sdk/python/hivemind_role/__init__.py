@@ -301,6 +301,24 @@ class host:
         crosses into the host: on a hot path, sum and report in batches."""
         _host_call(_host.count, name, list((labels or {}).items()), delta)
 
+    @staticmethod
+    def keep_reply(skip: int, tally: Optional[tuple[str, dict[str, str]]] = None) -> None:
+        """Inside ``on_packet`` for a UDP datagram: lets the host answer later
+        datagrams on the same listener that match this one after its first
+        ``skip`` bytes with the reply being returned (its first ``skip``
+        bytes taken from each datagram), without calling the role. Only for
+        a reply that depends on nothing but the datagram and what the role
+        holds; the host forgets kept replies after an event or a request and
+        on ``forget_replies``. With ``tally`` (``(name, labels)``), each
+        reuse adds one to that counter as ``count`` would."""
+        kept_tally = None if tally is None else (tally[0], list(tally[1].items()))
+        _host_call(_host.keep_reply, skip, kept_tally)
+
+    @staticmethod
+    def forget_replies() -> None:
+        """Forgets every reply kept with ``keep_reply`` once this call ends."""
+        _host.forget_replies()
+
 
 class state:
     """Durable key-value state private to the role: it survives reloads,

@@ -4,7 +4,9 @@
 //! `hivemind role rust-counter counts` (or GET /v1/roles/rust-counter/counts)
 //! answers {"SERVICE": N, ...}; `counts SERVICE` answers one count. The counts
 //! live in the role's state, so they survive reloads, new versions and
-//! restarts.
+//! restarts. On a UDP listener, a datagram of a two-byte ID and `counts` is
+//! answered with the ID and the counts as JSON; the host keeps that reply
+//! and answers repeats itself until the next event (`keep_reply`).
 
 use std::collections::BTreeMap;
 
@@ -49,13 +51,7 @@ impl Role for ServiceCounter {
         if request.command() != "counts" {
             return Response::not_found(&request);
         }
-        let counts: BTreeMap<String, u64> = state::keys(COUNT_PREFIX)
-            .into_iter()
-            .filter_map(|key| {
-                let count = state::get_json(&key).ok().flatten()?;
-                Some((key[COUNT_PREFIX.len()..].to_string(), count))
-            })
-            .collect();
+        let counts = counts();
         match request.args().first() {
             None => Response::json(200, &counts),
             Some(service) => match counts.get(service) {
@@ -64,6 +60,30 @@ impl Role for ServiceCounter {
             },
         }
     }
+
+    fn on_packet(_listener: String, _peer: String, data: Vec<u8>) -> Option<Vec<u8>> {
+        let (id, question) = data.split_at_checked(2)?;
+        if question != b"counts" {
+            return None;
+        }
+        let mut reply = id.to_vec();
+        reply.extend_from_slice(&serde_json::to_vec(&counts()).ok()?);
+        // Only events change the counts, and the host forgets kept replies
+        // after each one.
+        let _ = host::keep_reply(2, Some(("count_queries", &[("kind", "counts")])));
+        Some(reply)
+    }
+}
+
+/// Events counted per service.
+fn counts() -> BTreeMap<String, u64> {
+    state::keys(COUNT_PREFIX)
+        .into_iter()
+        .filter_map(|key| {
+            let count = state::get_json(&key).ok().flatten()?;
+            Some((key[COUNT_PREFIX.len()..].to_string(), count))
+        })
+        .collect()
 }
 
 export_role!(ServiceCounter);
