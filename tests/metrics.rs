@@ -128,6 +128,7 @@ fn metrics_parse_and_carry_every_series() {
     }
     // Read at scrape time, so only their presence is certain.
     value(&samples, r#"hivemind_role_queue_depth{role="dns"}"#);
+    value(&samples, r#"hivemind_role_kept_replies_total{role="dns"}"#);
     value(&samples, r#"hivemind_role_busy_workers{role="host-events"}"#);
     assert_eq!(value(&samples, r#"hivemind_role_workers{role="dns"}"#), 1.0);
     assert_eq!(

@@ -307,15 +307,17 @@ async fn kept_replies_answer_repeats_until_the_role_changes() {
     let (_, other) = ask_kept(&client, 7, "y").await;
     assert_eq!(call_number(&other), call + 1, "another datagram is the role's");
 
-    // The five repeats are counted on the role's tally within a second or so.
+    // The five repeats are counted on the role's tally, and as the host's
+    // answers, within a second or so.
     let deadline = Instant::now() + Duration::from_secs(10);
     let tally = "hivemind_counter_probe_kept_total{role=\"probe\",kind=\"keep\"} 5";
+    let sent = "hivemind_role_kept_replies_total{role=\"probe\"} 5";
     loop {
         let metrics = host.api().get("/metrics").await.text();
-        if metrics.lines().any(|line| line == tally) {
+        if metrics.lines().any(|line| line == tally) && metrics.lines().any(|line| line == sent) {
             break;
         }
-        assert!(Instant::now() < deadline, "no `{tally}` in\n{metrics}");
+        assert!(Instant::now() < deadline, "no `{tally}` and `{sent}` in\n{metrics}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

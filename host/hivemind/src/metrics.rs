@@ -72,6 +72,7 @@ pub struct NodeMetrics {
     traps: Family<RoleLabel, Counter>,
     overloads: Family<RoleLabel, Counter>,
     reloads: Family<RoleLabel, Counter>,
+    kept_replies: Family<RoleLabel, Counter>,
     roles: Mutex<BTreeMap<String, Arc<RoleMetrics>>>,
 }
 
@@ -85,6 +86,7 @@ impl NodeMetrics {
         let traps = Family::<RoleLabel, Counter>::default();
         let overloads = Family::<RoleLabel, Counter>::default();
         let reloads = Family::<RoleLabel, Counter>::default();
+        let kept_replies = Family::<RoleLabel, Counter>::default();
         registry.register("role_calls", "Calls into a role, by export", calls.clone());
         registry.register(
             "role_errors",
@@ -112,6 +114,11 @@ impl NodeMetrics {
             reloads.clone(),
         );
         registry.register(
+            "role_kept_replies",
+            "Datagrams the host answered from a reply the role let it keep (keep-reply), without a call",
+            kept_replies.clone(),
+        );
+        registry.register(
             "log_write_seconds",
             "Time from a log write's start on this node to its commit",
             log_write_seconds,
@@ -129,6 +136,7 @@ impl NodeMetrics {
             traps,
             overloads,
             reloads,
+            kept_replies,
             roles: Mutex::new(BTreeMap::new()),
         })
     }
@@ -147,6 +155,7 @@ impl NodeMetrics {
             traps: self.traps.get_or_create(&role).clone(),
             overloads: self.overloads.get_or_create(&role).clone(),
             reloads: self.reloads.get_or_create(&role).clone(),
+            kept_replies: self.kept_replies.get_or_create(&role).clone(),
             reported: Mutex::new(BTreeMap::new()),
         });
         roles.insert(name.to_string(), metrics.clone());
@@ -191,6 +200,7 @@ pub struct RoleMetrics {
     traps: Counter,
     overloads: Counter,
     reloads: Counter,
+    kept_replies: Counter,
     /// What the role reported through `count`, by counter name, then by
     /// label set.
     reported: Mutex<BTreeMap<String, SeriesTotals>>,
@@ -215,6 +225,11 @@ impl RoleMetrics {
         }
         self.calls[index].inc();
         self.seconds[index].observe(elapsed.as_secs_f64());
+    }
+
+    /// Datagrams answered from the role's kept replies.
+    pub fn kept_replies_sent(&self, count: u64) {
+        self.kept_replies.inc_by(count);
     }
 
     /// A new version went live in place of a running one.

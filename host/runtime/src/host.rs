@@ -74,6 +74,12 @@ pub trait RoleHost: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The host answered `count` datagrams from replies the role let it
+    /// keep (`keep-reply`), without calling the role.
+    fn kept_replies_sent(&self, count: u64) {
+        let _ = count;
+    }
+
     /// A call into the role ended: which export, how, and how long it ran
     /// in its worker (queueing and starting an instance not included).
     fn observe_call(&self, export: Export, outcome: CallOutcome, elapsed: Duration) {

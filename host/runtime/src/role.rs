@@ -294,6 +294,11 @@ impl LoadedRole {
         self.kept_generation.load(Ordering::Acquire)
     }
 
+    /// Records datagrams answered from the role's kept replies.
+    pub fn kept_replies_sent(&self, count: u64) {
+        self.host.kept_replies_sent(count);
+    }
+
     /// Adds `delta` to one of the role's counters, as its `count` import
     /// does; `name` and `labels` must have passed [`crate::validate_counter`].
     pub fn count(&self, name: &str, labels: &[(String, String)], delta: u64) -> Result<(), crate::HostError> {

@@ -56,6 +56,8 @@ pub struct KeptReplies {
     by_skip: Vec<(usize, Replies)>,
     entries: usize,
     bytes: usize,
+    /// Datagrams answered here since the last tally.
+    sent: u64,
     /// Counters reuses add to, and how much each is owed.
     tallies: Vec<(Tally, u64)>,
     tally_index: HashMap<Tally, usize>,
@@ -88,6 +90,7 @@ impl KeptReplies {
                 let start = out.len();
                 out.extend_from_slice(&kept.reply);
                 out[start..start + skip].copy_from_slice(&datagram[..*skip]);
+                self.sent += 1;
                 if let Some(tally) = kept.tally {
                     self.tallies[tally].1 += 1;
                 }
@@ -156,9 +159,12 @@ impl KeptReplies {
         self.tally_reuses();
     }
 
-    /// Adds every reuse counted so far to the role's counters.
+    /// Adds every reuse counted so far to the role's metrics and counters.
     pub fn tally_reuses(&mut self) {
         let Some(role) = &self.version else { return };
+        if self.sent > 0 {
+            role.kept_replies_sent(std::mem::take(&mut self.sent));
+        }
         for ((name, labels), owed) in &mut self.tallies {
             if *owed == 0 {
                 continue;

@@ -273,6 +273,10 @@ impl RoleHost for RoleServices {
         self.metrics.count(name, labels, delta)
     }
 
+    fn kept_replies_sent(&self, count: u64) {
+        self.metrics.kept_replies_sent(count);
+    }
+
     fn observe_call(&self, export: Export, outcome: CallOutcome, elapsed: Duration) {
         self.metrics.observe_call(export, outcome, elapsed);
     }
