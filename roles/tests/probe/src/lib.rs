@@ -47,7 +47,7 @@ impl Role for Probe {
             // keep-reply is for on-packet only: this shows the refusal.
             "keep" => match host::keep_reply(2, None) {
                 Ok(()) => Response::text(200, "kept"),
-                Err(error) => Response::error(400, &error.message()),
+                Err(error) => Response::error(400, error.message()),
             },
             "echo" => Response {
                 status: 200,
