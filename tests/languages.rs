@@ -163,12 +163,7 @@ async fn example_serves(name: &str, wasm: &[u8]) {
     let mut host = TestHost::start().await;
     host.drop_role("probe", &probe(), None);
     host.wait_live("probe", &probe()).await;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let manifest = format!("[[listeners]]\nname = \"counts\"\naddress = \"127.0.0.1:{port}\"\n");
+    let (manifest, port) = udp_listener_manifest("counts");
     host.drop_role(name, wasm, Some(&manifest));
     // A compile in progress blocks neither the API nor other roles: while
     // the host shows this role loading, the probe answers.

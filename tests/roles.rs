@@ -139,22 +139,23 @@ async fn manifest_edit_reloads() {
     host.stop().await;
 }
 
+/// A host running the probe with a UDP listener, its manifest, and a client
+/// socket connected to the listener.
+async fn probe_on_udp() -> (TestHost, String, tokio::net::UdpSocket) {
+    let host = TestHost::start().await;
+    let (manifest, port) = udp_listener_manifest("echo");
+    host.drop_role("probe", &probe(), Some(&manifest));
+    host.wait_live("probe", &probe()).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(("127.0.0.1", port)).await.unwrap();
+    (host, manifest, client)
+}
+
 /// A host-owned UDP listener answers every datagram while the role is
 /// replaced back and forth: the port is never unbound.
 #[tokio::test(flavor = "multi_thread")]
 async fn udp_listener_answers_through_reloads() {
-    let host = TestHost::start().await;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let manifest = format!("[[listeners]]\nname = \"echo\"\naddress = \"127.0.0.1:{port}\"\n");
-    host.drop_role("probe", &probe(), Some(&manifest));
-    host.wait_live("probe", &probe()).await;
-
-    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    client.connect(("127.0.0.1", port)).await.unwrap();
+    let (host, manifest, client) = probe_on_udp().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = {
         let stop = stop.clone();
@@ -283,17 +284,7 @@ fn call_number(reply: &str) -> u64 {
 /// more than 16 bytes to take from the datagram, `keep-reply` is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn kept_replies_answer_repeats_until_the_role_changes() {
-    let host = TestHost::start().await;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let manifest = format!("[[listeners]]\nname = \"echo\"\naddress = \"127.0.0.1:{port}\"\n");
-    host.drop_role("probe", &probe(), Some(&manifest));
-    host.wait_live("probe", &probe()).await;
-    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    client.connect(("127.0.0.1", port)).await.unwrap();
+    let (host, manifest, client) = probe_on_udp().await;
 
     let (id, first) = ask_kept(&client, 1, "x").await;
     assert_eq!(id, 1);

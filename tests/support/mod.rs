@@ -257,6 +257,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A role manifest with one UDP listener, `name`, on a free loopback port;
+/// and the port.
+pub fn udp_listener_manifest(name: &str) -> (String, u16) {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    (
+        format!("[[listeners]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n"),
+        port,
+    )
+}
+
 /// Polls `probe` until it gives a value, for up to [`PATIENCE`].
 pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + PATIENCE;
