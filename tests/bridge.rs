@@ -27,6 +27,10 @@ fn bridge_status(node: &NodeProcess, bridge: &str) -> Value {
     serde_json::from_slice(&body).unwrap()
 }
 
+fn text_of(value: &Value) -> String {
+    value.as_str().unwrap_or_default().to_string()
+}
+
 fn active_of(node: &NodeProcess, bridge: &str) -> Value {
     bridge_status(node, bridge)["active"]["backend"].clone()
 }
@@ -175,6 +179,56 @@ fn every_node_routes_to_the_committed_backend() {
         "{text}"
     );
     assert!(text.contains("routing   on"), "{text}");
+}
+
+/// A node whose `[[bridge]]` lists the backends in another order (and
+/// fails back) is named on the other nodes' status and in `hivemind
+/// bridge status`, and names them in turn; a bridge configured alike
+/// shows nothing.
+#[test]
+fn a_bridge_configured_differently_on_another_node_is_named() {
+    let a = Backend::start("a", Manner::Greet);
+    let b = Backend::start("b", Manner::Greet);
+    let cluster = ProcessCluster::bootstrap_configured(3, |index, node| {
+        let app = if index == 1 {
+            bridge_section("app", free_port(), "failback = true", &[(&b, ""), (&a, "")])
+        } else {
+            bridge_section("app", free_port(), "", &[(&a, ""), (&b, "")])
+        };
+        use_config(
+            node,
+            &(app + &bridge_section("same", free_port(), "", &[(&a, ""), (&b, "")])),
+        );
+    });
+    let (first, second) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let differs = wait_for("n1 names n2's different app bridge", || {
+        let differs = bridge_status(first, "app")["config_differs"].clone();
+        (differs.as_array()?.len() == 1).then_some(differs)
+    });
+    assert_eq!(differs[0]["node_name"], second.name.as_str(), "{differs:#}");
+    assert_eq!(differs[0]["backends"], json!(["b", "a"]), "{differs:#}");
+    assert_eq!(differs[0]["failback"], true, "{differs:#}");
+    // n2 differs from both others.
+    wait_for("n2 names n1's and n3's", || {
+        let differs = bridge_status(second, "app")["config_differs"].clone();
+        let mut names: Vec<String> = differs
+            .as_array()?
+            .iter()
+            .filter(|other| other["backends"] == json!(["a", "b"]))
+            .map(|other| text_of(&other["node_name"]))
+            .collect();
+        names.sort();
+        (names == [first.name.clone(), cluster.nodes[2].name.clone()]).then_some(())
+    });
+    for node in [first, second] {
+        let same = bridge_status(node, "same");
+        assert_eq!(same["config_differs"], json!([]), "{same:#}");
+    }
+    let text = stdout(&first.cli(&["bridge", "status", "app"]));
+    assert!(
+        text.contains(&format!("WARNING   {}'s [[bridge]] differs", second.name)) && text.contains("backends b, a"),
+        "{text}"
+    );
 }
 
 /// Bad operator input is refused with a message that says what to do,

@@ -160,6 +160,15 @@ fn print_bridge(bridge: &Value) {
     if bridge["serving"] != true {
         println!("this node refuses clients: {}", text(&bridge["serving_reason"]));
     }
+    for other in bridge["config_differs"].as_array().into_iter().flatten() {
+        let backends: Vec<String> = other["backends"].as_array().into_iter().flatten().map(text).collect();
+        println!(
+            "WARNING   {}'s [[bridge]] differs from this node's: backends {}, failback {}",
+            text(&other["node_name"]),
+            backends.join(", "),
+            text(&other["failback"])
+        );
+    }
     if !bridge["pinned"].is_null() {
         println!(
             "pinned    {} ({})",

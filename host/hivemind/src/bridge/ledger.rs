@@ -21,6 +21,8 @@ pub const ROUTING: &str = "bridge.routing";
 pub const PIN: &str = "bridge.pin";
 /// An operator drained a backend, or put it back.
 pub const DRAIN: &str = "bridge.drain";
+/// A node's `[[bridge]]` settings that every node must share.
+pub const CONFIG: &str = "bridge.config";
 /// Every kind above starts with this.
 pub const PREFIX: &str = "bridge.";
 
@@ -35,6 +37,20 @@ pub struct HealthReport {
     pub healthy: bool,
     #[serde(default)]
     pub detail: String,
+}
+
+/// What a node's `[[bridge]]` section says about the decision every node
+/// must agree on: the backends by name in priority order, and failback.
+/// (Addresses and checks may differ per node.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigReport {
+    pub bridge: String,
+    /// The reporting node's id (hex).
+    pub node: String,
+    #[serde(default)]
+    pub node_name: String,
+    pub backends: Vec<String>,
+    pub failback: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +126,8 @@ pub struct BridgeRecord {
     pub drained: BTreeMap<String, Committed<()>>,
     /// backend → node id (hex) → its latest report.
     pub reports: BTreeMap<String, BTreeMap<String, Report>>,
+    /// node id (hex) → the config it last reported for this bridge.
+    pub configs: BTreeMap<String, ConfigReport>,
 }
 
 impl Default for BridgeRecord {
@@ -125,6 +143,7 @@ impl Default for BridgeRecord {
             pinned: None,
             drained: BTreeMap::new(),
             reports: BTreeMap::new(),
+            configs: BTreeMap::new(),
         }
     }
 }
@@ -195,6 +214,14 @@ impl Ledger {
                             timestamp_ms: event.timestamp_ms,
                         },
                     );
+            }
+            CONFIG => {
+                let report: ConfigReport = serde_json::from_value(payload)?;
+                self.bridges
+                    .entry(report.bridge.clone())
+                    .or_default()
+                    .configs
+                    .insert(report.node.clone(), report);
             }
             ACTIVE => {
                 let decision: ActiveDecision = serde_json::from_value(payload)?;
@@ -284,6 +311,11 @@ pub(crate) mod tests {
                 HEALTH,
                 json!({"bridge": "db", "backend": "a", "node": "n2", "healthy": true}),
             ),
+            (
+                8,
+                CONFIG,
+                json!({"bridge": "db", "node": "n2", "backends": ["b", "a"], "failback": true}),
+            ),
         ] {
             ledger.apply(&event(seq, kind, payload));
         }
@@ -295,15 +327,17 @@ pub(crate) mod tests {
         assert!(record.is_drained("a"));
         let nodes: BTreeSet<String> = ["n1".to_string(), "n2".to_string()].into();
         assert_eq!(record.votes("a", &nodes), (2, 0));
-        assert_eq!(ledger.last_seq, 7);
+        assert_eq!(record.configs["n2"].backends, ["b", "a"]);
+        assert!(record.configs["n2"].failback);
+        assert_eq!(ledger.last_seq, 8);
 
         ledger.apply(&event(
-            8,
+            9,
             PIN,
             json!({"bridge": "db", "backend": null, "reason": "done"}),
         ));
         ledger.apply(&event(
-            9,
+            10,
             DRAIN,
             json!({"bridge": "db", "backend": "a", "drained": false, "reason": "back"}),
         ));

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::log::{EventLog, LogError, NewEvent};
 use crate::quorum::{NodeHealth, QuorumLog, hex_id};
 use config::{BridgeConfig, WhenIsolated};
-use ledger::{ActiveDecision, DrainChange, HealthReport, Ledger, PinChange, RoutingChange};
+use ledger::{ActiveDecision, ConfigReport, DrainChange, HealthReport, Ledger, PinChange, RoutingChange};
 use monitor::LocalView;
 use proxy::{BridgeCounters, Route};
 
@@ -312,7 +312,8 @@ impl Bridges {
     }
 
     /// Commits this node's view of a backend whenever it differs from the
-    /// last one the log holds from this node.
+    /// last one the log holds from this node, and this node's config of
+    /// each bridge (`bridge.config`) whenever the log holds another.
     async fn report(self: Arc<Self>, shutdown: CancellationToken) {
         let mut ledger_seen = self.ledger.subscribe();
         let mut ticker = tokio::time::interval(RETRY);
@@ -331,6 +332,14 @@ impl Bridges {
             let ledger = self.ledger.borrow().clone();
             for bridge in &self.bridges {
                 let record = ledger.record(&bridge.config.name);
+                let config = self.config_report(bridge);
+                if record.configs.get(&self.node) != Some(&config) {
+                    let key = format!("{}@{}", bridge.config.name, self.node);
+                    match self.append(ledger::CONFIG, key, &config).await {
+                        Ok(seq) => self.wait_applied(seq, APPLY_WAIT).await,
+                        Err(error) => tracing::debug!(%error, "cannot report the bridge's config; retrying"),
+                    }
+                }
                 let view = bridge.local.borrow().clone();
                 for (backend, health) in view {
                     let Some(healthy) = health.healthy else { continue };
@@ -410,6 +419,22 @@ impl Bridges {
                     }
                 }
             }
+        }
+    }
+
+    /// What this node's `[[bridge]]` section says that every node must share.
+    fn config_report(&self, bridge: &Bridge) -> ConfigReport {
+        ConfigReport {
+            bridge: bridge.config.name.clone(),
+            node: self.node.clone(),
+            node_name: self.node_name.clone(),
+            backends: bridge
+                .config
+                .backends
+                .iter()
+                .map(|backend| backend.name.clone())
+                .collect(),
+            failback: bridge.config.failback,
         }
     }
 
@@ -622,6 +647,24 @@ impl Bridges {
                 })
             })
             .collect();
+        // Members whose section differs from this node's: they may be told
+        // to route to a backend they do not have, or decide differently.
+        let own = self.config_report(bridge);
+        let differs: Vec<Value> = record
+            .configs
+            .values()
+            .filter(|config| {
+                alive.contains(&config.node) && (config.backends != own.backends || config.failback != own.failback)
+            })
+            .map(|config| {
+                json!({
+                    "node": config.node,
+                    "node_name": config.node_name,
+                    "backends": config.backends,
+                    "failback": config.failback,
+                })
+            })
+            .collect();
         let current: u64 = bridge
             .counters
             .backends
@@ -654,6 +697,7 @@ impl Bridges {
                 "refused": bridge.counters.refused.load(Ordering::Relaxed),
             },
             "backend_changes": bridge.counters.backend_changes.load(Ordering::Relaxed),
+            "config_differs": differs,
             "backends": backends,
         }))
     }
