@@ -367,11 +367,15 @@ pub mod host {
     /// Names are `[a-z_][a-z0-9_]*`. Each call crosses into the host, so a
     /// hot path should sum in memory and report in batches.
     pub fn count(name: &str, labels: &[(&str, &str)], delta: u64) -> Result<(), HostError> {
-        let labels: Vec<(String, String)> = labels
+        raw::count(name, &owned_labels(labels), delta)
+    }
+
+    /// Labels as the generated bindings take them.
+    fn owned_labels(labels: &[(&str, &str)]) -> Vec<(String, String)> {
+        labels
             .iter()
             .map(|(label, value)| (label.to_string(), value.to_string()))
-            .collect();
-        raw::count(name, &labels, delta)
+            .collect()
     }
 
     /// Inside `on_packet` for a UDP datagram: lets the host answer later
@@ -383,17 +387,8 @@ pub mod host {
     /// and when the role calls [`forget_replies`]. With `tally`, each reuse
     /// adds one to that counter as [`count`] would.
     pub fn keep_reply(skip: u32, tally: Option<(&str, &[(&str, &str)])>) -> Result<(), HostError> {
-        let tally = tally.map(|(name, labels)| {
-            let labels: Vec<(String, String)> = labels
-                .iter()
-                .map(|(label, value)| (label.to_string(), value.to_string()))
-                .collect();
-            (name.to_string(), labels)
-        });
-        raw::keep_reply(
-            skip,
-            tally.as_ref().map(|(name, labels)| (name.as_str(), labels.as_slice())),
-        )
+        let tally = tally.map(|(name, labels)| (name, owned_labels(labels)));
+        raw::keep_reply(skip, tally.as_ref().map(|(name, labels)| (*name, labels.as_slice())))
     }
 
     /// Forgets every reply kept with [`keep_reply`] once this call ends:

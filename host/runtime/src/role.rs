@@ -288,8 +288,8 @@ impl LoadedRole {
     /// Changes whenever replies the role kept (`keep-reply`) may have gone
     /// stale: after an event or a request (either may change what the role
     /// holds), after a call that asked for it (`forget-replies`), and when
-    /// an instance traps, is retired or is added. A reply is reusable only while this stays
-    /// what it was when the call that kept it started.
+    /// an instance traps, is retired or is added. A reply is reusable only
+    /// while this stays what it was when the call that kept it started.
     pub fn kept_replies_generation(&self) -> u64 {
         self.kept_generation.load(Ordering::Acquire)
     }

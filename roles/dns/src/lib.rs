@@ -567,17 +567,19 @@ fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<(Vec<u8>,
     let announced = loaded.zone.config.edns_payload;
     let client_edns = request.opt();
     let edns = client_edns.as_ref().map(|_| announced);
+    // Error replies are not kept: malformed input should not fill a cache.
+    let refuse = |rcode| error_reply(&request, rcode, edns).map(|reply| (reply, false));
     if request.header().opcode() != Opcode::QUERY {
-        return error_reply(&request, OptRcode::NOTIMP, edns).map(|reply| (reply, false));
+        return refuse(OptRcode::NOTIMP);
     }
     if client_edns.as_ref().is_some_and(|opt| opt.version() > 0) {
-        return error_reply(&request, OptRcode::BADVERS, edns).map(|reply| (reply, false));
+        return refuse(OptRcode::BADVERS);
     }
     let Ok(question) = request.sole_question() else {
-        return error_reply(&request, OptRcode::FORMERR, edns).map(|reply| (reply, false));
+        return refuse(OptRcode::FORMERR);
     };
     if question.qclass() != Class::IN && question.qclass() != Class::ANY {
-        return error_reply(&request, OptRcode::REFUSED, edns).map(|reply| (reply, false));
+        return refuse(OptRcode::REFUSED);
     }
     let limit = if over_udp {
         let client = client_edns.as_ref().map(|opt| opt.udp_payload_size()).unwrap_or(512);

@@ -54,7 +54,7 @@ pub struct KeptReplies {
     version: Option<Arc<LoadedRole>>,
     generation: u64,
     by_skip: Vec<(usize, Replies)>,
-    entries: usize,
+    /// Bytes of datagrams and replies kept.
     bytes: usize,
     /// Datagrams answered here since the last tally.
     sent: u64,
@@ -125,7 +125,8 @@ impl KeptReplies {
             },
         };
         let size = datagram.len() - skip + reply.len();
-        if self.entries >= MAX_REPLIES || self.bytes + size > MAX_BYTES {
+        let entries: usize = self.by_skip.iter().map(|(_, replies)| replies.len()).sum();
+        if entries >= MAX_REPLIES || self.bytes + size > MAX_BYTES {
             self.clear();
         }
         let replies = match self.by_skip.iter().position(|(kept_skip, _)| *kept_skip == skip) {
@@ -140,7 +141,6 @@ impl KeptReplies {
             tally,
         };
         if replies.insert(datagram[skip..].into(), kept).is_none() {
-            self.entries += 1;
             self.bytes += size;
         }
     }
@@ -178,7 +178,6 @@ impl KeptReplies {
 
     fn clear(&mut self) {
         self.by_skip.clear();
-        self.entries = 0;
         self.bytes = 0;
     }
 }

@@ -234,13 +234,14 @@ fn serve_datagrams(
         replies.clear();
         for index in 0..received {
             let generation = kept.follow(&role);
-            let Some((data, peer)) = datagrams.get(index) else {
-                continue;
-            };
+            let data = datagrams.datagram(index);
             if kept.answer(data, &mut replies.bytes) {
                 replies.written(index);
                 continue;
             }
+            let Some(peer) = datagrams.sender(index) else {
+                continue;
+            };
             write_peer(&mut peer_text, peer);
             match futures::executor::block_on(role.on_packet(&name, &peer_text, data)) {
                 Ok(PacketReply {
@@ -338,17 +339,21 @@ impl Datagrams {
         Ok(count as usize)
     }
 
-    /// The `index`th datagram received, and its sender.
-    fn get(&self, index: usize) -> Option<(&[u8], SocketAddr)> {
-        let header = &self.headers[index];
+    /// The `index`th datagram received.
+    fn datagram(&self, index: usize) -> &[u8] {
+        &self.buffers[index][..self.headers[index].msg_len as usize]
+    }
+
+    /// The sender of the `index`th datagram; `None` if not an IP address.
+    fn sender(&self, index: usize) -> Option<SocketAddr> {
         let mut storage = socket2::SockAddrStorage::zeroed();
         // SAFETY: the storage is a sockaddr_storage, and the kernel wrote
         // `msg_namelen` bytes of a socket address into ours.
         let peer = unsafe {
             *storage.view_as::<libc::sockaddr_storage>() = self.peers[index];
-            socket2::SockAddr::new(storage, header.msg_hdr.msg_namelen)
+            socket2::SockAddr::new(storage, self.headers[index].msg_hdr.msg_namelen)
         };
-        Some((&self.buffers[index][..header.msg_len as usize], peer.as_socket()?))
+        peer.as_socket()
     }
 }
 
@@ -402,7 +407,7 @@ impl Replies {
                 sent += count as usize;
             } else {
                 let error = std::io::Error::last_os_error();
-                let peer = datagrams.get(self.ends[sent].0).map(|(_, peer)| peer);
+                let peer = datagrams.sender(self.ends[sent].0);
                 tracing::debug!(?peer, %error, "udp reply not sent");
                 sent += 1;
             }
