@@ -524,8 +524,10 @@ const LOG_TAIL_LINES: usize = 40;
 
 /// Several `hivemind up` processes on loopback.
 pub struct ProcessCluster {
-    pub root: tempfile::TempDir,
+    // Fields drop in order: the nodes first, so a failed test can still
+    // print their logs from `root` before it is deleted.
     pub nodes: Vec<NodeProcess>,
+    pub root: tempfile::TempDir,
 }
 
 impl ProcessCluster {
