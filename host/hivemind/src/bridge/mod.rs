@@ -130,31 +130,28 @@ impl Bridges {
         let mut bridges = Vec::new();
         let views_changed = Arc::new(tokio::sync::Notify::new());
         // Every listener first: a port in use stops the start before any
-        // thread exists.
+        // thread exists. Each data-plane thread gets its own.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let mut bound = Vec::new();
         for config in configs {
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .and_then(|listener| listener.into_std())
-                .map_err(|error| {
-                    anyhow::anyhow!(
-                        "bridge {:?} cannot listen on {} ({error}); free the port or change `listen` in its [[bridge]] \
+            let listeners = proxy::bind_listeners(config.listen, cores).map_err(|error| {
+                anyhow::anyhow!(
+                    "bridge {:?} cannot listen on {} ({error}); free the port or change `listen` in its [[bridge]] \
                      section",
-                        config.name,
-                        config.listen
-                    )
-                })?;
-            bound.push((config, listener));
+                    config.name,
+                    config.listen
+                )
+            })?;
+            bound.push((config, listeners));
         }
         let plane = if bound.is_empty() {
             None
         } else {
-            let cores = std::thread::available_parallelism().map_or(1, usize::from);
             let (plane, stopped) = proxy::DataPlane::start(cores, shutdown)?;
             tasks.push(stopped);
             Some(plane)
         };
-        for (config, listener) in bound {
+        for (config, listeners) in bound {
             let config = Arc::new(config);
             let (route, route_seen) = watch::channel(Route {
                 enabled: false,
@@ -170,7 +167,7 @@ impl Bridges {
                 shutdown.clone(),
             )));
             plane.as_ref().expect("a data plane when there are bridges").serve(
-                listener,
+                listeners,
                 config.clone(),
                 route_seen,
                 counters.clone(),

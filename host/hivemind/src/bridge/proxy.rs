@@ -107,18 +107,13 @@ impl BridgeCounters {
 }
 
 /// The threads sessions run on: one single-threaded runtime per core,
-/// each with its own reactor. A session's sockets stay on one thread, so
-/// its wake-ups never cross to another (a work-stealing pool wakes idle
-/// workers for every ready socket, which costs more than the copy itself
-/// for small messages). HAProxy's `nbthread` works the same way.
+/// each with its own reactor and its own listening socket per bridge. A
+/// session's sockets stay on the thread that accepted it, so its wake-ups
+/// never cross to another (a work-stealing pool wakes idle workers for
+/// every ready socket, which costs more than the copy itself for small
+/// messages). HAProxy's `nbthread` with `shards` works the same way.
 pub struct DataPlane {
-    threads: Vec<PlaneThread>,
-}
-
-struct PlaneThread {
-    handle: tokio::runtime::Handle,
-    /// Sessions running there now.
-    sessions: Arc<AtomicU64>,
+    threads: Vec<tokio::runtime::Handle>,
 }
 
 impl DataPlane {
@@ -129,13 +124,10 @@ impl DataPlane {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<(Arc<DataPlane>, tokio::task::JoinHandle<()>)> {
         let mut stopped = Vec::new();
-        let mut handles = Vec::new();
+        let mut threads = Vec::new();
         for index in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            handles.push(PlaneThread {
-                handle: runtime.handle().clone(),
-                sessions: Arc::default(),
-            });
+            threads.push(runtime.handle().clone());
             let shutdown = shutdown.clone();
             let (done, finished) = tokio::sync::oneshot::channel::<()>();
             stopped.push(finished);
@@ -155,56 +147,79 @@ impl DataPlane {
                 let _ = finished.await;
             }
         });
-        Ok((Arc::new(DataPlane { threads: handles }), stopped))
+        Ok((Arc::new(DataPlane { threads }), stopped))
     }
 
-    /// Accepts clients of a bridge on every thread, each through its own
-    /// descriptor of the listening socket. A client is served where it was
-    /// accepted unless another thread has fewer sessions: every thread
-    /// wakes for a new client and the quickest takes it, so without the
-    /// hand-off a burst of long sessions could all land on one core.
-    /// Stops at `shutdown`.
+    /// Accepts clients of a bridge on every thread, each from its own
+    /// listening socket (see [`bind_listeners`]), and serves each client
+    /// on the thread that accepted it. Stops at `shutdown`.
     pub fn serve(
-        self: &Arc<Self>,
-        listener: std::net::TcpListener,
+        &self,
+        listeners: Vec<std::net::TcpListener>,
         config: Arc<BridgeConfig>,
         route: watch::Receiver<Route>,
         counters: Arc<BridgeCounters>,
         shutdown: &CancellationToken,
     ) -> std::io::Result<()> {
-        listener.set_nonblocking(true)?;
-        for (index, thread) in self.threads.iter().enumerate() {
-            let listener = listener.try_clone()?;
-            let (plane, config, route, counters, shutdown) = (
-                self.clone(),
-                config.clone(),
-                route.clone(),
-                counters.clone(),
-                shutdown.clone(),
-            );
-            thread.handle.spawn(async move {
-                // SAFETY: the std listener owns its (duplicated) descriptor
-                // and always reports that one; the AsyncFd owns it from here.
+        for (thread, listener) in self.threads.iter().zip(listeners) {
+            listener.set_nonblocking(true)?;
+            let (config, route, counters, shutdown) =
+                (config.clone(), route.clone(), counters.clone(), shutdown.clone());
+            thread.spawn(async move {
+                // SAFETY: the std listener owns its descriptor and always
+                // reports that one; the AsyncFd owns it from here.
                 match unsafe { AsyncFd::register(listener) } {
-                    Ok(listener) => accept_loop(listener, index, plane, config, route, counters, shutdown).await,
+                    Ok(listener) => accept_loop(listener, config, route, counters, shutdown).await,
                     Err(error) => tracing::error!(bridge = %config.name, error = %error.into_parts().1, "cannot watch the bridge's listener"),
                 }
             });
         }
         Ok(())
     }
+}
 
-    /// The thread with the fewest sessions, `own` on a tie.
-    fn least_loaded(&self, own: usize) -> &PlaneThread {
-        let load = |thread: &PlaneThread| thread.sessions.load(Ordering::Relaxed);
-        let mut best = &self.threads[own];
-        for thread in &self.threads {
-            if load(thread) < load(best) {
-                best = thread;
-            }
+/// Binds `count` listening sockets to `address` with SO_REUSEPORT, one per
+/// data-plane thread: the kernel spreads new clients across them, so a
+/// client wakes one thread, where one shared socket woke every thread and
+/// all but one found nothing to accept.
+///
+/// SO_REUSEPORT would also let another process of the same user bind the
+/// same port and take a share of the clients without an error. So the
+/// address is first bound once without it: a port anyone holds fails
+/// there, as a plain bind would.
+pub fn bind_listeners(address: std::net::SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let socket_for = |address: std::net::SocketAddr, shared: bool| -> std::io::Result<socket2::Socket> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM.cloexec(),
+            Some(socket2::Protocol::TCP),
+        )?;
+        // As std's bind does: a port whose last connections wait in
+        // TIME_WAIT can be listened on again at once.
+        socket.set_reuse_address(true)?;
+        if shared {
+            socket.set_reuse_port(true)?;
+            // Accepted clients inherit it (Linux copies the listening
+            // socket's options): one system call fewer per client.
+            socket.set_tcp_nodelay(true)?;
         }
-        best
+        socket.bind(&address.into())?;
+        Ok(socket)
+    };
+    let mut address = address;
+    if address.port() != 0 {
+        drop(socket_for(address, false)?);
     }
+    let mut listeners = Vec::new();
+    for _ in 0..count.max(1) {
+        let socket = socket_for(address, true)?;
+        // HAProxy's and the kernel's default backlog.
+        socket.listen(1024)?;
+        // Port 0: the first socket's port for the rest of the group.
+        address = socket.local_addr()?.as_socket().unwrap_or(address);
+        listeners.push(socket.into());
+    }
+    Ok(listeners)
 }
 
 /// One pending client, non-blocking from the start.
@@ -230,8 +245,6 @@ fn accept(listener: &std::net::TcpListener) -> std::io::Result<std::net::TcpStre
 /// this thread's reactor.
 async fn accept_loop(
     listener: AsyncFd<std::net::TcpListener>,
-    own: usize,
-    plane: Arc<DataPlane>,
     config: Arc<BridgeConfig>,
     route: watch::Receiver<Route>,
     counters: Arc<BridgeCounters>,
@@ -269,21 +282,14 @@ async fn accept_loop(
             drop(client);
             continue;
         };
-        let thread = plane.least_loaded(own);
-        let running = thread.sessions.clone();
-        running.fetch_add(1, Ordering::Relaxed);
-        let session = session(
+        tokio::spawn(session(
             client,
             backend,
             address,
             config.clone(),
             session_route,
             counters.clone(),
-        );
-        thread.handle.spawn(async move {
-            session.await;
-            running.fetch_sub(1, Ordering::Relaxed);
-        });
+        ));
     }
 }
 
@@ -353,5 +359,47 @@ async fn severed(route: &mut watch::Receiver<Route>, backend: &str) {
         if route.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every socket of a group listens on one port, the first one's when
+    /// the address asks for any port, and each takes clients, which come
+    /// with TCP_NODELAY on.
+    #[test]
+    fn a_group_shares_one_port() {
+        let listeners = bind_listeners("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let address = listeners[0].local_addr().unwrap();
+        assert_ne!(address.port(), 0);
+        for listener in &listeners {
+            assert_eq!(listener.local_addr().unwrap(), address);
+        }
+        // The kernel spreads clients by their addresses: enough of them
+        // reach every socket.
+        let clients: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect(address).unwrap())
+            .collect();
+        for listener in &listeners {
+            listener.set_nonblocking(true).unwrap();
+            let (accepted, _) = listener.accept().expect("a client on every socket of the group");
+            assert!(accepted.nodelay().unwrap(), "an accepted client has TCP_NODELAY");
+        }
+        drop(clients);
+    }
+
+    /// A port another socket holds is refused, whether that socket shares
+    /// its port (another group, as another host process would bind) or not.
+    #[test]
+    fn a_port_in_use_is_refused() {
+        let group = bind_listeners("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let taken = group[0].local_addr().unwrap();
+        let error = bind_listeners(taken, 2).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let error = bind_listeners(plain.local_addr().unwrap(), 2).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
     }
 }

@@ -13,7 +13,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use std::io::{Read, Write};
 
@@ -32,9 +32,11 @@ const PIPE_SIZE: usize = 1 << 20;
 pub type Socket = AsyncFd<std::net::TcpStream>;
 
 /// Registers a connected, non-blocking stream with this thread's reactor.
+/// Small request/response exchanges must not wait for Nagle, so the stream
+/// has TCP_NODELAY already: a bridge's clients inherit it from their
+/// listening socket ([`super::proxy::bind_listeners`]), and [`connect`]
+/// sets it before connecting.
 pub fn register(stream: std::net::TcpStream) -> io::Result<Socket> {
-    // Small request/response exchanges must not wait for Nagle.
-    stream.set_nodelay(true)?;
     // SAFETY: the std stream owns its descriptor and always reports that
     // one; the AsyncFd owns the stream until it is dropped.
     unsafe { AsyncFd::register(stream) }.map_err(|error| error.into_parts().1)
@@ -55,18 +57,24 @@ pub async fn connect(address: &str) -> io::Result<Socket> {
         socket2::Type::STREAM.nonblocking(),
         Some(socket2::Protocol::TCP),
     )?;
+    socket.set_tcp_nodelay(true)?;
     match socket.connect(&target.into()) {
         Ok(()) => {}
         Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(error) => return Err(error),
     }
     let stream = register(socket.into())?;
-    // Writable means the handshake ended; SO_ERROR says how.
-    drop(stream.writable().await?);
-    match stream.get_ref().take_error()? {
-        Some(error) => Err(error),
-        None => Ok(stream),
+    // Writable means the handshake ended. A refused or failed one also
+    // reports the write side closed, and only then is SO_ERROR asked why:
+    // a connection that came up costs no extra system call.
+    let ready = stream.ready(tokio::io::Interest::WRITABLE).await?;
+    if ready.ready().is_write_closed() {
+        return Err(stream.get_ref().take_error()?.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::ConnectionRefused, "the connection closed while opening")
+        }));
     }
+    drop(ready);
+    Ok(stream)
 }
 
 /// Makes the coming close send RST instead of FIN: a severed peer must not
@@ -91,6 +99,8 @@ pub fn reset_on_close(socket: &Socket) {
 }
 
 /// Copies both ways until both directions ended; counts bytes as they go.
+/// The second end of stream is passed on when the caller closes both
+/// sockets, which it does next (see [`end_of_stream`]).
 pub async fn relay(
     client: &Socket,
     backend: &Socket,
@@ -98,9 +108,10 @@ pub async fn relay(
     to_backend: &AtomicU64,
     to_client: &AtomicU64,
 ) -> io::Result<()> {
+    let one_ended = AtomicBool::new(false);
     tokio::try_join!(
-        one_way(client, backend, splice, to_backend),
-        one_way(backend, client, splice, to_client),
+        one_way(client, backend, splice, to_backend, &one_ended),
+        one_way(backend, client, splice, to_client, &one_ended),
     )?;
     Ok(())
 }
@@ -205,13 +216,30 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
+/// Passes a direction's end of stream on to `to` by half-closing it, while
+/// the other direction still runs. Once both have ended the session closes
+/// both sockets, and the close sends the FIN: both were read to their end,
+/// so neither close resets.
+fn end_of_stream(to: &Socket, one_ended: &AtomicBool) {
+    if !one_ended.swap(true, Ordering::Relaxed) {
+        // The peer may already be gone; the other direction sees that.
+        let _ = to.get_ref().shutdown(std::net::Shutdown::Write);
+    }
+}
+
 /// One direction. Readiness is cleared on `WouldBlock`, and also after a
 /// read into the buffer that did not fill it: that read emptied the
 /// socket, so asking again would only return `WouldBlock`, one wasted
 /// system call per message (HAProxy skips it the same way). A read that
 /// fills the buffer marks bulk data: with splice on, the direction moves to
 /// a pipe ([`pump`]) for the rest of the session.
-async fn one_way(from: &Socket, to: &Socket, splice: bool, counter: &AtomicU64) -> io::Result<()> {
+async fn one_way(
+    from: &Socket,
+    to: &Socket,
+    splice: bool,
+    counter: &AtomicU64,
+    one_ended: &AtomicBool,
+) -> io::Result<()> {
     let mut carrier = Buffer::new();
     loop {
         let filled = loop {
@@ -232,8 +260,7 @@ async fn one_way(from: &Socket, to: &Socket, splice: bool, counter: &AtomicU64) 
         };
         if filled == 0 {
             carrier.release();
-            // The peer may already be gone; the other direction sees that.
-            let _ = to.get_ref().shutdown(std::net::Shutdown::Write);
+            end_of_stream(to, one_ended);
             return Ok(());
         }
         let mut pending = filled;
@@ -251,7 +278,7 @@ async fn one_way(from: &Socket, to: &Socket, splice: bool, counter: &AtomicU64) 
         carrier.release();
         if splice && filled == CHUNK {
             match Pipe::new() {
-                Ok(pipe) => return pump(from, to, &pipe, counter).await,
+                Ok(pipe) => return pump(from, to, &pipe, counter, one_ended).await,
                 // Out of descriptors: the buffer still works.
                 Err(error) => tracing::debug!(%error, "no pipe for a bulk session; copying through a buffer"),
             }
@@ -266,7 +293,7 @@ async fn one_way(from: &Socket, to: &Socket, splice: bool, counter: &AtomicU64) 
 /// while its readiness is set, and readiness is cleared only on
 /// `WouldBlock`: a splice may stop short while data remains (the pipe
 /// counts slots, not bytes).
-async fn pump(from: &Socket, to: &Socket, pipe: &Pipe, counter: &AtomicU64) -> io::Result<()> {
+async fn pump(from: &Socket, to: &Socket, pipe: &Pipe, counter: &AtomicU64, one_ended: &AtomicBool) -> io::Result<()> {
     use futures::FutureExt;
     let mut in_pipe = 0usize;
     let mut ended = false;
@@ -309,8 +336,7 @@ async fn pump(from: &Socket, to: &Socket, pipe: &Pipe, counter: &AtomicU64) -> i
             }
         }
         if ended && in_pipe == 0 {
-            // The peer may already be gone; the other direction sees that.
-            let _ = to.get_ref().shutdown(std::net::Shutdown::Write);
+            end_of_stream(to, one_ended);
             return Ok(());
         }
         if moved {
@@ -339,6 +365,7 @@ mod tests {
     }
 
     fn relayed(stream: TcpStream) -> Socket {
+        stream.set_nodelay(true).unwrap();
         register(stream.into_std().unwrap()).unwrap()
     }
 
@@ -353,7 +380,13 @@ mod tests {
             let request: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
             let answer: Vec<u8> = request.iter().rev().copied().collect();
             let (client_side, backend_side) = (relayed(client_side), relayed(backend_side));
-            let relayed = relay(&client_side, &backend_side, splice, &to_backend, &to_client);
+            // The session closes both sockets once the relay is done,
+            // which passes the last end of stream on.
+            let relayed = async {
+                let outcome = relay(&client_side, &backend_side, splice, &to_backend, &to_client).await;
+                drop((client_side, backend_side));
+                outcome
+            };
             let backend_work = async {
                 let mut received = Vec::new();
                 backend.read_to_end(&mut received).await.unwrap();
