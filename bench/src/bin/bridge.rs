@@ -1,11 +1,11 @@
 //! The bridge against HAProxy (Debian's package: mode tcp, splice on) and
 //! a direct connection, through one backend, everything on loopback and
-//! sharing the machine's cores, three rounds alternating:
+//! sharing the machine's cores, five rounds alternating:
 //!
 //! - bulk throughput with iperf3 (Debian's package), and throughput per
 //!   proxy CPU core (the proxy's CPU time over the run);
 //! - request/response rate: 64-byte messages over 32 keep-alive
-//!   connections;
+//!   connections, and the proxy's CPU time per exchange;
 //! - new connections per second: 16 loops of connect, 64-byte exchange,
 //!   close, and the proxy's CPU time per connection;
 //! - latency: one connection's 64-byte ping-pongs, p50 and p99, and the
@@ -18,7 +18,7 @@
 //!
 //! Then failover, each proxy with its default check settings: the active
 //! backend is killed and the time to the first new session that reaches
-//! the other backend is measured, both proxies at once, three times.
+//! the other backend is measured, both proxies at once, five times.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -34,7 +34,7 @@ use hivemind_bench::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const IPERF_SECS: u32 = 5;
 const LOAD: Duration = Duration::from_secs(3);
 const KEEPALIVE_CONNECTIONS: usize = 32;
@@ -59,6 +59,8 @@ struct Figures {
     gbits: Vec<f64>,
     gbits_per_core: Vec<f64>,
     exchanges: Vec<f64>,
+    /// The proxy's CPU per keep-alive exchange, µs.
+    exchange_cpu_us: Vec<f64>,
     connections: Vec<f64>,
     connection_errors: Vec<u64>,
     /// The proxy's CPU per new connection, µs.
@@ -315,7 +317,15 @@ fn measure(path: &Path, client: &tokio::runtime::Runtime, figures: &mut Figures)
     if let Some(cores) = cores {
         figures.gbits_per_core.push(bits / 1e9 / cores.max(0.01));
     }
-    figures.exchanges.push(keepalive_rate(client, path.echo)?);
+    let cpu_before = path.pid.map(cpu_time).transpose()?;
+    let exchanges = keepalive_rate(client, path.echo)?;
+    figures.exchanges.push(exchanges);
+    if let (Some(pid), Some(before)) = (path.pid, cpu_before) {
+        let cpu = (cpu_time(pid)? - before).as_secs_f64();
+        figures
+            .exchange_cpu_us
+            .push(cpu * 1e6 / (exchanges * LOAD.as_secs_f64()).max(1.0));
+    }
     let cpu_before = path.pid.map(cpu_time).transpose()?;
     let (rate, errors) = connection_rate(client, path.echo);
     figures.connections.push(rate);
@@ -522,7 +532,7 @@ fn main() -> anyhow::Result<()> {
     );
     for (path, figures) in paths.iter().zip(&figures) {
         println!(
-            "  {:<8} iperf3 {} Gb/s{}; {KEEPALIVE_CONNECTIONS} keep-alive connections {} exchanges/s; new connections {} /s (failed {:?}){}; one connection p50 {} us, p99 {} us",
+            "  {:<8} iperf3 {} Gb/s{}; {KEEPALIVE_CONNECTIONS} keep-alive connections {} exchanges/s{}; new connections {} /s (failed {:?}){}; one connection p50 {} us, p99 {} us",
             path.name,
             list(&figures.gbits, 1),
             if figures.gbits_per_core.is_empty() {
@@ -531,6 +541,11 @@ fn main() -> anyhow::Result<()> {
                 format!(" ({} Gb/s per proxy core)", list(&figures.gbits_per_core, 1))
             },
             list(&figures.exchanges, 0),
+            if figures.exchange_cpu_us.is_empty() {
+                String::new()
+            } else {
+                format!(", {} us of proxy CPU each", list(&figures.exchange_cpu_us, 2))
+            },
             list(&figures.connections, 0),
             figures.connection_errors,
             if figures.connection_cpu_us.is_empty() {
@@ -560,11 +575,21 @@ fn main() -> anyhow::Result<()> {
             verdict(value >= 1.0)
         );
     }
-    let cpu_ratio = median(&ours.connection_cpu_us) / median(&theirs.connection_cpu_us);
-    println!(
-        "  proxy CPU per new connection: bridge / HAProxy = {cpu_ratio:.3}x   (target <= 1.0x -> {})",
-        verdict(cpu_ratio <= 1.0)
-    );
+    for (what, value) in [
+        (
+            "keep-alive exchange",
+            median(&ours.exchange_cpu_us) / median(&theirs.exchange_cpu_us),
+        ),
+        (
+            "new connection",
+            median(&ours.connection_cpu_us) / median(&theirs.connection_cpu_us),
+        ),
+    ] {
+        println!(
+            "  proxy CPU per {what}: bridge / HAProxy = {value:.3}x   (target <= 1.0x -> {})",
+            verdict(value <= 1.0)
+        );
+    }
     let added_ours = median(&ours.p99_us) - median(&direct.p99_us);
     let added_theirs = median(&theirs.p99_us) - median(&direct.p99_us);
     println!(
