@@ -229,6 +229,41 @@ fn a_bridge_configured_differently_on_another_node_is_named() {
         text.contains(&format!("WARNING   {}'s [[bridge]] differs", second.name)) && text.contains("backends b, a"),
         "{text}"
     );
+
+    // n2 drops its app section and n3 every section: their configs and
+    // health reports stop counting, so a stale view cannot keep a dead
+    // backend active, and nothing is listed as differing.
+    let mut cluster = cluster;
+    let third_name = cluster.nodes[2].name.clone();
+    for (index, config) in [
+        (1, bridge_section("same", free_port(), "", &[(&a, ""), (&b, "")])),
+        (2, String::new()),
+    ] {
+        let node = &mut cluster.nodes[index];
+        node.terminate();
+        std::fs::write(node.dir.with_extension("toml"), config).unwrap();
+        node.start();
+    }
+    let first = &cluster.nodes[0];
+    wait_for("n1 hears only itself on app", || {
+        let app = bridge_status(first, "app");
+        let only_n1 = app["backends"].as_array()?.iter().all(|backend| {
+            backend["seen_by"]
+                .as_array()
+                .is_some_and(|seen| seen.iter().all(|report| report["node_name"] == first.name.as_str()))
+        });
+        (only_n1 && app["config_differs"] == json!([])).then_some(())
+    });
+    // n2 still reports on the bridge it kept; n3 on none.
+    wait_for("n2 still reports on same", || {
+        let same = bridge_status(first, "same");
+        let names: Vec<String> = same["backends"][0]["seen_by"]
+            .as_array()?
+            .iter()
+            .map(|report| text_of(&report["node_name"]))
+            .collect();
+        (names.contains(&cluster.nodes[1].name) && !names.contains(&third_name)).then_some(())
+    });
 }
 
 /// Bad operator input is refused with a message that says what to do,

@@ -23,6 +23,9 @@ pub const PIN: &str = "bridge.pin";
 pub const DRAIN: &str = "bridge.drain";
 /// A node's `[[bridge]]` settings that every node must share.
 pub const CONFIG: &str = "bridge.config";
+/// A node no longer has a bridge in its config: its config and reports
+/// for it are forgotten.
+pub const LEFT: &str = "bridge.left";
 /// Every kind above starts with this.
 pub const PREFIX: &str = "bridge.";
 
@@ -51,6 +54,16 @@ pub struct ConfigReport {
     pub node_name: String,
     pub backends: Vec<String>,
     pub failback: bool,
+}
+
+/// A node that dropped a bridge's `[[bridge]]` section says so, so its
+/// last health reports stop counting as its view and its last config stops
+/// being listed as differing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeLeft {
+    pub bridge: String,
+    /// The node's id (hex).
+    pub node: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,6 +171,12 @@ impl BridgeRecord {
         self.drained.contains_key(backend)
     }
 
+    /// Whether the log holds anything `node` said about this bridge: its
+    /// config or a health report.
+    pub fn heard_from(&self, node: &str) -> bool {
+        self.configs.contains_key(node) || self.reports.values().any(|reports| reports.contains_key(node))
+    }
+
     /// How many of `nodes` last reported `backend` up, and how many down.
     pub fn votes(&self, backend: &str, nodes: &BTreeSet<String>) -> (usize, usize) {
         let Some(reports) = self.reports.get(backend) else {
@@ -217,11 +236,23 @@ impl Ledger {
             }
             CONFIG => {
                 let report: ConfigReport = serde_json::from_value(payload)?;
-                self.bridges
-                    .entry(report.bridge.clone())
-                    .or_default()
-                    .configs
-                    .insert(report.node.clone(), report);
+                let record = self.bridges.entry(report.bridge.clone()).or_default();
+                // Reports on a backend the node no longer has are stale.
+                for (backend, reports) in &mut record.reports {
+                    if !report.backends.contains(backend) {
+                        reports.remove(&report.node);
+                    }
+                }
+                record.configs.insert(report.node.clone(), report);
+            }
+            LEFT => {
+                let left: BridgeLeft = serde_json::from_value(payload)?;
+                if let Some(record) = self.bridges.get_mut(&left.bridge) {
+                    record.configs.remove(&left.node);
+                    for reports in record.reports.values_mut() {
+                        reports.remove(&left.node);
+                    }
+                }
             }
             ACTIVE => {
                 let decision: ActiveDecision = serde_json::from_value(payload)?;
@@ -343,6 +374,36 @@ pub(crate) mod tests {
         ));
         let record = ledger.record("db");
         assert!(record.pinned.is_none() && !record.is_drained("a"));
+    }
+
+    /// A node's reports stop counting once it says it left the bridge, or
+    /// reports a config without the backend; other nodes' stay.
+    #[test]
+    fn a_node_that_left_no_longer_counts() {
+        let mut ledger = Ledger::default();
+        let nodes: BTreeSet<String> = ["n1".to_string(), "n2".to_string()].into();
+        for (seq, node, backend) in [(1, "n1", "a"), (2, "n2", "a"), (3, "n1", "b"), (4, "n2", "b")] {
+            ledger.apply(&event(
+                seq,
+                HEALTH,
+                json!({"bridge": "db", "backend": backend, "node": node, "healthy": true}),
+            ));
+        }
+        ledger.apply(&event(
+            5,
+            CONFIG,
+            json!({"bridge": "db", "node": "n2", "backends": ["a"], "failback": false}),
+        ));
+        let record = ledger.record("db");
+        assert_eq!(record.votes("a", &nodes), (2, 0));
+        assert_eq!(record.votes("b", &nodes), (1, 0), "n2 no longer has b");
+        assert!(record.heard_from("n2"));
+
+        ledger.apply(&event(6, LEFT, json!({"bridge": "db", "node": "n2"})));
+        let record = ledger.record("db");
+        assert_eq!(record.votes("a", &nodes), (1, 0));
+        assert!(!record.configs.contains_key("n2"));
+        assert!(!record.heard_from("n2") && record.heard_from("n1"));
     }
 
     /// A malformed payload is skipped and the next event still applies.

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::log::{EventLog, LogError, NewEvent};
 use crate::quorum::{NodeHealth, QuorumLog, hex_id};
 use config::{BridgeConfig, WhenIsolated};
-use ledger::{ActiveDecision, ConfigReport, DrainChange, HealthReport, Ledger, PinChange, RoutingChange};
+use ledger::{ActiveDecision, BridgeLeft, ConfigReport, DrainChange, HealthReport, Ledger, PinChange, RoutingChange};
 use monitor::LocalView;
 use proxy::{BridgeCounters, Route};
 
@@ -72,6 +72,11 @@ pub struct Bridges {
     isolated: AtomicBool,
     /// Notified by the monitors when a backend's local health changes.
     views_changed: Arc<tokio::sync::Notify>,
+    /// Set once the ledger has been read up to the end of the log.
+    caught_up: AtomicBool,
+    /// On a node without bridges: cancelled once the log holds nothing
+    /// left from bridges this node had before, which ends the tasks.
+    nothing_left: CancellationToken,
 }
 
 /// An operator's action on a bridge; each needs a reason.
@@ -189,10 +194,14 @@ impl Bridges {
             ledger: watch::channel(Arc::new(Ledger::default())).0,
             isolated: AtomicBool::new(false),
             views_changed,
+            caught_up: AtomicBool::new(false),
+            nothing_left: CancellationToken::new(),
         });
+        // A node without bridges still follows and reports until it has
+        // said it left the bridges it had before (`bridge.left`).
+        tasks.push(tokio::spawn(bridges.clone().follow(shutdown.clone())));
+        tasks.push(tokio::spawn(bridges.clone().report(shutdown.clone())));
         if !bridges.bridges.is_empty() {
-            tasks.push(tokio::spawn(bridges.clone().follow(shutdown.clone())));
-            tasks.push(tokio::spawn(bridges.clone().report(shutdown.clone())));
             tasks.push(tokio::spawn(bridges.clone().decide(shutdown.clone())));
         }
         Ok((bridges, tasks))
@@ -246,7 +255,7 @@ impl Bridges {
                             warned = false;
                         }
                         Err(error) => {
-                            if !warned {
+                            if !warned && !self.bridges.is_empty() {
                                 tracing::warn!(%error, "bridges cannot read the log; keeping the last routes");
                                 warned = true;
                             }
@@ -259,12 +268,18 @@ impl Bridges {
                     self.ledger.send_replace(Arc::new(ledger));
                     changed = true;
                 }
+                if !read_log && !self.caught_up.swap(true, Ordering::Relaxed) {
+                    // The reporter judges what is left only from a full read.
+                    self.ledger.send_modify(|_| {});
+                }
             }
             let isolated = !self.log.has_quorum();
             let was_isolated = self.isolated.swap(isolated, Ordering::Relaxed);
             if isolated != was_isolated {
                 changed = true;
-                if isolated {
+                if self.bridges.is_empty() {
+                    // Nothing routes here: nothing to warn about.
+                } else if isolated {
                     tracing::warn!("this node cannot reach a quorum: bridges keep their last committed routes");
                 } else {
                     tracing::info!("this node reaches a quorum again");
@@ -276,6 +291,7 @@ impl Bridges {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = self.nothing_left.cancelled() => return,
                 _ = applied.changed() => read_log = true,
                 _ = ticker.tick() => {}
             }
@@ -323,10 +339,38 @@ impl Bridges {
                 _ = ledger_seen.changed() => {}
                 _ = ticker.tick() => {}
             }
-            if !self.log.has_quorum() {
+            if !self.log.has_quorum() || !self.caught_up.load(Ordering::Relaxed) {
                 continue;
             }
             let ledger = self.ledger.borrow().clone();
+            let left: Vec<&String> = ledger
+                .bridges
+                .iter()
+                .filter(|(name, record)| {
+                    record.heard_from(&self.node) && !self.bridges.iter().any(|bridge| &bridge.config.name == *name)
+                })
+                .map(|(name, _)| name)
+                .collect();
+            for name in &left {
+                let gone = BridgeLeft {
+                    bridge: (*name).clone(),
+                    node: self.node.clone(),
+                };
+                match self.append(ledger::LEFT, format!("{name}@{}", self.node), &gone).await {
+                    Ok(seq) => {
+                        tracing::info!(bridge = %name, seq, "this node no longer has the bridge; its reports are withdrawn");
+                        self.wait_applied(seq, APPLY_WAIT).await;
+                    }
+                    Err(error) => tracing::debug!(%error, "cannot withdraw a bridge's reports; retrying"),
+                }
+            }
+            if self.bridges.is_empty() {
+                if left.is_empty() {
+                    self.nothing_left.cancel();
+                    return;
+                }
+                continue;
+            }
             for bridge in &self.bridges {
                 let record = ledger.record(&bridge.config.name);
                 let config = self.config_report(bridge);
