@@ -311,31 +311,41 @@ fn round_trips(port: u16) -> anyhow::Result<Vec<Duration>> {
     Ok(samples)
 }
 
+/// The proxy's CPU time so far (none for the direct path).
+fn proxy_cpu(path: &Path) -> anyhow::Result<Option<Duration>> {
+    path.pid.map(cpu_time).transpose()
+}
+
+/// The proxy's CPU per operation in µs since `before`, over a [`LOAD`]
+/// run at `rate` operations a second.
+fn proxy_cpu_per_operation(path: &Path, before: Option<Duration>, rate: f64) -> anyhow::Result<Option<f64>> {
+    let (Some(before), Some(now)) = (before, proxy_cpu(path)?) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        (now - before).as_secs_f64() * 1e6 / (rate * LOAD.as_secs_f64()).max(1.0),
+    ))
+}
+
 fn measure(path: &Path, client: &tokio::runtime::Runtime, figures: &mut Figures) -> anyhow::Result<()> {
     let (bits, cores) = iperf(path.bulk, path.pid)?;
     figures.gbits.push(bits / 1e9);
     if let Some(cores) = cores {
         figures.gbits_per_core.push(bits / 1e9 / cores.max(0.01));
     }
-    let cpu_before = path.pid.map(cpu_time).transpose()?;
+    let before = proxy_cpu(path)?;
     let exchanges = keepalive_rate(client, path.echo)?;
     figures.exchanges.push(exchanges);
-    if let (Some(pid), Some(before)) = (path.pid, cpu_before) {
-        let cpu = (cpu_time(pid)? - before).as_secs_f64();
-        figures
-            .exchange_cpu_us
-            .push(cpu * 1e6 / (exchanges * LOAD.as_secs_f64()).max(1.0));
-    }
-    let cpu_before = path.pid.map(cpu_time).transpose()?;
+    figures
+        .exchange_cpu_us
+        .extend(proxy_cpu_per_operation(path, before, exchanges)?);
+    let before = proxy_cpu(path)?;
     let (rate, errors) = connection_rate(client, path.echo);
     figures.connections.push(rate);
     figures.connection_errors.push(errors);
-    if let (Some(pid), Some(before)) = (path.pid, cpu_before) {
-        let cpu = (cpu_time(pid)? - before).as_secs_f64();
-        figures
-            .connection_cpu_us
-            .push(cpu * 1e6 / (rate * LOAD.as_secs_f64()).max(1.0));
-    }
+    figures
+        .connection_cpu_us
+        .extend(proxy_cpu_per_operation(path, before, rate)?);
     let mut samples = round_trips(path.echo)?;
     let summary = summarize(&mut samples);
     figures.p50_us.push(micros(summary.median));
