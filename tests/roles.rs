@@ -311,6 +311,9 @@ async fn kept_replies_answer_repeats_until_the_role_changes() {
         assert!(Instant::now() < deadline, "no `{tally}` and `{sent}` in\n{metrics}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The role's status says so too, apart from its calls.
+    let stats = &host.api().role_info("probe").await["stats"];
+    assert_eq!(stats["kept_replies"], 5, "{stats}");
 
     // A request may change what the role answers: the next repeat is its own.
     assert_eq!(host.api().role("probe", "version", &[]).await.status, 200);

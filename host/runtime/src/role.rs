@@ -64,6 +64,9 @@ pub struct RoleStats {
     /// Instances retired after a call because they held most of their
     /// memory limit.
     pub recycled: u64,
+    /// Datagrams the host answered from the role's kept replies, without
+    /// a call (not in `calls`).
+    pub kept_replies: u64,
     pub consecutive_traps: u32,
     /// Set once the role is failed.
     pub failed: Option<String>,
@@ -96,6 +99,7 @@ pub struct LoadedRole {
     trap_count: AtomicU64,
     overloads: AtomicU64,
     recycled: AtomicU64,
+    kept_replies_sent: AtomicU64,
     /// Bumped whenever replies kept through `keep-reply` may no longer be
     /// what the role would answer (see [`LoadedRole::kept_replies_generation`]).
     kept_generation: AtomicU64,
@@ -195,6 +199,7 @@ impl LoadedRole {
             trap_count: AtomicU64::new(0),
             overloads: AtomicU64::new(0),
             recycled: AtomicU64::new(0),
+            kept_replies_sent: AtomicU64::new(0),
             kept_generation: AtomicU64::new(0),
             limits,
             host,
@@ -226,6 +231,7 @@ impl LoadedRole {
             traps: self.trap_count.load(Ordering::Relaxed),
             overloads: self.overloads.load(Ordering::Relaxed),
             recycled: self.recycled.load(Ordering::Relaxed),
+            kept_replies: self.kept_replies_sent.load(Ordering::Relaxed),
             consecutive_traps: traps.consecutive,
             failed: traps.failed.clone(),
             busy_workers: workers - self.permits.available_permits() as u32,
@@ -296,6 +302,7 @@ impl LoadedRole {
 
     /// Records datagrams answered from the role's kept replies.
     pub fn kept_replies_sent(&self, count: u64) {
+        self.kept_replies_sent.fetch_add(count, Ordering::Relaxed);
         self.host.kept_replies_sent(count);
     }
 

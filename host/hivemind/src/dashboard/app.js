@@ -362,7 +362,8 @@ function roles() {
       `<span class="muted mono small">${role.version ? `v${esc(role.version)} · ${esc(role.digest?.slice(0, 12))}` : 'not loaded'}</span></div>` +
       `<div class="metric"><div class="big">${rate(series[series.length - 1])}<span class="unit"> calls/s</span></div>${spark(series, 'calls/s', rate)}</div>` +
       `<div class="muted small">${s ? `${int(s.calls)} calls · ${int(s.traps)} traps · ${int(s.overloads)} overloads · workers ${int(s.busy_workers)}/${int(s.workers)} busy · queue ${int(s.queued)}/${int(s.queue)}` +
-        (s.recycled ? ` · ${int(s.recycled)} recycled` : '') : 'no counters: not loaded'}</div>` +
+        (s.recycled ? ` · ${int(s.recycled)} recycled` : '') +
+        (s.kept_replies ? ` · ${int(s.kept_replies)} answered from kept replies` : '') : 'no counters: not loaded'}</div>` +
       (role.loading ? `<div class="note warn">Loading ${esc(role.loading.digest.slice(0, 12))} for ${ms(role.loading.elapsed_ms)}</div>` : '') +
       (role.last_error ? `<div class="note bad">Last error: ${esc(role.last_error)}</div>` : ''));
     const history = (role.history || []).slice(-5).reverse();

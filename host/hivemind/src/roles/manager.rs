@@ -219,6 +219,9 @@ pub struct StatsInfo {
     /// Instances retired after a call for holding most of their memory
     /// limit (the next call starts a fresh one).
     pub recycled: u64,
+    /// Datagrams the host answered from the role's kept replies, without a
+    /// call (not in `calls`).
+    pub kept_replies: u64,
     pub consecutive_traps: u32,
     pub busy_workers: u32,
     pub queued: u32,
@@ -233,6 +236,7 @@ impl StatsInfo {
             traps: stats.traps,
             overloads: stats.overloads,
             recycled: stats.recycled,
+            kept_replies: stats.kept_replies,
             consecutive_traps: stats.consecutive_traps,
             busy_workers: stats.busy_workers,
             queued: stats.queued,
