@@ -277,12 +277,13 @@ impl Bridges {
             let was_isolated = self.isolated.swap(isolated, Ordering::Relaxed);
             if isolated != was_isolated {
                 changed = true;
-                if self.bridges.is_empty() {
-                    // Nothing routes here: nothing to warn about.
-                } else if isolated {
-                    tracing::warn!("this node cannot reach a quorum: bridges keep their last committed routes");
-                } else {
-                    tracing::info!("this node reaches a quorum again");
+                // A node without bridges routes nothing: nothing to say.
+                if !self.bridges.is_empty() {
+                    if isolated {
+                        tracing::warn!("this node cannot reach a quorum: bridges keep their last committed routes");
+                    } else {
+                        tracing::info!("this node reaches a quorum again");
+                    }
                 }
             }
             if changed || first {

@@ -122,7 +122,7 @@ impl DataPlane {
     pub fn start(
         count: usize,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<(Arc<DataPlane>, tokio::task::JoinHandle<()>)> {
+    ) -> anyhow::Result<(DataPlane, tokio::task::JoinHandle<()>)> {
         let mut stopped = Vec::new();
         let mut threads = Vec::new();
         for index in 0..count.max(1) {
@@ -147,7 +147,7 @@ impl DataPlane {
                 let _ = finished.await;
             }
         });
-        Ok((Arc::new(DataPlane { threads }), stopped))
+        Ok((DataPlane { threads }, stopped))
     }
 
     /// Accepts clients of a bridge on every thread, each from its own
