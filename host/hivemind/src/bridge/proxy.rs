@@ -304,6 +304,16 @@ async fn session(
     let Some(backend_counters) = counters.backends.get(&backend) else {
         return;
     };
+    // Read before the client is registered: bytes that came with it need
+    // no readiness event, and ones that come later raise one.
+    let early = match relay::Early::read(&client) {
+        Ok(early) => early,
+        Err(error) => {
+            tracing::debug!(bridge = %config.name, %error, "a client failed before its session opened");
+            return;
+        }
+    };
+    let early_bytes = early.as_ref().map_or(0, relay::Early::byte_count) as u64;
     let client = match relay::register(client) {
         Ok(client) => client,
         Err(error) => {
@@ -312,7 +322,7 @@ async fn session(
         }
     };
     let connected = tokio::select! {
-        connected = tokio::time::timeout(config.connect_timeout, relay::connect(&address)) => connected,
+        connected = tokio::time::timeout(config.connect_timeout, relay::connect(&address, early)) => connected,
         // Severed while connecting: the client is closed, nothing was sent.
         _ = severed(&mut route, &backend) => return,
     };
@@ -329,6 +339,7 @@ async fn session(
             return;
         }
     };
+    backend_counters.to_backend.fetch_add(early_bytes, Ordering::Relaxed);
     backend_counters.total.fetch_add(1, Ordering::Relaxed);
     backend_counters.current.fetch_add(1, Ordering::Relaxed);
     // Polled on every wake-up of the session: the copy first. Shutdown

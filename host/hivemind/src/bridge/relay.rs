@@ -42,9 +42,49 @@ pub fn register(stream: std::net::TcpStream) -> io::Result<Socket> {
     unsafe { AsyncFd::register(stream) }.map_err(|error| error.into_parts().1)
 }
 
+/// What a client sent before its backend connection was opened, read at
+/// accept without waiting, as HAProxy reads a new client: it goes out with
+/// the backend's handshake rather than after a readiness event for each
+/// side.
+pub struct Early {
+    buffer: Buffer,
+    len: usize,
+}
+
+impl Early {
+    /// Reads what `client` has sent so far; `None` when nothing came yet
+    /// (or its end of stream, which the relay reads again).
+    pub fn read(client: &std::net::TcpStream) -> io::Result<Option<Early>> {
+        let mut buffer = Buffer::new();
+        match buffer.fill(client) {
+            Ok(len) if len > 0 => Ok(Some(Early { buffer, len })),
+            Ok(_) => {
+                buffer.release();
+                Ok(None)
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                buffer.release();
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    pub fn byte_count(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for Early {
+    fn drop(&mut self) {
+        self.buffer.release();
+    }
+}
+
 /// Opens a connection to `address` (`HOST:PORT`; a name is resolved),
-/// registered with this thread's reactor once, as [`register`] would.
-pub async fn connect(address: &str) -> io::Result<Socket> {
+/// registered with this thread's reactor once, as [`register`] would, and
+/// sends it the client's `early` bytes (counted by the caller).
+pub async fn connect(address: &str, early: Option<Early>) -> io::Result<Socket> {
     let target = match address.parse::<std::net::SocketAddr>() {
         Ok(target) => target,
         Err(_) => tokio::net::lookup_host(address)
@@ -58,22 +98,53 @@ pub async fn connect(address: &str) -> io::Result<Socket> {
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
+    if early.is_some() {
+        // The handshake's last ACK then waits for the first bytes and goes
+        // out with them (HAProxy's `smart-connect`): one packet fewer, and
+        // the backend's accept finds the request already there. Failing to
+        // set it only costs that packet.
+        let _ = socket.set_tcp_quickack(false);
+    }
     match socket.connect(&target.into()) {
         Ok(()) => {}
         Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(error) => return Err(error),
     }
     let stream = register(socket.into())?;
-    // Writable means the handshake ended. A refused or failed one also
-    // reports the write side closed, and only then is SO_ERROR asked why:
-    // a connection that came up costs no extra system call.
-    let ready = stream.ready(tokio::io::Interest::WRITABLE).await?;
-    if ready.ready().is_write_closed() {
-        return Err(stream.get_ref().take_error()?.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::ConnectionRefused, "the connection closed while opening")
-        }));
+    let Some(mut early) = early else {
+        // Writable means the handshake ended. A refused or failed one also
+        // reports the write side closed, and only then is SO_ERROR asked
+        // why: a connection that came up costs no extra system call.
+        let ready = stream.ready(tokio::io::Interest::WRITABLE).await?;
+        if ready.ready().is_write_closed() {
+            return Err(stream.get_ref().take_error()?.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::ConnectionRefused, "the connection closed while opening")
+            }));
+        }
+        drop(ready);
+        return Ok(stream);
+    };
+    // The bytes are written at once: a handshake that already ended (as
+    // on loopback, where it ends inside connect) costs no wait for
+    // readiness. One still opening refuses the write, and the write is
+    // tried again once the socket is writable; a failed handshake fails it.
+    let mut pending = early.len;
+    match early.buffer.drain(stream.get_ref(), pending) {
+        Ok(written) => pending -= written,
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+        Err(error) => return Err(error),
     }
-    drop(ready);
+    while pending > 0 {
+        pending -= stream
+            .async_io(tokio::io::Interest::WRITABLE, |socket| {
+                early.buffer.drain(socket, pending)
+            })
+            .await?;
+    }
+    drop(early);
+    // Back to prompt ACKs, or a backend writing small pieces with Nagle on
+    // could wait for a delayed one.
+    let _ = socket2::SockRef::from(stream.get_ref()).set_tcp_quickack(true);
     Ok(stream)
 }
 
@@ -367,6 +438,52 @@ mod tests {
     fn relayed(stream: TcpStream) -> Socket {
         stream.set_nodelay(true).unwrap();
         register(stream.into_std().unwrap()).unwrap()
+    }
+
+    /// A client's bytes that came before its session opened are the first
+    /// the backend reads, and the backend connection is left acking
+    /// promptly again once they went out.
+    #[tokio::test]
+    async fn early_bytes_reach_the_backend_first() {
+        let (mut client, client_side) = pair().await;
+        let client_side = client_side.into_std().unwrap();
+        assert!(Early::read(&client_side).unwrap().is_none(), "nothing was sent yet");
+        client.write_all(b"early").await.unwrap();
+        let early = loop {
+            if let Some(early) = Early::read(&client_side).unwrap() {
+                break early;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        };
+        assert_eq!(early.byte_count(), 5);
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = backend.local_addr().unwrap().to_string();
+        let upstream = connect(&address, Some(early)).await.unwrap();
+        assert!(
+            socket2::SockRef::from(upstream.get_ref()).tcp_quickack().unwrap(),
+            "prompt ACKs are back on"
+        );
+        let (mut accepted, _) = backend.accept().await.unwrap();
+        let mut received = [0u8; 5];
+        accepted.read_exact(&mut received).await.unwrap();
+        assert_eq!(&received, b"early");
+    }
+
+    /// Early bytes for a backend that refuses fail the connect, as a
+    /// connect without them would.
+    #[tokio::test]
+    async fn early_bytes_to_a_refused_backend_fail_the_connect() {
+        let (mut client, client_side) = pair().await;
+        let client_side = client_side.into_std().unwrap();
+        client.write_all(b"early").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let early = Early::read(&client_side).unwrap();
+        assert!(early.is_some());
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let error = connect(&address, early).await.expect_err("a refused connect");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }
 
     /// Bytes arrive intact both ways, with splice and without, and a
