@@ -67,6 +67,9 @@ fn dig(port: u16, name: &str, qtype: &str) {
             qtype,
             "+tries=1",
             "+time=2",
+            // No random EDNS cookie: a repeated question is then the same
+            // datagram, which the host may answer from a kept reply.
+            "+nocookie",
         ])
         .output()
         .expect("dig runs (Debian's bind9-dnsutils)");
@@ -245,7 +248,8 @@ async fn nodes_in_one_process_keep_their_own_metrics() {
     second.stop().await;
 }
 
-/// `hivemind status` shows the node, its roles and its bridge;
+/// `hivemind status` shows the node, its roles (with their kept replies)
+/// and its bridge;
 /// `--json` carries the same four reads; `hivemind top` redraws with a
 /// calls/s figure once it has two samples.
 #[test]
@@ -253,7 +257,7 @@ fn status_and_top_summarize_the_node() {
     let backend = Backend::start("a", Manner::Greet);
     let root = tempfile::tempdir().unwrap();
     let mut node = NodeProcess::new(root.path(), "n1", Vec::new());
-    install_bundled_roles(&node);
+    let dns_port = install_bundled_roles(&node);
     use_config(&mut node, &bridge_section("app", free_port(), "", &[(&backend, "")]));
     node.start();
     wait_for("three running roles", || {
@@ -275,6 +279,26 @@ fn status_and_top_summarize_the_node() {
         assert!(text.contains(expected), "{expected:?} in:\n{text}");
     }
     assert!(text.contains("single-node") && text.contains("HEALTHY"), "{text}");
+    // Each role's row carries the datagrams the host answered from its kept
+    // replies, beside its calls: a repeated question is one.
+    let kept = wait_for("a dns answer from a kept reply", || {
+        dig(dns_port, "n1.node.hive.", "A");
+        let json: Value = serde_json::from_slice(&node.cli(&["status", "--json"]).stdout).unwrap();
+        let roles = json["roles"].as_array().cloned().unwrap_or_default();
+        let dns = roles.iter().find(|role| role["name"] == "dns")?;
+        dns["stats"]["kept_replies"].as_u64().filter(|&kept| kept > 0)
+    });
+    let text = stdout(&node.cli(&["status"]));
+    assert!(text.contains(" KEPT "), "{text}");
+    let dns_row = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("dns "))
+        .unwrap_or_else(|| panic!("no dns row:\n{text}"));
+    assert_eq!(
+        dns_row.split_whitespace().nth(5),
+        Some(kept.to_string().as_str()),
+        "{dns_row:?}"
+    );
 
     let json: Value = serde_json::from_slice(&node.cli(&["status", "--json"]).stdout).unwrap();
     assert_eq!(json["status"]["node"]["name"], "n1");

@@ -207,8 +207,8 @@ pub fn render(sample: &Sample, previous: Option<&Sample>) -> String {
     let _ = writeln!(out, "\nROLES (this node)");
     let _ = writeln!(
         out,
-        "  {:<16} {:<9} {:<9} {:>9} {:>8} {:>6} LAST ERROR",
-        "NAME", "STATE", "VERSION", "CALLS", "CALLS/S", "TRAPS"
+        "  {:<16} {:<9} {:<9} {:>9} {:>8} {:>9} {:>6} LAST ERROR",
+        "NAME", "STATE", "VERSION", "CALLS", "CALLS/S", "KEPT", "TRAPS"
     );
     let elapsed = previous.map(|previous| sample.taken.duration_since(previous.taken).as_secs_f64());
     for role in sample.roles.as_array().into_iter().flatten() {
@@ -223,12 +223,13 @@ pub fn render(sample: &Sample, previous: Option<&Sample>) -> String {
         };
         let _ = writeln!(
             out,
-            "  {:<16} {:<9} {:<9} {:>9} {:>8} {:>6} {}",
+            "  {:<16} {:<9} {:<9} {:>9} {:>8} {:>9} {:>6} {}",
             clip(&name, 16),
             text(&role["state"]),
             clip(&text(&role["version"]), 9),
             calls.map_or("-".into(), |calls| calls.to_string()),
             rate,
+            text(&role["stats"]["kept_replies"]),
             text(&role["stats"]["traps"]),
             clip(&text(&role["last_error"]), 60)
         );
