@@ -365,7 +365,7 @@ fn measure(path: &Path, pids: &[u32], client: &tokio::runtime::Runtime, figures:
 
 /// Runs `work` with every thread of this process (client and backends) and
 /// of `pids` (the proxies) allowed only the first CPU this process may use,
-/// then gives each thread back the CPUs it had.
+/// then gives them back the CPUs this process had.
 fn on_one_core<T>(pids: &[u32], work: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let threads = |pid: u32| -> anyhow::Result<Vec<libc::pid_t>> {
         std::fs::read_dir(format!("/proc/{pid}/task"))?
@@ -389,29 +389,17 @@ fn on_one_core<T>(pids: &[u32], work: impl FnOnce() -> anyhow::Result<T>) -> any
         // that ended meanwhile only makes it fail, which is ignored.
         unsafe { libc::sched_setaffinity(thread, std::mem::size_of::<libc::cpu_set_t>(), cpus) };
     };
-    let mut pinned = Vec::new();
-    for pid in pids.iter().copied().chain([std::process::id()]) {
-        for thread in threads(pid)? {
-            // SAFETY: as above; the set is filled for `thread`.
-            let mut before: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-            if unsafe { libc::sched_getaffinity(thread, std::mem::size_of::<libc::cpu_set_t>(), &mut before) } == 0 {
-                set(thread, &one);
-                pinned.push((thread, before));
-            }
+    // None of these processes sets affinities of its own, so every thread
+    // goes back to what this one had, threads started meanwhile included.
+    let set_all = |cpus: &libc::cpu_set_t| -> anyhow::Result<()> {
+        for pid in pids.iter().copied().chain([std::process::id()]) {
+            threads(pid)?.into_iter().for_each(|thread| set(thread, cpus));
         }
-    }
+        Ok(())
+    };
+    set_all(&one)?;
     let outcome = work();
-    for (thread, before) in &pinned {
-        set(*thread, before);
-    }
-    // Threads started while pinned inherited the one CPU.
-    for pid in pids.iter().copied().chain([std::process::id()]) {
-        for thread in threads(pid).unwrap_or_default() {
-            if !pinned.iter().any(|(known, _)| *known == thread) {
-                set(thread, &allowed);
-            }
-        }
-    }
+    set_all(&allowed)?;
     outcome
 }
 

@@ -55,17 +55,18 @@ impl Early {
     /// Reads what `client` has sent so far; `None` when nothing came yet
     /// (or its end of stream, which the relay reads again).
     pub fn read(client: &std::net::TcpStream) -> io::Result<Option<Early>> {
-        let mut buffer = Buffer::new();
-        match buffer.fill(client) {
-            Ok(len) if len > 0 => Ok(Some(Early { buffer, len })),
-            Ok(_) => {
-                buffer.release();
-                Ok(None)
+        // Dropped unless returned, which gives the buffer back.
+        let mut early = Early {
+            buffer: Buffer::new(),
+            len: 0,
+        };
+        match early.buffer.fill(client) {
+            Ok(len) if len > 0 => {
+                early.len = len;
+                Ok(Some(early))
             }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                buffer.release();
-                Ok(None)
-            }
+            Ok(_) => Ok(None),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(error) => Err(error),
         }
     }
