@@ -117,6 +117,14 @@ pub fn median(values: &[f64]) -> f64 {
     sorted[sorted.len() / 2]
 }
 
+/// The first and third quartiles: the middle half of the values lies
+/// between them.
+pub fn middle_half(values: &[f64]) -> (f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    (sorted[sorted.len() / 4], sorted[sorted.len() * 3 / 4])
+}
+
 /// Each round's figure, `a / b / c`.
 pub fn list(values: &[f64], digits: usize) -> String {
     values

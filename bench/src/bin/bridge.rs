@@ -1,6 +1,6 @@
 //! The bridge against HAProxy (Debian's package: mode tcp, splice on) and
 //! a direct connection, through one backend, everything on loopback and
-//! sharing the machine's cores, five rounds alternating:
+//! sharing the machine's cores, seven rounds alternating:
 //!
 //! - bulk throughput with iperf3 (Debian's package), and throughput per
 //!   proxy CPU core (the proxy's CPU time over the run);
@@ -14,6 +14,15 @@
 //!   an idle CPU halts and waking it costs tens of µs, which both proxies
 //!   pay on every hop across cores; on one core each hop is a plain switch,
 //!   and what is left is the proxy's own latency.
+//!
+//! Each round measures the paths back to back, so a comparison is made
+//! round by round: the verdict takes the median of the rounds' ratios (of
+//! their p99 differences for latency), which the machine's drift between
+//! rounds does not move, where the ratio of the paths' medians mixes
+//! rounds measured in different weather (it is printed beside). The
+//! middle half of the rounds' ratios shows how far the noise reaches: one
+//! that spans 1.0 is parity within that noise, whichever side of 1.0 the
+//! median falls on.
 //!
 //! Everything runs in a network namespace of the bench's own, whose
 //! loopback lets connect() use every port from 1024: with the machine's
@@ -33,12 +42,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hivemind_bench::{
-    HostProcess, Peer, cpu_time, free_port, list, median, micros, millis, one_node_args, own_network_namespace,
-    require_tools, summarize, verdict,
+    HostProcess, Peer, cpu_time, free_port, list, median, micros, middle_half, millis, one_node_args,
+    own_network_namespace, require_tools, summarize, verdict,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const ROUNDS: usize = 5;
+/// Rounds of the alternating measures.
+const ROUNDS: usize = 7;
+/// Rounds of severing and of failover.
+const EVENT_ROUNDS: usize = 5;
 const IPERF_SECS: u32 = 5;
 const LOAD: Duration = Duration::from_secs(3);
 const KEEPALIVE_CONNECTIONS: usize = 32;
@@ -403,6 +415,15 @@ fn on_one_core<T>(pids: &[u32], work: impl FnOnce() -> anyhow::Result<T>) -> any
     outcome
 }
 
+/// Said of a comparison whose rounds fall on both sides of parity.
+fn noise_note(spans_parity: bool) -> &'static str {
+    if spans_parity {
+        " (parity within the rounds' noise)"
+    } else {
+        ""
+    }
+}
+
 const SEVERED: usize = 100;
 
 /// Opens [`SEVERED`] sessions through the echo bridge, turns its routing
@@ -623,18 +644,23 @@ fn main() -> anyhow::Result<()> {
     let [direct, theirs, ours] = &figures[..] else {
         unreachable!()
     };
-    let ratio = |ours: &[f64], theirs: &[f64]| median(ours) / median(theirs);
-    for (what, value) in [
-        ("throughput", ratio(&ours.gbits, &theirs.gbits)),
+    for (what, ours, theirs) in [
+        ("throughput", &ours.gbits, &theirs.gbits),
         (
             "throughput per proxy core",
-            ratio(&ours.gbits_per_core, &theirs.gbits_per_core),
+            &ours.gbits_per_core,
+            &theirs.gbits_per_core,
         ),
-        ("keep-alive exchanges/s", ratio(&ours.exchanges, &theirs.exchanges)),
-        ("new connections/s", ratio(&ours.connections, &theirs.connections)),
+        ("keep-alive exchanges/s", &ours.exchanges, &theirs.exchanges),
+        ("new connections/s", &ours.connections, &theirs.connections),
     ] {
+        let rounds: Vec<f64> = ours.iter().zip(theirs).map(|(ours, theirs)| ours / theirs).collect();
+        let value = median(&rounds);
+        let (low, high) = middle_half(&rounds);
         println!(
-            "  {what}: bridge / HAProxy = {value:.3}x   (target >= 1.0x -> {})",
+            "  {what}: bridge / HAProxy = {value:.3}x, rounds' middle half {low:.3}-{high:.3}x{}; ratio of the medians {:.3}x   (target >= 1.0x -> {})",
+            noise_note(low < 1.0 && high > 1.0),
+            median(ours) / median(theirs),
             verdict(value >= 1.0)
         );
     }
@@ -652,23 +678,33 @@ fn main() -> anyhow::Result<()> {
             "  proxy CPU per {what}: bridge / HAProxy = {value:.3}x   (context, not a target: below 1.0x the bridge spends less)"
         );
     }
-    let added_ours = median(&ours.p99_us) - median(&direct.p99_us);
-    let added_theirs = median(&theirs.p99_us) - median(&direct.p99_us);
-    println!(
-        "  added p99, cores shared: bridge {added_ours:.1} us, HAProxy {added_theirs:.1} us   (target <= HAProxy's -> {})",
-        verdict(added_ours <= added_theirs)
-    );
-    let added_ours = median(&ours.one_core_p99_us) - median(&direct.one_core_p99_us);
-    let added_theirs = median(&theirs.one_core_p99_us) - median(&direct.one_core_p99_us);
-    println!(
-        "  added p99, all on one core: bridge {added_ours:.1} us, HAProxy {added_theirs:.1} us   (target <= HAProxy's -> {})",
-        verdict(added_ours <= added_theirs)
-    );
+    for (what, ours, theirs, direct) in [
+        ("cores shared", &ours.p99_us, &theirs.p99_us, &direct.p99_us),
+        (
+            "all on one core",
+            &ours.one_core_p99_us,
+            &theirs.one_core_p99_us,
+            &direct.one_core_p99_us,
+        ),
+    ] {
+        let added_ours = median(ours) - median(direct);
+        let added_theirs = median(theirs) - median(direct);
+        // Within a round both proxies are set against the same direct
+        // path, so the difference of their added p99s is that of their p99s.
+        let rounds: Vec<f64> = ours.iter().zip(theirs).map(|(ours, theirs)| ours - theirs).collect();
+        let difference = median(&rounds);
+        let (low, high) = middle_half(&rounds);
+        println!(
+            "  added p99, {what}: bridge - HAProxy = {difference:.1} us, rounds' middle half {low:.1} to {high:.1} us{}; added to the direct p99's median: bridge {added_ours:.1} us, HAProxy {added_theirs:.1} us   (target <= HAProxy's -> {})",
+            noise_note(low < 0.0 && high > 0.0),
+            verdict(difference <= 0.0)
+        );
+    }
 
     // Severing: 100 open sessions, routing turned off; the time until the
     // last of them is cut, from the request (its commit included).
     let mut sever_times = Vec::new();
-    for _ in 0..ROUNDS {
+    for _ in 0..EVENT_ROUNDS {
         sever_times.push(millis(time_to_sever(&client, &host, bridge_echo)?));
     }
     println!(
@@ -680,7 +716,7 @@ fn main() -> anyhow::Result<()> {
     // Failover: kill a, time both proxies to their first session on b.
     let mut ours_failover = Vec::new();
     let mut theirs_failover = Vec::new();
-    for round in 0..ROUNDS {
+    for round in 0..EVENT_ROUNDS {
         if round > 0 {
             running_a = Some(start_greeter(&backends, greeter_a, "a"));
             let deadline = Instant::now() + PATIENCE;
