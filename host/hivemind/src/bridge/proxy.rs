@@ -126,7 +126,18 @@ impl DataPlane {
         let mut stopped = Vec::new();
         let mut threads = Vec::new();
         for index in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                // Before sleeping for readiness, let whatever else is ready
+                // to run on this CPU (a client or backend, often) run first:
+                // what it sends then finds this thread awake, at no cost of
+                // a wake-up to either side. With nothing else to run, the
+                // yield returns at once and the thread sleeps as before.
+                .on_thread_park(|| {
+                    // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+                    unsafe { libc::sched_yield() };
+                })
+                .build()?;
             threads.push(runtime.handle().clone());
             let shutdown = shutdown.clone();
             let (done, finished) = tokio::sync::oneshot::channel::<()>();
