@@ -112,17 +112,21 @@ pub fn own_network_namespace() -> anyhow::Result<()> {
 
 /// The middle value (the upper one of an even count).
 pub fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
+    let sorted = sorted(values);
     sorted[sorted.len() / 2]
 }
 
 /// The first and third quartiles: the middle half of the values lies
 /// between them.
 pub fn middle_half(values: &[f64]) -> (f64, f64) {
+    let sorted = sorted(values);
+    (sorted[sorted.len() / 4], sorted[sorted.len() * 3 / 4])
+}
+
+fn sorted(values: &[f64]) -> Vec<f64> {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
-    (sorted[sorted.len() / 4], sorted[sorted.len() * 3 / 4])
+    sorted
 }
 
 /// Each round's figure, `a / b / c`.
