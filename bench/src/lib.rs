@@ -110,17 +110,25 @@ pub fn own_network_namespace() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The middle value (the upper one of an even count).
+/// The middle value; of an even count, the mean of the two middle ones
+/// (taking either would lean the verdict of a ratio one way).
 pub fn median(values: &[f64]) -> f64 {
     let sorted = sorted(values);
-    sorted[sorted.len() / 2]
+    let middle = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    } else {
+        sorted[middle]
+    }
 }
 
-/// The first and third quartiles: the middle half of the values lies
-/// between them.
+/// The values a quarter of the way in from each end: the middle half of
+/// the values lies between them, as many below the first as above the
+/// second.
 pub fn middle_half(values: &[f64]) -> (f64, f64) {
     let sorted = sorted(values);
-    (sorted[sorted.len() / 4], sorted[sorted.len() * 3 / 4])
+    let quarter = sorted.len() / 4;
+    (sorted[quarter], sorted[sorted.len() - 1 - quarter])
 }
 
 fn sorted(values: &[f64]) -> Vec<f64> {
@@ -381,5 +389,26 @@ impl Drop for Peer {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median, middle_half};
+
+    /// An even count's median lies between its two middle values, so a
+    /// ratio's verdict leans neither way.
+    #[test]
+    fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+    }
+
+    /// Of eight values, the middle half is the third to the sixth: two
+    /// below it and two above.
+    #[test]
+    fn middle_half_leaves_a_quarter_out_at_each_end() {
+        let values = [8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0];
+        assert_eq!(middle_half(&values), (3.0, 6.0));
     }
 }
