@@ -1,10 +1,14 @@
 //! The bridge against HAProxy (Debian's package: mode tcp, splice on) and
 //! a direct connection, through one backend, everything on loopback and
 //! sharing the machine's cores, in rounds that measure each path back to
-//! back. Eight rounds of:
+//! back. Eight rounds of bulk throughput with iperf3 (Debian's package),
+//! and throughput per proxy CPU core (the proxy's CPU time over the run).
+//! Then sixteen rounds of the small exchanges:
 //!
-//! - bulk throughput with iperf3 (Debian's package), and throughput per
-//!   proxy CPU core (the proxy's CPU time over the run);
+//! - request/response rate: 64-byte messages over 32 keep-alive
+//!   connections for two seconds, and the proxy's CPU time per exchange;
+//! - new connections per second: 16 loops of connect, 64-byte exchange,
+//!   close for two seconds, and the proxy's CPU time per connection;
 //! - latency: one connection's 64-byte ping-pongs, p50 and p99, and the
 //!   p99 each proxy adds to the direct one; then again with the client, the
 //!   backend and both proxies on one core. On this kind of virtual machine
@@ -12,17 +16,11 @@
 //!   pay on every hop across cores; on one core each hop is a plain switch,
 //!   and what is left is the proxy's own latency.
 //!
-//! Then sixteen rounds of the exchange rates, two seconds each:
-//!
-//! - request/response rate: 64-byte messages over 32 keep-alive
-//!   connections, and the proxy's CPU time per exchange;
-//! - new connections per second: 16 loops of connect, 64-byte exchange,
-//!   close, and the proxy's CPU time per connection.
-//!
-//! With client, backend and proxy sharing two cores, these rates are set
+//! With client, backend and proxy sharing two cores, these figures are set
 //! by how the cores are shared as much as by the proxy's own work, and a
-//! round's ratio of the proxies moves by several percent from one round to
-//! the next: the more rounds, the narrower their median.
+//! round's comparison of the proxies moves by several percent (tens of µs
+//! for a p99) from one round to the next: the more rounds, the narrower
+//! their median.
 //!
 //! In each round the two proxies take turns at going first (a path
 //! measured right after another may inherit its leftovers: warm caches,
@@ -57,11 +55,11 @@ use hivemind_bench::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Rounds of bulk throughput and latency.
-const ROUNDS: usize = 8;
-/// Rounds of the exchange rates, which are short and whose rounds spread
-/// the most: more of them narrow the median.
-const RATE_ROUNDS: usize = 16;
+/// Rounds of bulk throughput, whose rounds agree closely.
+const BULK_ROUNDS: usize = 8;
+/// Rounds of the small exchanges (rates and latency), which are short and
+/// whose rounds spread the most: more of them narrow the median.
+const ROUNDS: usize = 16;
 /// Rounds of severing and of failover.
 const EVENT_ROUNDS: usize = 5;
 const IPERF_SECS: u32 = 5;
@@ -359,28 +357,25 @@ fn proxy_cpu_per_operation(path: &Path, before: Option<Duration>, rate: f64) -> 
     ))
 }
 
-/// Bulk throughput, then one connection's latency with the cores shared
-/// and on one core.
-fn measure_bulk_and_latency(path: &Path, pids: &[u32], figures: &mut Figures) -> anyhow::Result<()> {
+/// Bulk throughput, and the proxy's CPU for it.
+fn measure_bulk(path: &Path, figures: &mut Figures) -> anyhow::Result<()> {
     let (bits, cores) = iperf(path.bulk, path.pid)?;
     figures.gbits.push(bits / 1e9);
     if let Some(cores) = cores {
         figures.gbits_per_core.push(bits / 1e9 / cores.max(0.01));
     }
-    let mut samples = round_trips(path.echo)?;
-    let summary = summarize(&mut samples);
-    figures.p50_us.push(micros(summary.median));
-    figures.p99_us.push(micros(summary.p99));
-    let mut samples = on_one_core(pids, || round_trips(path.echo))?;
-    let summary = summarize(&mut samples);
-    figures.one_core_p50_us.push(micros(summary.median));
-    figures.one_core_p99_us.push(micros(summary.p99));
     Ok(())
 }
 
 /// Keep-alive exchanges and new connections per second, with the proxy's
-/// CPU for each.
-fn measure_rates(path: &Path, client: &tokio::runtime::Runtime, figures: &mut Figures) -> anyhow::Result<()> {
+/// CPU for each; then one connection's latency with the cores shared and
+/// on one core.
+fn measure_exchanges(
+    path: &Path,
+    pids: &[u32],
+    client: &tokio::runtime::Runtime,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
     let before = proxy_cpu(path)?;
     let exchanges = keepalive_rate(client, path.echo)?;
     figures.exchanges.push(exchanges);
@@ -394,6 +389,14 @@ fn measure_rates(path: &Path, client: &tokio::runtime::Runtime, figures: &mut Fi
     figures
         .connection_cpu_us
         .extend(proxy_cpu_per_operation(path, before, rate)?);
+    let mut samples = round_trips(path.echo)?;
+    let summary = summarize(&mut samples);
+    figures.p50_us.push(micros(summary.median));
+    figures.p99_us.push(micros(summary.p99));
+    let mut samples = on_one_core(pids, || round_trips(path.echo))?;
+    let summary = summarize(&mut samples);
+    figures.one_core_p50_us.push(micros(summary.median));
+    figures.one_core_p99_us.push(micros(summary.p99));
     Ok(())
 }
 
@@ -627,19 +630,19 @@ fn main() -> anyhow::Result<()> {
     let proxies: Vec<u32> = paths.iter().filter_map(|path| path.pid).collect();
     // The proxies take turns at going first (see the module's comment).
     let order = |round: usize| if round.is_multiple_of(2) { [0, 1, 2] } else { [0, 2, 1] };
-    for round in 0..ROUNDS {
+    for round in 0..BULK_ROUNDS {
         for index in order(round) {
-            measure_bulk_and_latency(&paths[index], &proxies, &mut figures[index])?;
+            measure_bulk(&paths[index], &mut figures[index])?;
         }
     }
-    for round in 0..RATE_ROUNDS {
+    for round in 0..ROUNDS {
         for index in order(round) {
-            measure_rates(&paths[index], &client, &mut figures[index])?;
+            measure_exchanges(&paths[index], &proxies, &client, &mut figures[index])?;
         }
     }
 
     println!(
-        "bridge vs HAProxy (mode tcp, splice-auto) and direct, {ROUNDS} rounds of throughput and latency, {RATE_ROUNDS} of exchange rates, all on loopback sharing the cores"
+        "bridge vs HAProxy (mode tcp, splice-auto) and direct, {BULK_ROUNDS} rounds of bulk throughput and {ROUNDS} of small exchanges, all on loopback sharing the cores"
     );
     for (path, figures) in paths.iter().zip(&figures) {
         println!(
