@@ -62,6 +62,14 @@
 //! # node.failed, ms.
 //! failed_grace_ms = 500
 //!
+//! # The threads that carry every bridge's sessions.
+//! [data_plane]
+//! threads = 4                             # default: one per CPU core
+//! # After its last I/O a thread keeps polling this long before it sleeps,
+//! # so a busy session's next packet finds it awake; costs idle CPU while
+//! # traffic comes more often than this. 0 = sleep whenever idle.
+//! busy_poll_us = 50
+//!
 //! # TCP bridges: see `bridge::config` for every key.
 //! [[bridge]]
 //! name = "db"
@@ -108,7 +116,61 @@ pub struct FileConfig {
     #[serde(default)]
     pub gossip: GossipSection,
     #[serde(default)]
+    pub data_plane: DataPlaneSection,
+    #[serde(default)]
     pub bridge: Vec<crate::bridge::config::BridgeSection>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataPlaneSection {
+    pub threads: Option<usize>,
+    pub busy_poll_us: Option<u64>,
+}
+
+/// The bridges' data-plane threads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataPlaneSettings {
+    pub threads: usize,
+    /// How long a thread polls after its last I/O before it sleeps.
+    pub busy_poll: Duration,
+}
+
+/// A longer window keeps a thread polling through pauses that are not a
+/// session's turn-around any more; 10 ms is already far past that.
+const MAX_BUSY_POLL_US: u64 = 10_000;
+
+impl Default for DataPlaneSettings {
+    fn default() -> DataPlaneSettings {
+        DataPlaneSettings {
+            threads: std::thread::available_parallelism().map_or(1, usize::from),
+            busy_poll: crate::bridge::busy_poll::DEFAULT_WINDOW,
+        }
+    }
+}
+
+impl DataPlaneSection {
+    fn settings(&self) -> anyhow::Result<DataPlaneSettings> {
+        let defaults = DataPlaneSettings::default();
+        if self.threads == Some(0) {
+            anyhow::bail!("config [data_plane]: threads = 0; give at least 1, or leave it out for one per CPU core");
+        }
+        if let Some(micros) = self.busy_poll_us
+            && micros > MAX_BUSY_POLL_US
+        {
+            anyhow::bail!(
+                "config [data_plane]: busy_poll_us = {micros} is more than {MAX_BUSY_POLL_US}; a window of tens of µs \
+                 covers a session's turn-around (0 turns busy polling off)"
+            );
+        }
+        Ok(DataPlaneSettings {
+            threads: self.threads.unwrap_or(defaults.threads),
+            busy_poll: self
+                .busy_poll_us
+                .map(Duration::from_micros)
+                .unwrap_or(defaults.busy_poll),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -276,6 +338,7 @@ pub struct HostConfig {
     /// Raft timing and snapshot threshold.
     pub raft: crate::quorum::Timing,
     pub gossip: GossipSettings,
+    pub data_plane: DataPlaneSettings,
     pub bridges: Vec<crate::bridge::config::BridgeConfig>,
 }
 
@@ -302,6 +365,7 @@ impl HostConfig {
                 preset: crate::membership::GossipPreset::Fast,
                 failed_grace: Duration::from_millis(200),
             },
+            data_plane: DataPlaneSettings::default(),
             bridges: Vec::new(),
         }
     }
@@ -355,6 +419,7 @@ impl HostConfig {
                 .unwrap_or(runtime_defaults.pool_max_memory_bytes),
             raft: file.raft.timing()?,
             gossip: file.gossip.settings()?,
+            data_plane: file.data_plane.settings()?,
             bridges,
         })
     }
@@ -407,5 +472,49 @@ mod tests {
         assert_eq!(config.api.to_string(), DEFAULT_API);
         assert!(config.install_bundled_roles);
         assert_eq!(config.roles_dir, config.data_dir.join("roles"));
+    }
+
+    fn load_text(text: &str) -> anyhow::Result<HostConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hivemind.toml");
+        std::fs::write(&path, text).unwrap();
+        HostConfig::load(Some(&path))
+    }
+
+    /// `[data_plane]` sets the thread count and the busy-poll window;
+    /// without it, one thread per core polls for 50 µs.
+    #[test]
+    fn data_plane_settings_and_defaults() {
+        let defaults = HostConfig::load(None).unwrap().data_plane;
+        assert_eq!(defaults.busy_poll, Duration::from_micros(50));
+        assert_eq!(
+            defaults.threads,
+            std::thread::available_parallelism().map_or(1, usize::from)
+        );
+        let set = load_text("[data_plane]\nthreads = 3\nbusy_poll_us = 0\n")
+            .unwrap()
+            .data_plane;
+        assert_eq!(
+            set,
+            DataPlaneSettings {
+                threads: 3,
+                busy_poll: Duration::ZERO
+            }
+        );
+    }
+
+    /// No threads, or a window far past any turn-around, is an error that
+    /// names the key and what to give instead.
+    #[test]
+    fn bad_data_plane_settings_are_errors() {
+        let error = load_text("[data_plane]\nthreads = 0\n").unwrap_err().to_string();
+        assert!(error.contains("threads = 0") && error.contains("at least 1"), "{error}");
+        let error = load_text("[data_plane]\nbusy_poll_us = 1000000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("busy_poll_us = 1000000") && error.contains("0 turns"),
+            "{error}"
+        );
     }
 }

@@ -188,9 +188,14 @@ impl Daemon {
             config.gossip.clone(),
             shutdown.clone(),
         )));
-        let (bridges, bridge_tasks) =
-            crate::bridge::Bridges::start(config.bridges.clone(), log.clone(), config.node_name.clone(), &shutdown)
-                .await?;
+        let (bridges, bridge_tasks) = crate::bridge::Bridges::start(
+            config.bridges.clone(),
+            &config.data_plane,
+            log.clone(),
+            config.node_name.clone(),
+            &shutdown,
+        )
+        .await?;
         tasks.extend(bridge_tasks);
         let notifier = Arc::new(Notifier::new(node_id, config.webhook.clone()));
         let metrics = crate::metrics::NodeMetrics::new(log.writes.seconds.clone(), log.writes.failures.clone());

@@ -18,6 +18,7 @@
 //! A node cut off from the quorum keeps its last committed route (or, with
 //! `when_isolated = "stop"`, refuses clients) and never picks a backend.
 
+pub mod busy_poll;
 pub mod cli;
 pub mod config;
 pub mod ledger;
@@ -127,6 +128,7 @@ impl Bridges {
     /// follower, reporter and decider tasks.
     pub async fn start(
         configs: Vec<BridgeConfig>,
+        data_plane: &crate::config::DataPlaneSettings,
         log: Arc<QuorumLog>,
         node_name: String,
         shutdown: &CancellationToken,
@@ -136,10 +138,10 @@ impl Bridges {
         let views_changed = Arc::new(tokio::sync::Notify::new());
         // Every listener first: a port in use stops the start before any
         // thread exists. Each data-plane thread gets its own.
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let threads = data_plane.threads;
         let mut bound = Vec::new();
         for config in configs {
-            let listeners = proxy::bind_listeners(config.listen, cores).map_err(|error| {
+            let listeners = proxy::bind_listeners(config.listen, threads).map_err(|error| {
                 anyhow::anyhow!(
                     "bridge {:?} cannot listen on {} ({error}); free the port or change `listen` in its [[bridge]] \
                      section",
@@ -152,7 +154,7 @@ impl Bridges {
         let plane = if bound.is_empty() {
             None
         } else {
-            let (plane, stopped) = proxy::DataPlane::start(cores, shutdown)?;
+            let (plane, stopped) = proxy::DataPlane::start(threads, data_plane.busy_poll, shutdown)?;
             tasks.push(stopped);
             Some(plane)
         };

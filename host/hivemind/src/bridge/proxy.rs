@@ -19,6 +19,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::busy_poll;
 use super::config::BridgeConfig;
 use super::relay::{self, relay};
 
@@ -117,10 +118,12 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// Starts `count` threads; they stop at `shutdown`, and the returned
-    /// task ends once they all have.
+    /// Starts `count` threads, each polling for `busy_poll` after its last
+    /// I/O before it sleeps (see [`busy_poll`]); they stop at `shutdown`,
+    /// and the returned task ends once they all have.
     pub fn start(
         count: usize,
+        busy_poll: Duration,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<(DataPlane, tokio::task::JoinHandle<()>)> {
         let mut stopped = Vec::new();
@@ -128,15 +131,7 @@ impl DataPlane {
         for index in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                // Before sleeping for readiness, let whatever else is ready
-                // to run on this CPU (a client or backend, often) run first:
-                // what it sends then finds this thread awake, at no cost of
-                // a wake-up to either side. With nothing else to run, the
-                // yield returns at once and the thread sleeps as before.
-                .on_thread_park(|| {
-                    // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
-                    unsafe { libc::sched_yield() };
-                })
+                .on_thread_park(busy_poll::before_park)
                 .build()?;
             threads.push(runtime.handle().clone());
             let shutdown = shutdown.clone();
@@ -145,7 +140,8 @@ impl DataPlane {
             std::thread::Builder::new()
                 .name(format!("bridge-{index}"))
                 .spawn(move || {
-                    runtime.block_on(shutdown.cancelled());
+                    busy_poll::set_window(busy_poll);
+                    runtime.block_on(busy_poll::Wakeable(std::pin::pin!(shutdown.cancelled())));
                     // Dropping the runtime ends the sessions still on it.
                     drop(runtime);
                     let _ = done.send(());
@@ -286,6 +282,7 @@ async fn accept_loop(
                 continue;
             }
         };
+        busy_poll::record_activity();
         let mut session_route = route.clone();
         let current = session_route.borrow_and_update().clone();
         let Some((backend, address)) = current.backend.filter(|_| current.enabled) else {

@@ -323,6 +323,7 @@ async fn one_way(
                 }
                 Err(error) => return Err(error),
                 Ok(filled) => {
+                    super::busy_poll::record_activity();
                     if filled > 0 && filled < CHUNK {
                         ready.clear_ready();
                     }
@@ -384,6 +385,7 @@ async fn pump(from: &Socket, to: &Socket, pipe: &Pipe, counter: &AtomicU64, one_
             match splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE - in_pipe) {
                 Ok(0) => ended = true,
                 Ok(spliced) => {
+                    super::busy_poll::record_activity();
                     in_pipe += spliced;
                     moved = true;
                 }
