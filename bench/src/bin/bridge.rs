@@ -14,7 +14,10 @@
 //!   backend and both proxies on one core. On this kind of virtual machine
 //!   an idle CPU halts and waking it costs tens of µs, which both proxies
 //!   pay on every hop across cores; on one core each hop is a plain switch,
-//!   and what is left is the proxy's own latency.
+//!   and what is left is the proxy's own latency. The proxy's CPU per
+//!   round trip is printed beside: the bridge's threads poll for a moment
+//!   after each message before they sleep (`[data_plane] busy_poll_us`),
+//!   spending CPU that was idle to skip a wake-up, and this shows its price.
 //!
 //! With client, backend and proxy sharing two cores, these figures are set
 //! by how the cores are shared as much as by the proxy's own work, and a
@@ -95,6 +98,8 @@ struct Figures {
     connection_cpu_us: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
+    /// The proxy's CPU per round trip of one connection, cores shared, µs.
+    round_trip_cpu_us: Vec<f64>,
     one_core_p50_us: Vec<f64>,
     one_core_p99_us: Vec<f64>,
 }
@@ -389,7 +394,13 @@ fn measure_exchanges(
     figures
         .connection_cpu_us
         .extend(proxy_cpu_per_operation(path, before, rate)?);
+    let before = proxy_cpu(path)?;
     let mut samples = round_trips(path.echo)?;
+    if let (Some(before), Some(now)) = (before, proxy_cpu(path)?) {
+        figures
+            .round_trip_cpu_us
+            .push((now - before).as_secs_f64() * 1e6 / PINGS as f64);
+    }
     let summary = summarize(&mut samples);
     figures.p50_us.push(micros(summary.median));
     figures.p99_us.push(micros(summary.p99));
@@ -646,7 +657,7 @@ fn main() -> anyhow::Result<()> {
     );
     for (path, figures) in paths.iter().zip(&figures) {
         println!(
-            "  {:<8} iperf3 {} Gb/s{}; {KEEPALIVE_CONNECTIONS} keep-alive connections {} exchanges/s{}; new connections {} /s (failed {:?}){}; one connection p50 {} us, p99 {} us; on one core p50 {} us, p99 {} us",
+            "  {:<8} iperf3 {} Gb/s{}; {KEEPALIVE_CONNECTIONS} keep-alive connections {} exchanges/s{}; new connections {} /s (failed {:?}){}; one connection p50 {} us, p99 {} us{}; on one core p50 {} us, p99 {} us",
             path.name,
             list(&figures.gbits, 1),
             if figures.gbits_per_core.is_empty() {
@@ -669,6 +680,11 @@ fn main() -> anyhow::Result<()> {
             },
             list(&figures.p50_us, 1),
             list(&figures.p99_us, 1),
+            if figures.round_trip_cpu_us.is_empty() {
+                String::new()
+            } else {
+                format!(" with {} us of proxy CPU each", list(&figures.round_trip_cpu_us, 1))
+            },
             list(&figures.one_core_p50_us, 1),
             list(&figures.one_core_p99_us, 1),
         );
@@ -705,6 +721,10 @@ fn main() -> anyhow::Result<()> {
             "new connection",
             median(&ours.connection_cpu_us) / median(&theirs.connection_cpu_us),
         ),
+        (
+            "round trip of one connection, cores shared",
+            median(&ours.round_trip_cpu_us) / median(&theirs.round_trip_cpu_us),
+        ),
     ] {
         println!(
             "  proxy CPU per {what}: bridge / HAProxy = {value:.3}x   (context, not a target: below 1.0x the bridge spends less)"
@@ -732,6 +752,21 @@ fn main() -> anyhow::Result<()> {
             verdict(difference <= 0.0)
         );
     }
+
+    // Busy polling stops with the traffic: each proxy's CPU over a quiet
+    // second (the host's also carries its checks, Raft and gossip).
+    std::thread::sleep(Duration::from_millis(200));
+    let quiet_before = (cpu_time(host_pid)?, cpu_time(haproxy.id())?);
+    std::thread::sleep(Duration::from_secs(1));
+    let quiet = (
+        cpu_time(host_pid)? - quiet_before.0,
+        cpu_time(haproxy.id())? - quiet_before.1,
+    );
+    println!(
+        "  CPU in a quiet second after the traffic: bridge's host {:.1} ms, HAProxy {:.1} ms   (context: busy polling ends with the traffic)",
+        millis(quiet.0),
+        millis(quiet.1)
+    );
 
     // Severing: 100 open sessions, routing turned off; the time until the
     // last of them is cut, from the request (its commit included).
