@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::future::BoxFuture;
 use hivemind_runtime::{Runtime, RuntimeConfig};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -61,7 +62,28 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub async fn start(config: HostConfig) -> anyhow::Result<Daemon> {
+    /// Starts the host: store, log, membership, roles, API and bridges.
+    ///
+    /// The start-up and shutdown futures are boxed, and these functions are
+    /// never inlined, so that a crate awaiting them (the binary, every test
+    /// that runs a host in-process) calls the host's compiled code instead of
+    /// compiling its own copy of every state machine they reach: an `async
+    /// fn`'s body is compiled again in each crate that polls it.
+    #[inline(never)]
+    pub fn start(config: HostConfig) -> BoxFuture<'static, anyhow::Result<Daemon>> {
+        Box::pin(Self::start_host(config))
+    }
+
+    /// Stops the host and waits for all its tasks. A member of a cluster
+    /// of several says goodbye first: `node.left` in the log, then a leave
+    /// on gossip, so the others neither wait for a failure detector nor
+    /// decide it failed.
+    #[inline(never)]
+    pub fn shutdown(self) -> BoxFuture<'static, ()> {
+        Box::pin(self.shut_down())
+    }
+
+    async fn start_host(config: HostConfig) -> anyhow::Result<Daemon> {
         let started = Instant::now();
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
@@ -256,11 +278,7 @@ impl Daemon {
         })
     }
 
-    /// Stops the host and waits for all its tasks. A member of a cluster
-    /// of several says goodbye first: `node.left` in the log, then a leave
-    /// on gossip, so the others neither wait for a failure detector nor
-    /// decide it failed.
-    pub async fn shutdown(self) {
+    async fn shut_down(self) {
         let Daemon {
             manager,
             quorum,
