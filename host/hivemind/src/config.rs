@@ -153,13 +153,13 @@ impl DataPlaneSection {
     fn settings(&self) -> anyhow::Result<DataPlaneSettings> {
         let defaults = DataPlaneSettings::default();
         if self.threads == Some(0) {
-            anyhow::bail!("config [data_plane]: threads = 0; give at least 1, or leave it out for one per CPU core");
+            anyhow::bail!("[data_plane] threads = 0; give at least 1, or leave it out for one per CPU core");
         }
         if let Some(micros) = self.busy_poll_us
             && micros > MAX_BUSY_POLL_US
         {
             anyhow::bail!(
-                "config [data_plane]: busy_poll_us = {micros} is more than {MAX_BUSY_POLL_US}; a window of tens of µs \
+                "[data_plane] busy_poll_us = {micros} is more than {MAX_BUSY_POLL_US}; a window of tens of µs \
                  covers a session's turn-around (0 turns busy polling off)"
             );
         }
@@ -205,9 +205,8 @@ impl GossipSection {
         let defaults = GossipSettings::default();
         let preset = match &self.preset {
             None => defaults.preset,
-            Some(name) => crate::membership::GossipPreset::parse(name).ok_or_else(|| {
-                anyhow::anyhow!("config [gossip]: preset = \"{name}\" is not one of \"lan\", \"fast\"")
-            })?,
+            Some(name) => crate::membership::GossipPreset::parse(name)
+                .ok_or_else(|| anyhow::anyhow!("[gossip] preset = \"{name}\" is not one of \"lan\", \"fast\""))?,
         };
         Ok(GossipSettings {
             preset,
@@ -240,12 +239,12 @@ impl RaftSection {
         };
         anyhow::ensure!(
             timing.heartbeat < timing.election_min && timing.election_min < timing.election_max,
-            "config [raft]: need heartbeat_ms < election_min_ms < election_max_ms"
+            "[raft] needs heartbeat_ms < election_min_ms < election_max_ms; with the defaults filled in they are {} / {} / {}",
+            timing.heartbeat.as_millis(),
+            timing.election_min.as_millis(),
+            timing.election_max.as_millis()
         );
-        anyhow::ensure!(
-            timing.snapshot_every > 0,
-            "config [raft]: snapshot_every must be at least 1"
-        );
+        anyhow::ensure!(timing.snapshot_every > 0, "[raft] snapshot_every must be at least 1");
         Ok(timing)
     }
 }
@@ -381,24 +380,28 @@ impl HostConfig {
             }
             None => FileConfig::default(),
         };
+        // Every mistake found past parsing names the file too, the way the
+        // parser's own errors do.
+        Self::resolve(file).map_err(|error| match path {
+            Some(path) => anyhow::anyhow!("config {}: {error}", path.display()),
+            None => anyhow::anyhow!("config: {error}"),
+        })
+    }
+
+    fn resolve(file: FileConfig) -> anyhow::Result<HostConfig> {
         let data_dir = file.data_dir.unwrap_or_else(default_data_dir);
         let api_text = file.api.unwrap_or_else(|| DEFAULT_API.to_string());
         let api = api_text.parse().map_err(|error| {
-            anyhow::anyhow!("config key `api`: {api_text:?} is not an address like 127.0.0.1:7480 ({error})")
+            anyhow::anyhow!("key `api`: {api_text:?} is not an address like 127.0.0.1:7480 ({error})")
         })?;
         let transport_text = file.transport.unwrap_or_else(|| DEFAULT_TRANSPORT.to_string());
         let transport = transport_text.parse().map_err(|error| {
-            anyhow::anyhow!(
-                "config key `transport`: {transport_text:?} is not an address like 127.0.0.1:7481 ({error})"
-            )
+            anyhow::anyhow!("key `transport`: {transport_text:?} is not an address like 127.0.0.1:7481 ({error})")
         })?;
         let cluster = ClusterMode::from_parts(file.cluster.bootstrap_peers, file.cluster.join, file.cluster.join_token)
-            .map_err(|error| anyhow::anyhow!("config [cluster]: {error}"))?;
+            .map_err(|error| anyhow::anyhow!("[cluster] {error}"))?;
         let runtime_defaults = hivemind_runtime::RuntimeConfig::new("");
-        let bridges = crate::bridge::config::resolve_all(&file.bridge).map_err(|error| match path {
-            Some(path) => anyhow::anyhow!("config {}: {error}", path.display()),
-            None => error,
-        })?;
+        let bridges = crate::bridge::config::resolve_all(&file.bridge)?;
         Ok(HostConfig {
             transport,
             advertise: file.advertise,
@@ -463,6 +466,24 @@ mod tests {
             error.contains("hivemind.toml") && error.contains("line 2") && error.contains("role_dir"),
             "{error}"
         );
+    }
+
+    /// A value that parses but cannot be used is an error naming the file
+    /// and the key, whichever section it is in.
+    #[test]
+    fn unusable_values_name_the_file_and_key() {
+        for (text, key) in [
+            ("api = \"nonsense\"\n", "key `api`"),
+            ("[data_plane]\nthreads = 0\n", "[data_plane] threads"),
+            ("[gossip]\npreset = \"wan\"\n", "[gossip] preset"),
+            ("[raft]\nheartbeat_ms = 900\n", "[raft] needs heartbeat_ms"),
+        ] {
+            let error = load_text(text).unwrap_err().to_string();
+            assert!(
+                error.starts_with("config ") && error.contains("hivemind.toml: ") && error.contains(key),
+                "{text:?}: {error}"
+            );
+        }
     }
 
     /// No config file gives loopback defaults.
