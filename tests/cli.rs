@@ -144,6 +144,26 @@ async fn client_errors_are_one_line() {
     let nobody = cli(&host, &["status", "--api", &free_port.to_string()]).await;
     assert!(!nobody.status.success());
     assert!(stderr(&nobody).contains("cannot reach the host"), "{}", stderr(&nobody));
+
+    // A data directory no host has used says so and how to point at one.
+    let empty = tempfile::tempdir().unwrap();
+    let elsewhere = std::process::Command::new(hivemind_bin())
+        .arg("--data-dir")
+        .arg(empty.path())
+        .arg("status")
+        .env_remove("HIVEMIND_TOKEN")
+        .env_remove("HIVEMIND_API")
+        .output()
+        .unwrap();
+    assert!(!elsewhere.status.success());
+    let message = stderr(&elsewhere);
+    assert!(
+        message.contains("no host has run with the data directory")
+            && message.contains(&empty.path().display().to_string())
+            && message.contains("--data-dir"),
+        "{message}"
+    );
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
     host.stop().await;
 }
 

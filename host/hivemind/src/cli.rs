@@ -384,14 +384,22 @@ impl Client {
             Some(token) => token.clone(),
             None => {
                 let path = data_dir.join(TOKEN_FILE);
-                std::fs::read_to_string(&path)
-                    .map(|text| text.trim().to_string())
-                    .with_context(|| {
-                        format!(
-                            "no API token: pass --token, set HIVEMIND_TOKEN, or make {} readable",
-                            path.display()
-                        )
-                    })?
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => text.trim().to_string(),
+                    // No token file: most likely no host ever ran with this
+                    // data directory, e.g. one started with --data-dir and
+                    // a client without it.
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                        "no host has run with the data directory {dir} (it holds no {TOKEN_FILE} file): \
+                         start one with `hivemind up --data-dir {dir}`, give the running host's directory \
+                         with --data-dir or HIVEMIND_DATA_DIR, or pass --api and --token",
+                        dir = data_dir.display()
+                    ),
+                    Err(error) => anyhow::bail!(
+                        "cannot read the API token {}: {error}; pass --token, set HIVEMIND_TOKEN, or make it readable",
+                        path.display()
+                    ),
+                }
             }
         };
         Ok(Client::new(&api, &token))
