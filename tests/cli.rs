@@ -168,7 +168,8 @@ async fn client_errors_are_one_line() {
 }
 
 /// `hivemind up` with only a data directory creates it, installs the bundled
-/// roles, serves the API with a 0600 token, and exits cleanly on SIGTERM.
+/// roles, serves the API with a 0600 token, and exits cleanly on SIGTERM;
+/// its log, written to a pipe rather than a terminal, has no colour codes.
 #[test]
 fn up_starts_with_no_config_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -182,11 +183,11 @@ fn up_starts_with_no_config_and_stops_on_sigterm() {
         "[[listeners]]\nname = \"dns\"\naddress = \"127.0.0.1:0\"\n",
     )
     .unwrap();
-    let mut daemon = Command::new(hivemind_bin())
+    let daemon = Command::new(hivemind_bin())
         .args(["--data-dir", data.to_str().unwrap(), "up", "--api", "127.0.0.1:0"])
         .args(["--transport", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + PATIENCE;
@@ -221,8 +222,11 @@ fn up_starts_with_no_config_and_stops_on_sigterm() {
     }
 
     unsafe_kill(daemon.id(), 15);
-    let exit = daemon.wait().unwrap();
-    assert!(exit.success(), "exit status {exit:?}");
+    let output = daemon.wait_with_output().unwrap();
+    assert!(output.status.success(), "exit status {:?}", output.status);
+    let log = String::from_utf8_lossy(&output.stdout);
+    assert!(log.contains("role loaded"), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in a piped log: {log:?}");
 }
 
 fn unsafe_kill(pid: u32, signal: i32) {

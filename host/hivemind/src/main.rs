@@ -1,5 +1,6 @@
 //! `hivemind`: parse the command line, then run the daemon (`up`) or a client command.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -26,8 +27,11 @@ fn main() -> ExitCode {
 }
 
 fn run_daemon(data_dir: Option<std::path::PathBuf>, args: UpArgs) -> anyhow::Result<()> {
+    // Colour only on a terminal: a log piped to a file or journald keeps
+    // plain text.
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn")))
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     let mut config = HostConfig::load(args.config.as_deref())?;
     if let Some(dir) = data_dir {
