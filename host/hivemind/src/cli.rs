@@ -271,6 +271,7 @@ pub enum RolesCommand {
     },
     /// Show one role in detail.
     Show {
+        /// The role's name, as `hivemind roles list` shows it.
         name: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -305,6 +306,7 @@ pub enum RolesCommand {
     Remove(RoleAction),
     /// Create a new role project in ./NAME whose `./build.sh` writes NAME.wasm.
     New {
+        /// The role's name: the project directory and NAME.wasm.
         name: String,
         /// The language the role is written in.
         #[arg(long, value_enum, default_value = "rust")]
@@ -328,6 +330,7 @@ pub enum RolesCommand {
 
 #[derive(Debug, Args)]
 pub struct RoleAction {
+    /// The role's name, as `hivemind roles list` shows it.
     pub name: String,
     #[command(flatten)]
     pub client: ClientArgs,
@@ -337,7 +340,10 @@ pub struct RoleAction {
 pub enum EventsCommand {
     /// Append an event.
     Emit {
+        /// Dotted kind, e.g. `service.up`; roles subscribe to kind prefixes.
         kind: String,
+        /// What the event is about, e.g. a service name; snapshots keep the
+        /// latest event of each kind and key.
         key: String,
         /// JSON payload.
         #[arg(long, default_value = "{}")]
@@ -347,6 +353,7 @@ pub enum EventsCommand {
     },
     /// Print events after a seq; with --follow, keep printing new ones.
     Tail {
+        /// Print events after this seq; 0 starts at the oldest kept.
         #[arg(long, default_value_t = 0)]
         since: u64,
         /// Keep the connection open and print events as they commit.
@@ -969,5 +976,38 @@ mod duration_tests {
         assert!(parse_duration("2x").unwrap_err().contains("use ms, s or m"));
         assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
         assert!(parse_duration("-1s").unwrap_err().contains("not a duration"));
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every command, argument and option `--help` lists says what it is.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for argument in command.get_arguments() {
+                let id = argument.get_id().as_str();
+                if argument.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if argument.get_help().is_none() && argument.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" && sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(sub_path.clone());
+                }
+                walk(sub, &sub_path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "hivemind", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
     }
 }
