@@ -93,10 +93,31 @@ async fn install_waits_for_live_or_rejected() {
     assert!(!rejected.status.success());
     let message = stderr(&rejected);
     assert!(
-        message.contains("junk was rejected") && message.contains("not a WebAssembly file"),
+        message.contains("junk was rejected")
+            && message.contains("not a WebAssembly file")
+            && message.contains("nothing serves as junk")
+            && message.contains("hivemind roles remove junk"),
         "{message}"
     );
     assert_eq!(message.trim().lines().count(), 1, "{message}");
+
+    // A bad version over a running role says the running one stays.
+    let bad_probe = work.path().join("probe-bad.wasm");
+    std::fs::write(&bad_probe, b"\0asm but not really").unwrap();
+    let replaced = cli(
+        &host,
+        &["roles", "install", bad_probe.to_str().unwrap(), "--name", "probe"],
+    )
+    .await;
+    assert!(!replaced.status.success());
+    let message = stderr(&replaced);
+    assert!(
+        message.contains("probe was rejected")
+            && message.contains("probe 0.1.0 (digest ")
+            && message.contains("keeps serving"),
+        "{message}"
+    );
+    assert_eq!(host.api().role("probe", "config", &[]).await.json()["from"], "install");
     host.stop().await;
 }
 

@@ -782,7 +782,23 @@ fn install(
             }
             if info["last_error_digest"].as_str() == Some(digest.as_str()) && info["loading"].is_null() {
                 clear_progress(interactive);
-                bail!("{name} was rejected: {}", text(&info["last_error"]));
+                // Say what serves now: the version before, or nothing (the
+                // rejected file stays in the roles directory either way).
+                let now = if info["state"] == "running" {
+                    format!(
+                        "{name} {} (digest {}) keeps serving",
+                        text(&info["version"]),
+                        info["digest"]
+                            .as_str()
+                            .map_or("?", |digest| &digest[..digest.len().min(12)])
+                    )
+                } else {
+                    format!(
+                        "nothing serves as {name}; its file stays until a good one replaces it or \
+                         `hivemind roles remove {name}`"
+                    )
+                };
+                bail!("{name} was rejected: {}; {now}", text(&info["last_error"]));
             }
             // On a terminal the line updates in place; otherwise one line
             // every few seconds of a long compile, so logs stay short.
