@@ -56,6 +56,10 @@ pub struct ClientArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a host: a one-node cluster with the bundled roles unless configured otherwise.
+    #[command(after_long_help = concat!(
+        "The config file (--config): every key is optional; this example sets each one.\n\n",
+        include_str!("config-example.toml")
+    ))]
     Up(UpArgs),
     /// Show the cluster at a glance: this node, the leader and log, every
     /// node's health and roles, this node's roles, bridges, recent failures.
@@ -1025,5 +1029,24 @@ mod help_tests {
         let mut missing = Vec::new();
         walk(&Cli::command(), "hivemind", &mut missing);
         assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    /// `hivemind up --help` ends with the annotated config file, every
+    /// section included.
+    #[test]
+    fn up_help_shows_the_config_file() {
+        let mut command = Cli::command();
+        let up = command.find_subcommand_mut("up").unwrap();
+        let help = up.render_long_help().to_string();
+        for section in [
+            "[cluster]",
+            "[raft]",
+            "[gossip]",
+            "[data_plane]",
+            "[[bridge]]",
+            "[[bridge.backends]]",
+        ] {
+            assert!(help.contains(section), "{section} is missing from:\n{help}");
+        }
     }
 }

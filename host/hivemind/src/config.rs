@@ -2,82 +2,8 @@
 //! overridden by command-line flags. Every key is optional; the defaults give
 //! a one-node cluster on loopback.
 //!
-//! ```toml
-//! # Where the store, compile cache, token and bundled roles live.
-//! data_dir = "/var/lib/hivemind"          # default: $XDG_DATA_HOME/hivemind or ~/.local/share/hivemind
-//! # Directory watched for NAME.wasm + NAME.toml.
-//! roles_dir = "/var/lib/hivemind/roles"   # default: DATA_DIR/roles
-//! # HTTP API address; keep it on loopback unless a proxy adds TLS.
-//! api = "127.0.0.1:7480"
-//! # Node-to-node transport (Raft, joins, role calls; mutual TLS under the
-//! # cluster CA). Gossip uses UDP on the same address and port.
-//! transport = "127.0.0.1:7481"
-//! # The transport address other nodes use, when it differs from the one
-//! # bound (binding 0.0.0.0, or behind NAT).
-//! advertise = "10.0.0.5:7481"
-//! # This node's name in the cluster.
-//! node_name = "web-1"                     # default: the host name
-//! # Write the bundled roles into roles_dir on first start.
-//! install_bundled_roles = true
-//! # Seconds between full rescans of roles_dir (inotify can miss events).
-//! rescan_secs = 2
-//!
-//! [cluster]
-//! # Proves a node may join (bootstrap peers, or `--join` without a token).
-//! # Prefer HIVEMIND_CLUSTER_SECRET in the environment to a file.
-//! secret = "a long random string"
-//! # Form a cluster of these voters (transport addresses, this node's among
-//! # them); every peer gets the same list and secret. The first address in
-//! # sorted order forms the cluster; the others ask it to join.
-//! bootstrap_peers = ["10.0.0.5:7481", "10.0.0.6:7481", "10.0.0.7:7481"]
-//! # Or: join the cluster of the node at this transport address, as a learner.
-//! join = "10.0.0.5:7481"
-//! # A join token from `hivemind members token` (instead of the secret).
-//! join_token = "hm1...."
-//!
-//! [notify]
-//! # Role failures are always logged; also POST them as JSON here.
-//! webhook = "http://127.0.0.1:9000/hooks/hivemind"
-//!
-//! [runtime]
-//! # Instance slots of the pooling allocator; 0 = allocate on demand.
-//! pool_instances = 256
-//! # Largest memory any role may be granted, in MiB.
-//! max_role_memory_mb = 1024
-//!
-//! [raft]
-//! # Leader heartbeat and election timeout range, ms (LAN defaults).
-//! heartbeat_ms = 50
-//! election_min_ms = 200
-//! election_max_ms = 500
-//! # Log entries between snapshots; a snapshot compacts the event stream to
-//! # the latest event per kind+key and lets the log behind it be purged.
-//! snapshot_every = 10000
-//!
-//! [gossip]
-//! # Failure detector timing: "lan" (a dead node is agreed down in about
-//! # 2.5 s in a small cluster) or "fast" (clusters on one machine, tests).
-//! preset = "lan"
-//! # How long gossip must hold a member down before the leader commits
-//! # node.failed, ms.
-//! failed_grace_ms = 500
-//!
-//! # The threads that carry every bridge's sessions.
-//! [data_plane]
-//! threads = 4                             # default: one per CPU core
-//! # After its last I/O a thread keeps polling this long before it sleeps,
-//! # so a busy session's next packet finds it awake; costs idle CPU while
-//! # traffic comes more often than this. 0 = sleep whenever idle.
-//! busy_poll_us = 50
-//!
-//! # TCP bridges: see `bridge::config` for every key.
-//! [[bridge]]
-//! name = "db"
-//! listen = "127.0.0.1:15432"
-//! [[bridge.backends]]
-//! name = "primary"
-//! address = "10.0.0.1:5432"
-//! ```
+//! The example below is `hivemind up --help`'s too, and a test loads it:
+#![doc = concat!("```toml\n", include_str!("config-example.toml"), "```")]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -484,6 +410,22 @@ mod tests {
                 "{text:?}: {error}"
             );
         }
+    }
+
+    /// The annotated example that `hivemind up --help` prints is a config
+    /// the host accepts, and sets what it says.
+    #[test]
+    fn the_documented_example_loads() {
+        let config = load_text(include_str!("config-example.toml")).unwrap();
+        assert_eq!(config.node_name, "web-1");
+        assert_eq!(config.data_plane.threads, 4);
+        assert_eq!(config.bridges.len(), 1);
+        assert_eq!(config.bridges[0].backends.len(), 2);
+        assert!(
+            matches!(config.cluster, ClusterMode::Bootstrap { .. }),
+            "{:?}",
+            config.cluster
+        );
     }
 
     /// No config file gives loopback defaults.

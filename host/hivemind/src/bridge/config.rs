@@ -1,34 +1,8 @@
 //! `[[bridge]]` sections of the host config: what each bridge listens on,
 //! its backends in priority order, and how they are checked.
 //!
-//! ```toml
-//! [[bridge]]
-//! name = "db"                       # letters, digits, '-', '_'
-//! listen = "127.0.0.1:15432"
-//! interval_ms = 500                 # between checks of each backend
-//! timeout_ms = 500                  # a check slower than this failed
-//! rise = 2                          # passes in a row before a down backend is up
-//! fall = 2                          # failures in a row before an up backend is down
-//! failback = false                  # move back to a better backend when it recovers
-//! when_isolated = "keep"            # cut off from the quorum: "keep" routing to
-//!                                   # the last committed backend, or "stop"
-//! connect_timeout_ms = 2000         # connecting a client's session to the backend
-//! splice = true                     # copy with splice(2), not through user space
-//!
-//! [[bridge.backends]]
-//! name = "primary"
-//! address = "10.0.0.1:5432"
-//! check = "tcp"                     # or "http"
-//!
-//! [[bridge.backends]]
-//! name = "standby"
-//! address = "10.0.0.2:5432"
-//! check = "http"
-//! check_address = "10.0.0.2:8008"   # where the check goes [default: address]
-//! path = "/health"                  # GET this; 2xx passes
-//! json_field = "role"               # and, when set, this field of the JSON body...
-//! json_value = "replica"            # ...equals this (a string, number or bool) [default: true]
-//! ```
+//! Every key, with its default, is in `host/hivemind/src/config-example.toml`
+//! (printed by `hivemind up --help`).
 //!
 //! Every node of a cluster is expected to carry the same `[[bridge]]`
 //! sections: the leader decides from its own copy.
