@@ -792,9 +792,7 @@ fn install(
                     format!(
                         "{name} {} (digest {}) keeps serving",
                         text(&info["version"]),
-                        info["digest"]
-                            .as_str()
-                            .map_or("?", |digest| &digest[..digest.len().min(12)])
+                        short_digest(&info["digest"])
                     )
                 } else {
                     format!(
