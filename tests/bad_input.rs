@@ -476,3 +476,137 @@ async fn garbage_on_the_transport_port() {
     host.api().emit("test.after-garbage", "k").await;
     host.stop().await;
 }
+
+/// An upload never writes through a link: not one planted under the
+/// temporary name uploads once used (`.NAME.upload-PID.tmp`), and not one
+/// standing where the role file goes, which is refused with 409 naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_never_write_through_links() {
+    let host = TestHost::start().await;
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, b"untouched").unwrap();
+    let planted = format!(".probe.wasm.upload-{}.tmp", std::process::id());
+    std::os::unix::fs::symlink(&victim, host.roles_dir().join(planted)).unwrap();
+
+    let reply = host.api().send("PUT", "/v1/role-files/probe.wasm", probe()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    host.wait_live("probe", &probe()).await;
+    assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+
+    std::os::unix::fs::symlink(&victim, host.roles_dir().join("other.wasm")).unwrap();
+    let reply = host.api().send("PUT", "/v1/role-files/other.wasm", probe()).await;
+    assert_eq!(reply.status, 409, "{}", reply.text());
+    assert!(
+        reply.error().contains("other.wasm") && reply.error().contains("symbolic link"),
+        "{}",
+        reply.error()
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+    host.stop().await;
+}
+
+/// Concurrent uploads of one role file all succeed, and the file on disk
+/// is exactly one of the uploads, never a mix or a false error.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_uploads_of_one_file_never_mix() {
+    let host = TestHost::start().await;
+    let versions = [probe(), probe_v2()];
+    for round in 0..3 {
+        let uploads = (0..16).map(|upload| {
+            let (api, bytes) = (host.api(), versions[upload % 2].clone());
+            tokio::spawn(async move { api.send("PUT", "/v1/role-files/probe.wasm", bytes).await })
+        });
+        for reply in futures::future::join_all(uploads).await {
+            let reply = reply.unwrap();
+            assert_eq!(reply.status, 200, "round {round}: {}", reply.text());
+        }
+        let on_disk = std::fs::read(host.roles_dir().join("probe.wasm")).unwrap();
+        assert!(versions.contains(&on_disk), "round {round}: the file matches no upload");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(host.roles_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+    host.stop().await;
+}
+
+/// One raw HTTP/1.1 exchange with the host's API: status code and body.
+fn raw_http(host: &TestHost, head: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(host.daemon().api_addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let request = format!(
+        "{head}\r\nHost: hivemind\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    // A server may answer before it read the whole body, and close.
+    let _ = stream.write_all(body);
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    let status = reply.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The bearer scheme is case-insensitive (RFC 9110 §11.1): `bearer` and
+/// `BEARER` work as `Bearer` does.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let host = TestHost::start().await;
+    let token = host.daemon().token.clone();
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let (status, body) = raw_http(
+            &host,
+            &format!("GET /v1/roles HTTP/1.1\r\nAuthorization: {scheme} {token}"),
+            b"",
+        );
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
+    let (status, _) = raw_http(
+        &host,
+        &format!("GET /v1/roles HTTP/1.1\r\nAuthorization: Basic {token}"),
+        b"",
+    );
+    assert_eq!(status, 401, "another scheme is still refused");
+    host.stop().await;
+}
+
+/// A body over a route's limit is a JSON 413 that names the limit: an event
+/// (the payload limit plus room), a request to a role.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_bodies_get_a_json_413_naming_the_limit() {
+    let host = host_with_probe().await;
+    let token = host.daemon().token.clone();
+    let payload = "x".repeat(200 << 10);
+    let event = format!(r#"{{"kind": "big", "key": "k", "payload": "{payload}"}}"#);
+    let (status, body) = raw_http(
+        &host,
+        &format!("POST /v1/events HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json"),
+        event.as_bytes(),
+    );
+    assert_eq!(status, 413, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    assert!(error["error"].as_str().unwrap().contains("at most"), "{error}");
+
+    let (status, body) = raw_http(
+        &host,
+        &format!("POST /v1/roles/probe/echo HTTP/1.1\r\nAuthorization: Bearer {token}"),
+        &vec![b'x'; 9 << 20],
+    );
+    assert_eq!(status, 413, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    assert!(
+        error["error"].as_str().unwrap().contains(&(8u64 << 20).to_string()),
+        "{error}"
+    );
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}

@@ -526,3 +526,52 @@ fn a_node_removed_while_down_rejoins_afresh() {
     let log = cluster.nodes[joined].log();
     assert!(log.contains("stale epoch"), "{log}");
 }
+
+/// A node restarted with no flags comes back as what it was: its name, its
+/// API and transport addresses, and no bundled roles when its first start
+/// had none. A start that gives it another name or transport address is
+/// refused, naming the file that says what it was and how to move a node.
+#[test]
+fn a_restart_without_flags_is_the_same_node() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::new(root.path(), "n7", Vec::new());
+    let is_n7 = |status: &Value| {
+        status["cluster"]["members"].as_array().is_some_and(|members| {
+            members
+                .iter()
+                .any(|member| member["self"] == true && member["name"] == "n7")
+        })
+    };
+    node.start();
+    wait_status(&node, "n7 serves", is_n7);
+    assert!(node.terminate().success());
+
+    node.start_plain(&[]);
+    let status = wait_status(&node, "n7 back under its own name", is_n7);
+    let me = status["cluster"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|member| member["self"] == true)
+        .unwrap()
+        .clone();
+    assert_eq!(me["transport"], node.transport.as_str(), "{me}");
+    assert_eq!(std::fs::read_to_string(node.dir.join("api.addr")).unwrap(), node.api);
+    assert!(
+        !node.dir.join("roles/dns.wasm").exists(),
+        "the first start had no bundled roles, and a restart adds none"
+    );
+    assert!(node.terminate().success());
+
+    for flags in [["--node-name", "impostor"], ["--transport", "127.0.0.1:1"]] {
+        node.start_plain(&flags);
+        let (exit, log) = wait_exit(&mut node);
+        assert!(!exit.success(), "{flags:?} was accepted: {log}");
+        assert!(
+            log.contains("node.toml") && log.contains("members remove"),
+            "{flags:?}: {log}"
+        );
+    }
+    let refused = node.log();
+    assert!(refused.contains("`n7`"), "{refused}");
+}

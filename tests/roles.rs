@@ -139,6 +139,64 @@ async fn manifest_edit_reloads() {
     host.stop().await;
 }
 
+/// A role file and a manifest rewritten in place with the same length and
+/// the same modification time (what `cp -p`, `rsync -a`, `tar x` or a
+/// pinned `SOURCE_DATE_EPOCH` build deploy) are loaded, not ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_same_size_same_mtime_replacement_loads() {
+    let host = TestHost::start().await;
+    let len = probe().len().max(probe_v2().len()) + 64;
+    let (v1, v2) = (padded_to(&probe(), len), padded_to(&probe_v2(), len));
+    let pinned = std::time::UNIX_EPOCH + Duration::from_secs(315_532_800);
+    let wasm = host.roles_dir().join("probe.wasm");
+    let manifest = host.roles_dir().join("probe.toml");
+    std::fs::write(&manifest, "[config]\ngreeting = \"hello\"\n").unwrap();
+    set_mtime(&manifest, pinned);
+    std::fs::write(&wasm, &v1).unwrap();
+    set_mtime(&wasm, pinned);
+    host.wait_live("probe", &v1).await;
+    // Past the window in which a change time is not trusted.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    std::fs::write(&wasm, &v2).unwrap();
+    set_mtime(&wasm, pinned);
+    let info = host.wait_live("probe", &v2).await;
+    assert_eq!(info["version"], "0.2.0");
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    std::fs::write(&manifest, "[config]\ngreeting = \"salut\"\n").unwrap();
+    set_mtime(&manifest, pinned);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let config = host.api().role("probe", "config", &[]).await.json();
+        if config == json!({"greeting": "salut"}) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the manifest was never reloaded: {config}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.stop().await;
+}
+
+/// A role file that is a symbolic link loads from the file it points at,
+/// and pointing the link elsewhere loads that file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_linked_role_file_loads_and_follows_the_link() {
+    let host = TestHost::start().await;
+    let releases = tempfile::tempdir().unwrap();
+    std::fs::write(releases.path().join("v1.wasm"), probe()).unwrap();
+    std::fs::write(releases.path().join("v2.wasm"), probe_v2()).unwrap();
+    let link = host.roles_dir().join("probe.wasm");
+    std::os::unix::fs::symlink(releases.path().join("v1.wasm"), &link).unwrap();
+    host.wait_live("probe", &probe()).await;
+
+    let next = host.roles_dir().join(".probe.wasm.next");
+    std::os::unix::fs::symlink(releases.path().join("v2.wasm"), &next).unwrap();
+    std::fs::rename(&next, &link).unwrap();
+    host.wait_live("probe", &probe_v2()).await;
+    host.stop().await;
+}
+
 /// A host running the probe with a UDP listener, its manifest, and a client
 /// socket connected to the listener.
 async fn probe_on_udp() -> (TestHost, String, tokio::net::UdpSocket) {

@@ -432,3 +432,57 @@ fn malformed_packets_get_formerr_or_nothing_and_the_next_query_is_answered() {
     assert_eq!(dns["state"], "running", "{dns}");
     node.terminate();
 }
+
+/// A node's name belongs to one member: a join under a member's name is
+/// refused with the reason (and its token stays unused), and a removed
+/// node's name leaves the zone and the node list, even while the removed
+/// process still runs.
+#[test]
+fn a_name_belongs_to_one_member_and_leaves_with_it() {
+    let root = tempfile::tempdir().unwrap();
+    let mut first = NodeProcess::new(root.path(), "n1", Vec::new());
+    first.start();
+    let dns_port = free_port();
+    install_roles(&first, dns_port);
+    let token = |node: &NodeProcess| stdout(&node.cli(&["members", "token"])).trim().to_string();
+    let joiner = |dir: &str, name: &str, address: &str, token: String| {
+        let args = vec!["--join".into(), first.transport.clone(), "--join-token".into(), token];
+        let mut node = NodeProcess::new(root.path(), dir, args);
+        node.name = name.to_string();
+        node.transport = format!("{address}:{}", free_port());
+        node
+    };
+
+    let mut second = joiner("n2", "n2", "127.0.0.22", token(&first));
+    second.start();
+    wait_for("n2 in the zone", || {
+        (dig_short(dns_port, &["n2.node.hive."]) == ["127.0.0.22"]).then_some(())
+    });
+
+    let mut impostor = joiner("impostor", "N2", "127.0.0.66", token(&first));
+    impostor.start();
+    let deadline = Instant::now() + PATIENCE;
+    while impostor.exited().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the impostor was not refused: {}",
+            impostor.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(impostor.log().contains("belongs to member"), "{}", impostor.log());
+    assert_eq!(dig_short(dns_port, &["n2.node.hive."]), ["127.0.0.22"]);
+
+    let removed = first.cli(&["members", "remove", "n2"]);
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    wait_for("n2 out of the zone", || {
+        dig(dns_port, &["n2.node.hive."]).contains("NXDOMAIN").then_some(())
+    });
+    wait_for("n2 out of the node list", || {
+        let nodes = first.cli(&["members", "--json"]);
+        let listed: serde_json::Value = serde_json::from_slice(&nodes.stdout).ok()?;
+        let text = listed.to_string();
+        (!text.contains("\"n2\"")).then_some(())
+    });
+    assert!(second.is_running(), "the removed process still runs");
+}

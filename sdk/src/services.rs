@@ -17,7 +17,7 @@
 //! `SERVICE@NODE_ID` by the host-events role, with a JSON payload of at
 //! least `service`, `node`, `address`, `port`, `tags` and `healthy`;
 //! `node.joined` (name and transport address) and `node.failed`, `node.left`,
-//! `node.rejoined`, keyed by node id.
+//! `node.removed`, `node.rejoined`, keyed by node id.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -197,7 +197,7 @@ impl ServiceTable {
                     node.alive = true;
                 }
             }
-            "failed" | "left" | "rejoined" if node.health_seq < event.seq => {
+            "failed" | "left" | "removed" | "rejoined" if node.health_seq < event.seq => {
                 node.health_seq = event.seq;
                 node.alive = change == "rejoined";
             }

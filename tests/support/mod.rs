@@ -133,6 +133,48 @@ pub fn read(path: &str) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|error| panic!("{path}: {error}"))
 }
 
+/// `wasm` grown to exactly `len` bytes by a custom section at its end,
+/// which every loader skips: two different roles of one length.
+pub fn padded_to(wasm: &[u8], len: usize) -> Vec<u8> {
+    fn leb128(mut value: usize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                bytes.push(byte);
+                return bytes;
+            }
+            bytes.push(byte | 0x80);
+        }
+    }
+    let extra = len.checked_sub(wasm.len()).expect("room for a section");
+    for payload in (0..extra).rev() {
+        let mut body = leb128(3);
+        body.extend_from_slice(b"pad");
+        body.resize(body.len() + payload, 0);
+        let mut section = vec![0u8];
+        section.extend(leb128(body.len()));
+        section.extend(body);
+        if section.len() == extra {
+            let mut padded = wasm.to_vec();
+            padded.extend(section);
+            return padded;
+        }
+    }
+    panic!("no custom section is exactly {extra} bytes");
+}
+
+/// Sets `path`'s modification time, as `cp -p`, `rsync -a` or a pinned
+/// `SOURCE_DATE_EPOCH` leave it.
+pub fn set_mtime(path: &Path, time: std::time::SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|file| file.set_modified(time))
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+}
+
 pub fn probe() -> Vec<u8> {
     read(artifacts::ROLE_PROBE)
 }
@@ -371,6 +413,23 @@ impl NodeProcess {
     /// Starts the process (again); its output is appended to `NAME.log`
     /// beside its data directory.
     pub fn start(&mut self) {
+        let mut args: Vec<String> = ["--no-bundled-roles", "--node-name", &self.name, "--api", &self.api]
+            .into_iter()
+            .chain(["--transport", &self.transport])
+            .map(String::from)
+            .collect();
+        args.extend(self.args.iter().cloned());
+        self.spawn(&args);
+    }
+
+    /// Starts the process with `hivemind --data-dir DIR up ARGS` and no
+    /// other flags, as an operator restarting a node by hand would.
+    pub fn start_plain(&mut self, args: &[&str]) {
+        let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+        self.spawn(&args);
+    }
+
+    fn spawn(&mut self, up_args: &[String]) {
         assert!(self.child.is_none(), "{} is already running", self.name);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -381,9 +440,8 @@ impl NodeProcess {
             .command()
             .arg("--data-dir")
             .arg(&self.dir)
-            .args(["up", "--no-bundled-roles", "--node-name", &self.name])
-            .args(["--api", &self.api, "--transport", &self.transport])
-            .args(&self.args)
+            .arg("up")
+            .args(up_args)
             .env("HIVEMIND_CLUSTER_SECRET", TEST_SECRET)
             .env("RUST_LOG", "info,openraft=error")
             .env("HIVEMIND_GOSSIP_PRESET", "fast")

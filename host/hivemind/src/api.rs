@@ -16,6 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post, put};
 use axum::{Json, Router};
+use hivemind_core::files::{Access, write_file};
 use serde::Deserialize;
 use serde_json::json;
 use tower_http::trace::TraceLayer;
@@ -30,6 +31,8 @@ use crate::roles::manager::{RoleError, RoleManager, RoleState, valid_role_name};
 const MAX_ROLE_FILE_BYTES: usize = 256 << 20;
 /// Largest request body passed to a role.
 const MAX_ROLE_REQUEST_BYTES: usize = 8 << 20;
+/// Largest event body: the payload limit plus room for kind, key and JSON.
+const MAX_EVENT_BODY_BYTES: usize = crate::log::MAX_PAYLOAD_BYTES + (16 << 10);
 
 /// Management verbs under `/v1/roles/NAME/VERB`; a role cannot use these
 /// names for its own POST routes.
@@ -71,7 +74,12 @@ pub fn router(state: ApiState) -> Router {
                 .delete(delete_role_file)
                 .layer(DefaultBodyLimit::max(MAX_ROLE_FILE_BYTES)),
         )
-        .route("/v1/events", post(emit_event).get(list_events))
+        .route(
+            "/v1/events",
+            post(emit_event)
+                .layer(DefaultBodyLimit::max(MAX_EVENT_BODY_BYTES))
+                .get(list_events),
+        )
         .route("/v1/events/stream", get(stream_events))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/cluster/members", get(list_members))
@@ -85,6 +93,17 @@ pub fn router(state: ApiState) -> Router {
         .merge(v1)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The 413 for a body over `limit` bytes, naming the limit.
+fn too_large(what: &str, limit: usize) -> ApiError {
+    ApiError::new(
+        413,
+        format!(
+            "{what} may be at most {limit} bytes ({} KiB); this request's body is larger",
+            limit >> 10
+        ),
+    )
 }
 
 /// A JSON error response.
@@ -125,7 +144,7 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
+        .and_then(bearer_token);
     match presented {
         None => ApiError::new(
             401,
@@ -137,6 +156,13 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         }
         Some(_) => next.run(request).await,
     }
+}
+
+/// The token of an `Authorization` value: the scheme is case-insensitive
+/// (RFC 9110 §11.1), so `bearer` and `BEARER` are as good as `Bearer`.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -349,8 +375,12 @@ async fn role_route(
     method: Method,
     uri: axum::http::Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body.map_err(|error| match error.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => too_large("a request to a role", MAX_ROLE_REQUEST_BYTES),
+        status => ApiError::new(status.as_u16(), format!("cannot read the request: {error}")),
+    })?;
     if method == Method::POST && ROLE_ACTIONS.contains(&rest.as_str()) {
         let manager = &state.manager;
         match rest.as_str() {
@@ -395,28 +425,33 @@ async fn role_route(
         .map_err(|error| ApiError::new(502, error.to_string()))
 }
 
-/// `NAME.wasm` or `NAME.toml` written into the roles directory atomically
-/// (temp file + rename), then picked up like any dropped file.
+/// `NAME.wasm` or `NAME.toml` written into the roles directory the one
+/// safe way (`hivemind_core::files`: a temporary file of its own, fsync,
+/// rename), then picked up like any dropped file. A link or directory under
+/// that name is refused (409), never written through.
 async fn put_role_file(
     State(state): State<ApiState>,
     Path(file): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = body.map_err(|error| match error.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => too_large("a role file", MAX_ROLE_FILE_BYTES),
+        status => ApiError::new(status.as_u16(), format!("cannot read the upload: {error}")),
+    })?;
     let (name, extension) = split_role_file(&file)?;
     let dir = state.manager.roles_dir().to_path_buf();
     let target = dir.join(&file);
-    let temp = dir.join(format!(".{file}.upload-{}.tmp", std::process::id()));
-    let written = async {
-        tokio::fs::write(&temp, &body).await?;
-        tokio::fs::rename(&temp, &target).await
-    }
-    .await;
+    let bytes = body.clone();
+    let written = tokio::task::spawn_blocking(move || write_file(&target, &bytes, Access::Shared))
+        .await
+        .map_err(|_| ApiError::new(503, "the host is shutting down"))?;
     if let Err(error) = written {
-        let _ = tokio::fs::remove_file(&temp).await;
-        return Err(ApiError::new(
-            500,
-            format!("cannot write {}: {error}", target.display()),
-        ));
+        let status = if error.kind() == std::io::ErrorKind::InvalidInput {
+            409
+        } else {
+            500
+        };
+        return Err(ApiError::new(status, error.to_string()));
     }
     state.manager.sync().await;
     Ok(Json(
@@ -470,11 +505,12 @@ async fn emit_event(
     State(state): State<ApiState>,
     body: Result<Json<EmitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Json(body) = body.map_err(|error| {
-        ApiError::new(
+    let Json(body) = body.map_err(|error| match error.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => too_large("an event", MAX_EVENT_BODY_BYTES),
+        _ => ApiError::new(
             400,
             format!("event body must be JSON {{\"kind\", \"key\", \"payload\"}}: {error}"),
-        )
+        ),
     })?;
     // Bridges route by these; only the bridges and their operator
     // actions (which check names and require a reason) write them.

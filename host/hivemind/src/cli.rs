@@ -266,6 +266,44 @@ pub struct UpArgs {
     pub gossip_preset: Option<String>,
 }
 
+impl UpArgs {
+    /// The flags as config keys, to lay over the config file. Each value is
+    /// checked here, so a mistake names its flag rather than a config key.
+    pub fn as_config(&self, data_dir: Option<PathBuf>) -> anyhow::Result<crate::config::FileConfig> {
+        let address = |flag: &str, value: &Option<String>, example: &str| -> anyhow::Result<Option<String>> {
+            if let Some(text) = value {
+                text.parse::<std::net::SocketAddr>()
+                    .map_err(|error| anyhow::anyhow!("{flag} {text:?}: {error}; expected an address like {example}"))?;
+            }
+            Ok(value.clone())
+        };
+        let mut flags = crate::config::FileConfig {
+            data_dir,
+            roles_dir: self.roles_dir.clone(),
+            api: address("--api", &self.api, "127.0.0.1:7480")?,
+            transport: address("--transport", &self.transport, "127.0.0.1:7481")?,
+            advertise: self.advertise.clone(),
+            node_name: self.node_name.clone(),
+            install_bundled_roles: self.no_bundled_roles.then_some(false),
+            ..Default::default()
+        };
+        flags.cluster.secret.clone_from(&self.secret);
+        if self.bootstrap || self.join.is_some() {
+            // Checked as a whole, so the error speaks of the flags.
+            crate::config::ClusterMode::from_parts(self.peers.clone(), self.join.clone(), self.join_token.clone())?;
+            flags.cluster.bootstrap_peers.clone_from(&self.peers);
+            flags.cluster.join.clone_from(&self.join);
+            flags.cluster.join_token.clone_from(&self.join_token);
+        }
+        if let Some(preset) = &self.gossip_preset {
+            crate::membership::GossipPreset::parse(preset)
+                .ok_or_else(|| anyhow::anyhow!("--gossip-preset {preset:?}: expected `lan` or `fast`"))?;
+            flags.gossip.preset = Some(preset.clone());
+        }
+        Ok(flags)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum RolesCommand {
     /// List roles with state, version, digest and last error.
@@ -702,8 +740,11 @@ fn run_roles(data_dir: Option<&Path>, command: RolesCommand) -> anyhow::Result<(
         }
         RolesCommand::Test(args) => crate::role_test::run(args)?,
         RolesCommand::WasiAdapter { output } => {
-            std::fs::write(&output, crate::scaffold::WASI_PREVIEW1_ADAPTER)
-                .with_context(|| format!("cannot write {}", output.display()))?;
+            hivemind_core::files::write_file(
+                &output,
+                crate::scaffold::WASI_PREVIEW1_ADAPTER,
+                hivemind_core::files::Access::Shared,
+            )?;
         }
     }
     Ok(())

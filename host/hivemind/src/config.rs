@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::saved_node::SavedNode;
+
 /// The API's default address: loopback, a port unlikely to be taken.
 pub const DEFAULT_API: &str = "127.0.0.1:7480";
 /// The node-to-node transport's default address: the port after the API's.
@@ -45,6 +47,43 @@ pub struct FileConfig {
     pub data_plane: DataPlaneSection,
     #[serde(default)]
     pub bridge: Vec<crate::bridge::config::BridgeSection>,
+}
+
+impl FileConfig {
+    /// The file at `path`, or no keys at all without one.
+    pub fn read(path: Option<&Path>) -> anyhow::Result<FileConfig> {
+        let Some(path) = path else {
+            return Ok(FileConfig::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| anyhow::anyhow!("cannot read config {}: {error}", path.display()))?;
+        toml::from_str::<FileConfig>(&text).map_err(|error| anyhow::anyhow!("config {}: {error}", path.display()))
+    }
+
+    /// `flags` over `self`: each key the flags give replaces the file's. A
+    /// bootstrap or join from the flags replaces the file's whole way in.
+    pub fn overridden_by(mut self, flags: FileConfig) -> FileConfig {
+        fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        }
+        take(&mut self.data_dir, flags.data_dir);
+        take(&mut self.roles_dir, flags.roles_dir);
+        take(&mut self.api, flags.api);
+        take(&mut self.transport, flags.transport);
+        take(&mut self.advertise, flags.advertise);
+        take(&mut self.node_name, flags.node_name);
+        take(&mut self.install_bundled_roles, flags.install_bundled_roles);
+        take(&mut self.cluster.secret, flags.cluster.secret);
+        take(&mut self.gossip.preset, flags.gossip.preset);
+        if !flags.cluster.bootstrap_peers.is_empty() || flags.cluster.join.is_some() {
+            self.cluster.bootstrap_peers = flags.cluster.bootstrap_peers;
+            self.cluster.join = flags.cluster.join;
+            self.cluster.join_token = flags.cluster.join_token;
+        }
+        self
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -297,17 +336,26 @@ impl HostConfig {
 
     /// Reads `path` (if given) and resolves every default.
     pub fn load(path: Option<&Path>) -> anyhow::Result<HostConfig> {
-        let file = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|error| anyhow::anyhow!("cannot read config {}: {error}", path.display()))?;
-                toml::from_str::<FileConfig>(&text)
-                    .map_err(|error| anyhow::anyhow!("config {}: {error}", path.display()))?
-            }
-            None => FileConfig::default(),
+        Self::resolve_naming(path, FileConfig::read(path)?)
+    }
+
+    /// What `hivemind up` runs with: `flags` over the config file at
+    /// `path`, over what the node saved in its data directory
+    /// ([`SavedNode`]), over the defaults. Returns the notes to log about
+    /// settings that changed since the last start.
+    pub fn load_for_start(path: Option<&Path>, flags: FileConfig) -> anyhow::Result<(HostConfig, Vec<String>)> {
+        let mut given = FileConfig::read(path)?.overridden_by(flags);
+        let data_dir = given.data_dir.clone().unwrap_or_else(default_data_dir);
+        let notes = match SavedNode::read(&data_dir)? {
+            Some(saved) => saved.fill_in(&mut given, &data_dir)?,
+            None => Vec::new(),
         };
-        // Every mistake found past parsing names the file too, the way the
-        // parser's own errors do.
+        Ok((Self::resolve_naming(path, given)?, notes))
+    }
+
+    /// Every mistake found past parsing names the file too, the way the
+    /// parser's own errors do.
+    fn resolve_naming(path: Option<&Path>, file: FileConfig) -> anyhow::Result<HostConfig> {
         Self::resolve(file).map_err(|error| match path {
             Some(path) => anyhow::anyhow!("config {}: {error}", path.display()),
             None => anyhow::anyhow!("config: {error}"),

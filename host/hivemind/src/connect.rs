@@ -466,6 +466,7 @@ mod tests {
                 ..GossipView::default()
             }),
             local_roles: vec![],
+            removed: Default::default(),
         }
     }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::future::BoxFuture;
+use hivemind_core::files::{Access, write_file};
 use hivemind_runtime::{Runtime, RuntimeConfig};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,7 @@ use crate::registry::Registry;
 use crate::roles::manager::RoleManager;
 use crate::roles::services::HostParts;
 use crate::roles::watcher;
+use crate::saved_node::SavedNode;
 use crate::store::Store;
 use crate::transport::{self, Isolation, TransportCounters};
 
@@ -97,11 +99,14 @@ impl Daemon {
             .with_context(|| format!("cannot create the roles directory {}", config.roles_dir.display()))?;
         let token = read_or_create_random(&data_dir.join(TOKEN_FILE), 32, "API token")?;
         let node_id = read_or_create_random(&data_dir.join("node-id"), 8, "node id")?;
-        if config.install_bundled_roles {
+        let store_path = data_dir.join("hivemind.redb");
+        // Only the first start decides whether the bundled roles come: a
+        // node first started without them stays without them on a restart
+        // that does not repeat the flag.
+        if config.install_bundled_roles && !store_path.exists() {
             install_bundled_roles(&data_dir, &config.roles_dir)?;
         }
 
-        let store_path = data_dir.join("hivemind.redb");
         let store = Store::open(&store_path)?;
         let mut runtime_config = RuntimeConfig::new(data_dir.join("cache"));
         runtime_config.pool_instances = config.pool_instances;
@@ -115,7 +120,11 @@ impl Daemon {
             )
         })?;
         let api_addr = listener.local_addr()?;
-        std::fs::write(data_dir.join(API_ADDR_FILE), api_addr.to_string())?;
+        write_file(
+            &data_dir.join(API_ADDR_FILE),
+            api_addr.to_string().as_bytes(),
+            Access::Shared,
+        )?;
 
         let raft_id = u64::from_str_radix(&node_id, 16).with_context(|| {
             format!(
@@ -130,6 +139,9 @@ impl Daemon {
             )
         })?;
         let transport_bound = transport_listener.local_addr()?;
+        // Both addresses are bound: this is what the node is, for the next
+        // start without flags.
+        SavedNode::of(&config).save(&data_dir)?;
         let transport_addr = match &config.advertise {
             Some(advertise) => advertise.clone(),
             None => {
@@ -382,24 +394,8 @@ fn read_or_create_random(path: &Path, bytes: usize, what: &str) -> anyhow::Resul
     }
     let random: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
     let value = hex::encode(random);
-    write_private(path, &value).with_context(|| format!("cannot write the {what} to {}", path.display()))?;
+    write_file(path, value.as_bytes(), Access::Private).with_context(|| format!("cannot keep the {what}"))?;
     Ok(value)
-}
-
-/// Writes `text` to a file only its owner can read (temp file, fsync, rename).
-pub(crate) fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let temp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&temp, path)
 }
 
 /// On the first start only, writes the roles bundled in the binary (and their
@@ -415,15 +411,12 @@ fn install_bundled_roles(data_dir: &Path, roles_dir: &Path) -> anyhow::Result<()
         if let Some(manifest) = manifest
             && !manifest_path.exists()
         {
-            std::fs::write(&manifest_path, manifest)?;
+            write_file(&manifest_path, manifest.as_bytes(), Access::Shared)?;
         }
-        let target = roles_dir.join(format!("{name}.wasm"));
-        let temp = roles_dir.join(format!(".{name}.wasm.tmp"));
-        std::fs::write(&temp, wasm)?;
-        std::fs::rename(&temp, &target)?;
+        write_file(&roles_dir.join(format!("{name}.wasm")), wasm, Access::Shared)?;
         tracing::info!(role = name, "installed bundled role");
     }
-    std::fs::write(&marker, "")?;
+    write_file(&marker, b"", Access::Shared)?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use hivemind_core::files::{Access, write_file};
 
 use crate::config::{ClusterMode, HostConfig};
 use crate::quorum::join::{self, ClusterFiles, Credential, JoinRefused, JoinRequest, Refusal};
@@ -125,8 +126,7 @@ async fn form(store: &Store, id: NodeId, dir: &Path, secret: &str) -> anyhow::Re
         identity,
     };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    crate::daemon::write_private(&dir.join(SECRET_FILE), secret)
-        .with_context(|| format!("cannot write {}", dir.join(SECRET_FILE).display()))?;
+    write_file(&dir.join(SECRET_FILE), secret.as_bytes(), Access::Private)?;
     files.save(dir)?;
     tracing::info!(cluster = %files.cluster_id, "formed a new cluster");
     Ok(files)

@@ -44,6 +44,7 @@ pub mod quorum;
 pub mod registry;
 pub mod role_test;
 pub mod roles;
+pub mod saved_node;
 pub mod scaffold;
 pub mod status;
 pub mod store;

@@ -33,44 +33,10 @@ fn run_daemon(data_dir: Option<std::path::PathBuf>, args: UpArgs) -> anyhow::Res
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn")))
         .with_ansi(std::io::stdout().is_terminal())
         .init();
-    let mut config = HostConfig::load(args.config.as_deref())?;
-    if let Some(dir) = data_dir {
-        if args.roles_dir.is_none() && config.roles_dir == config.data_dir.join("roles") {
-            config.roles_dir = dir.join("roles");
-        }
-        config.data_dir = dir;
-    }
-    if let Some(dir) = args.roles_dir {
-        config.roles_dir = dir;
-    }
-    if let Some(api) = args.api {
-        config.api = api
-            .parse()
-            .map_err(|error| anyhow::anyhow!("--api {api:?}: {error}; expected an address like 127.0.0.1:7480"))?;
-    }
-    if let Some(name) = args.node_name {
-        config.node_name = name;
-    }
-    if let Some(transport) = args.transport {
-        config.transport = transport.parse().map_err(|error| {
-            anyhow::anyhow!("--transport {transport:?}: {error}; expected an address like 127.0.0.1:7481")
-        })?;
-    }
-    if let Some(advertise) = args.advertise {
-        config.advertise = Some(advertise);
-    }
-    if args.secret.is_some() {
-        config.secret = args.secret;
-    }
-    if args.bootstrap || args.join.is_some() {
-        config.cluster = hivemind::config::ClusterMode::from_parts(args.peers, args.join, args.join_token)?;
-    }
-    if args.no_bundled_roles {
-        config.install_bundled_roles = false;
-    }
-    if let Some(preset) = args.gossip_preset {
-        config.gossip.preset = hivemind::membership::GossipPreset::parse(&preset)
-            .ok_or_else(|| anyhow::anyhow!("--gossip-preset {preset:?}: expected `lan` or `fast`"))?;
+    let flags = args.as_config(data_dir)?;
+    let (config, notes) = HostConfig::load_for_start(args.config.as_deref(), flags)?;
+    for note in notes {
+        tracing::info!("{note}");
     }
     hivemind::daemon::raise_open_files_limit();
     let runtime = tokio::runtime::Runtime::new()?;

@@ -80,6 +80,8 @@ pub struct RegistryInputs {
     pub gossip: std::sync::Arc<GossipView>,
     /// Roles running on this node (name, version).
     pub local_roles: Vec<(String, String)>,
+    /// Nodes the log removed: one that still gossips is not listed.
+    pub removed: BTreeSet<NodeId>,
 }
 
 /// Builds the table: every admitted member, then every node only gossip
@@ -93,7 +95,7 @@ pub fn build_table(me: NodeId, me_address: &NodeAddress, inputs: &RegistryInputs
         .collect();
     let mut ids: BTreeSet<NodeId> = inputs.members.keys().copied().collect();
     ids.extend(inputs.addresses.keys().copied());
-    ids.extend(liveness.keys().copied());
+    ids.extend(liveness.keys().copied().filter(|id| !inputs.removed.contains(id)));
     ids.insert(me);
     let mut table: Vec<NodeEntry> = ids
         .into_iter()
@@ -354,12 +356,22 @@ mod tests {
             addresses: BTreeMap::from([(1, address("a")), (2, address("b")), (3, address("c"))]),
             voters: BTreeSet::from([1, 2, 3]),
             gossip: gossip(
-                &[(2, Liveness::Suspect), (3, Liveness::Alive), (9, Liveness::Alive)],
+                &[
+                    (2, Liveness::Suspect),
+                    (3, Liveness::Alive),
+                    (8, Liveness::Alive),
+                    (9, Liveness::Alive),
+                ],
                 &[(2, "dns"), (9, "dns")],
             ),
             local_roles: vec![("nginx".into(), "0.1.0".into())],
+            removed: BTreeSet::from([8]),
         };
         let table = build_table(1, &address("a"), &inputs);
+        assert!(
+            table.iter().all(|node| node.id != hex_id(8)),
+            "a removed node that still gossips is not listed"
+        );
         let by_id = |id: NodeId| table.iter().find(|node| node.id == hex_id(id)).unwrap();
         assert!(by_id(1).healthy && by_id(1).is_self && by_id(1).runs("nginx"));
         assert!(by_id(2).healthy && by_id(2).runs("dns"));

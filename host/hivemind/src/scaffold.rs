@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use hivemind_core::files::{Access, write_file};
 
 use crate::roles::manager::valid_role_name;
 
@@ -73,16 +74,14 @@ pub fn new_role(name: &str, parent: &Path, language: Language) -> anyhow::Result
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        std::fs::write(&path, contents).with_context(|| format!("cannot write {}", path.display()))?;
+        let access = if path.ends_with("build.sh") {
+            Access::Executable
+        } else {
+            Access::Shared
+        };
+        write_file(&path, contents.as_bytes(), access)?;
     }
-    make_executable(&project.join("build.sh"))?;
     Ok(project)
-}
-
-fn make_executable(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("cannot make {} executable", path.display()))
 }
 
 fn manifest() -> String {

@@ -29,6 +29,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
+use hivemind_core::files::{Access, write_file};
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
@@ -108,8 +109,12 @@ impl ClusterCa {
     /// Writes `ca.pem` and `ca.key` (owner-only) into `dir`.
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("ca.pem"), &self.cert_pem)?;
-        crate::daemon::write_private(&dir.join("ca.key"), &self.key.serialize_pem())?;
+        write_file(&dir.join("ca.pem"), self.cert_pem.as_bytes(), Access::Shared)?;
+        write_file(
+            &dir.join("ca.key"),
+            self.key.serialize_pem().as_bytes(),
+            Access::Private,
+        )?;
         Ok(())
     }
 

@@ -281,18 +281,10 @@ impl Runtime {
         let bytes = component
             .serialize()
             .map_err(|error| LoadError::Cache(format!("{error:#}")))?;
-        // A temp name of its own per writer: roles with the same bytes
-        // (copies under other names) compile at the same time, and a
-        // shared temp file would be renamed away under one of them.
-        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let temp = path.with_extension(format!("cwasm.{}-{write}.tmp", std::process::id()));
-        std::fs::write(&temp, bytes)
-            .and_then(|()| std::fs::rename(&temp, path))
-            .map_err(|error| {
-                let _ = std::fs::remove_file(&temp);
-                LoadError::Cache(format!("{}: {error}", path.display()))
-            })
+        // Roles with the same bytes (copies under other names) compile at
+        // the same time; each write has a temporary file of its own.
+        hivemind_core::files::write_file(path, &bytes, hivemind_core::files::Access::Shared)
+            .map_err(|error| LoadError::Cache(format!("{}: {error}", path.display())))
     }
 
     /// Checks imports, instantiates one worker, asks it to `describe` itself

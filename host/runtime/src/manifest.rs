@@ -158,6 +158,13 @@ impl Grants {
     }
 }
 
+/// Instances of one role at once: each holds its own memory; more than this
+/// many is a host's worth of them for one role.
+pub const MAX_WORKERS: u32 = 256;
+/// Calls waiting for a worker: each holds its request (up to 8 MiB), so an
+/// unbounded queue is unbounded memory.
+pub const MAX_QUEUE: u32 = 10_000;
+
 impl Manifest {
     /// Parses and checks a manifest; errors name `path`.
     pub fn parse(path: &Path, text: &str, max_memory_bytes: u64) -> Result<Manifest, String> {
@@ -185,8 +192,17 @@ impl Manifest {
                 return Err(format!("limits.{key} must be at least 1"));
             }
         }
-        if limits.workers == Some(0) {
-            return Err("limits.workers must be at least 1".into());
+        if limits
+            .workers
+            .is_some_and(|workers| workers == 0 || workers > MAX_WORKERS)
+        {
+            return Err(format!("limits.workers must be between 1 and {MAX_WORKERS}"));
+        }
+        if limits.queue.is_some_and(|queue| queue > MAX_QUEUE) {
+            return Err(format!(
+                "limits.queue must be at most {MAX_QUEUE}: a call waiting longer than that many others is better \
+                 refused at once"
+            ));
         }
         if let Some(dir) = &self.grants.write_dir
             && !dir.is_absolute()
@@ -263,6 +279,20 @@ mod tests {
         let error = Manifest::parse(Path::new("dns.toml"), "[limits]\nworkers = \"four\"\n", MAX).unwrap_err();
         assert!(error.contains("line 2"), "{error}");
         assert!(error.contains("workers"), "{error}");
+    }
+
+    /// Workers and the queue have upper bounds, each named when crossed.
+    #[test]
+    fn workers_and_queue_are_bounded() {
+        for (text, key) in [
+            ("[limits]\nqueue = 4000000000\n", "limits.queue"),
+            ("[limits]\nworkers = 100000\n", "limits.workers"),
+            ("[limits]\nworkers = 0\n", "limits.workers"),
+        ] {
+            let error = Manifest::parse(Path::new("x.toml"), text, MAX).unwrap_err();
+            assert!(error.contains(key), "{text}: {error}");
+        }
+        assert!(Manifest::parse(Path::new("x.toml"), "[limits]\nqueue = 10000\nworkers = 256\n", MAX).is_ok());
     }
 
     /// Unset limits fall back to the runtime's defaults; set ones convert units.

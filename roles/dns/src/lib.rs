@@ -575,10 +575,24 @@ fn answer(loaded: &mut Loaded, query: &[u8], over_udp: bool) -> Option<(Vec<u8>,
     if client_edns.as_ref().is_some_and(|opt| opt.version() > 0) {
         return refuse(OptRcode::BADVERS);
     }
+    // RFC 6891 §6.1.1: a message with more than one OPT record is FORMERR.
+    let opt_records = request.additional().map_or(0, |section| {
+        section
+            .filter_map(Result::ok)
+            .filter(|record| record.rtype() == Rtype::OPT)
+            .count()
+    });
     let Ok(question) = request.sole_question() else {
         return refuse(OptRcode::FORMERR);
     };
+    if opt_records > 1 {
+        return refuse(OptRcode::FORMERR);
+    }
     if question.qclass() != Class::IN && question.qclass() != Class::ANY {
+        return refuse(OptRcode::REFUSED);
+    }
+    // The zone is built from the log on every node; it is not transferred.
+    if matches!(question.qtype(), Rtype::AXFR | Rtype::IXFR) {
         return refuse(OptRcode::REFUSED);
     }
     let limit = if over_udp {

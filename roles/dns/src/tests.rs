@@ -139,3 +139,43 @@ fn several_instances_are_shuffled_per_query_not_kept() {
     assert!(orders.iter().all(|order| order.len() == 5));
     assert!(orders.len() > 1, "20 answers came in one order: {orders:?}");
 }
+
+/// A query with two OPT records is FORMERR (RFC 6891 §6.1.1); one is fine.
+#[test]
+fn two_opt_records_are_a_format_error() {
+    let mut loaded = loaded(&[("web", "127.0.0.1", 80, &[])]);
+    let with_opts = |count: usize| {
+        let mut builder = MessageBuilder::new_vec().question();
+        builder
+            .push((
+                Name::<Vec<u8>>::from_str("web.service.hive.").unwrap(),
+                Rtype::A,
+                Class::IN,
+            ))
+            .unwrap();
+        let mut additional = builder.additional();
+        for _ in 0..count {
+            additional.opt(|_| Ok(())).unwrap();
+        }
+        additional.finish()
+    };
+    let rcode = |reply: Vec<u8>| Message::from_octets(reply).unwrap().opt_rcode();
+    let (reply, _) = answer(&mut loaded, &with_opts(2), true).unwrap();
+    assert_eq!(rcode(reply), OptRcode::FORMERR);
+    let (reply, _) = answer(&mut loaded, &with_opts(1), true).unwrap();
+    assert_eq!(rcode(reply), OptRcode::NOERROR);
+}
+
+/// A zone transfer (AXFR, IXFR) is refused: the zone is not transferred.
+#[test]
+fn zone_transfers_are_refused() {
+    let mut loaded = loaded(&[("web", "127.0.0.1", 80, &[])]);
+    for qtype in [Rtype::AXFR, Rtype::IXFR] {
+        let (reply, _) = answer(&mut loaded, &query("hive.", qtype), false).unwrap();
+        assert_eq!(
+            Message::from_octets(reply).unwrap().header().rcode(),
+            Rcode::REFUSED,
+            "{qtype}"
+        );
+    }
+}

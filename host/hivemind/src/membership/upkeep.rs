@@ -86,6 +86,7 @@ pub async fn keep_registry(
             voters,
             gossip: membership.view(),
             local_roles: roles,
+            removed: state.removed.iter().copied().collect(),
         });
         tokio::select! {
             _ = shutdown.cancelled() => return,

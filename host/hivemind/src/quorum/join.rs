@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use hivemind_core::files::{Access, write_file};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -103,6 +104,24 @@ pub fn server_proof(key: &str, binding: &[u8; 32]) -> String {
 }
 
 /// Compares two proofs in constant time.
+/// Why node `id` may not join under `name`, when another member holds it:
+/// a node's name is its DNS name, and two nodes under one name would have
+/// the newer take the older's records. Names compare as DNS does, without
+/// regard to case. `members` are the other nodes' ids and names.
+pub fn name_taken_by<'a>(
+    name: &str,
+    id: NodeId,
+    members: impl IntoIterator<Item = (NodeId, &'a str)>,
+) -> Option<String> {
+    let (holder, _) = members
+        .into_iter()
+        .find(|(other, other_name)| *other != id && !other_name.is_empty() && other_name.eq_ignore_ascii_case(name))?;
+    Some(format!(
+        "the name `{name}` belongs to member {holder:016x}: start the joining node with another --node-name, or, if \
+         it replaces that machine, remove the old member first (`hivemind members remove {name}`)"
+    ))
+}
+
 pub fn proofs_match(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -284,12 +303,12 @@ impl ClusterFiles {
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         self.ca.save(dir)?;
-        std::fs::write(dir.join("node.pem"), &self.identity.cert_pem)?;
-        crate::daemon::write_private(&dir.join("node.key"), &self.identity.key_pem)?;
+        write_file(&dir.join("node.pem"), self.identity.cert_pem.as_bytes(), Access::Shared)?;
+        write_file(&dir.join("node.key"), self.identity.key_pem.as_bytes(), Access::Private)?;
         let id = serde_json::to_string(&ClusterIdFile {
             cluster_id: self.cluster_id.clone(),
         })?;
-        crate::daemon::write_private(&dir.join("cluster.json"), &id)?;
+        write_file(&dir.join("cluster.json"), id.as_bytes(), Access::Private)?;
         Ok(())
     }
 

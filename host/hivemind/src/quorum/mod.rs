@@ -172,10 +172,21 @@ pub struct ClusterState {
     pub members: BTreeMap<NodeId, MemberRecord>,
     /// Join tokens not yet used or expired.
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Nodes removed from the cluster, oldest first, at most
+    /// [`REMOVED_KEPT`]: one still gossiping is not shown as joining.
+    pub removed: Vec<NodeId>,
 }
+
+/// Removed nodes remembered: enough to cover any that still run after
+/// their removal; the list is in every state write, so it is bounded.
+pub const REMOVED_KEPT: usize = 256;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberRecord {
+    /// Its name when it joined (empty in records from before names were
+    /// kept here; the Raft membership has them).
+    #[serde(default)]
+    pub name: String,
     pub joined_epoch: u64,
     #[serde(default)]
     pub health: NodeHealth,
@@ -1120,14 +1131,17 @@ impl QuorumLog {
                 ),
             );
         }
-        let listed = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&request.id)
-            .is_some();
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let listed = membership.get_node(&request.id).is_some();
+        // Checked again when `node.joined` applies; here it also covers
+        // members whose records predate names in them.
+        if let Some(reason) = join::name_taken_by(
+            &request.address.name,
+            request.id,
+            membership.nodes().map(|(id, node)| (*id, node.name.as_str())),
+        ) {
+            return JoinReply::refused(Refusal::Other, reason);
+        }
         if let Some(epoch) = request.epoch
             && epoch < state.epoch
             && !listed

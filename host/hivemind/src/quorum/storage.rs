@@ -686,6 +686,67 @@ struct Applier<'a, 't> {
 }
 
 impl Applier<'_, '_> {
+    /// A new Raft membership: the epoch moves when the voters change,
+    /// members follow the nodes it lists, and each node it no longer lists
+    /// is recorded as `node.removed`, so roles drop it (its DNS name among
+    /// its records) and the registry stops showing it.
+    fn apply_membership(&mut self, membership: &openraft::Membership<NodeId, NodeAddress>) -> StorageResult<()> {
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        if voters != self.cluster.voters {
+            self.cluster.epoch += 1;
+            self.cluster.voters = voters;
+        }
+        let listed: BTreeMap<NodeId, &NodeAddress> = membership.nodes().map(|(id, node)| (*id, node)).collect();
+        let gone: Vec<(NodeId, String)> = self
+            .cluster
+            .members
+            .iter()
+            .filter(|(id, _)| !listed.contains_key(id))
+            .map(|(id, member)| (*id, member.name.clone()))
+            .collect();
+        for (id, node) in &listed {
+            let epoch = self.cluster.epoch;
+            let member = self.cluster.members.entry(*id).or_insert(MemberRecord {
+                joined_epoch: epoch,
+                ..MemberRecord::default()
+            });
+            if member.name.is_empty() {
+                member.name.clone_from(&node.name);
+            }
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let timestamp_ms = self.last_timestamp_ms()?;
+        for (id, name) in gone {
+            self.cluster.members.remove(&id);
+            self.cluster.removed.retain(|removed| *removed != id);
+            self.cluster.removed.push(id);
+            let key = super::hex_id(id);
+            self.record(
+                "node.removed".into(),
+                key.clone(),
+                key,
+                timestamp_ms,
+                serde_json::json!({ "name": name }),
+            )?;
+        }
+        let overflow = self.cluster.removed.len().saturating_sub(super::REMOVED_KEPT);
+        self.cluster.removed.drain(..overflow);
+        Ok(())
+    }
+
+    /// The newest event's time: an entry that carries no time of its own
+    /// (a membership change) is recorded at it, so times never go back.
+    fn last_timestamp_ms(&self) -> StorageResult<u64> {
+        let Some((_, bytes)) = self.events.last().map_err(read_error)? else {
+            return Ok(0);
+        };
+        Ok(serde_json::from_slice::<StoredEvent>(bytes.value())
+            .map(|event| event.timestamp_ms)
+            .unwrap_or(0))
+    }
+
     fn last_seq(&self) -> StorageResult<u64> {
         Ok(self
             .events
@@ -782,30 +843,43 @@ impl Applier<'_, '_> {
                 token,
                 timestamp_ms,
             } => {
-                let refusal = token
-                    .as_ref()
-                    .and_then(|token| match self.cluster.tokens.get_mut(token) {
-                        None => Some("the join token is unknown to this cluster".to_string()),
-                        Some(record) => match record.used_by {
-                            Some(user) if user != id => Some(format!(
-                                "the join token was already used (by node {user:016x}); ask for a new one with \
+                // The name first: a join refused for it leaves the token unused.
+                let taken = super::join::name_taken_by(
+                    &address.name,
+                    id,
+                    self.cluster
+                        .members
+                        .iter()
+                        .map(|(id, member)| (*id, member.name.as_str())),
+                );
+                let refusal = taken.or_else(|| {
+                    token
+                        .as_ref()
+                        .and_then(|token| match self.cluster.tokens.get_mut(token) {
+                            None => Some("the join token is unknown to this cluster".to_string()),
+                            Some(record) => match record.used_by {
+                                Some(user) if user != id => Some(format!(
+                                    "the join token was already used (by node {user:016x}); ask for a new one with \
                              `hivemind members token`"
-                            )),
-                            _ if timestamp_ms > record.expires_ms => Some(
-                                "the join token has expired; ask for a new one with `hivemind members token`"
-                                    .to_string(),
-                            ),
-                            _ => {
-                                record.used_by = Some(id);
-                                None
-                            }
-                        },
-                    });
+                                )),
+                                _ if timestamp_ms > record.expires_ms => Some(
+                                    "the join token has expired; ask for a new one with `hivemind members token`"
+                                        .to_string(),
+                                ),
+                                _ => {
+                                    record.used_by = Some(id);
+                                    None
+                                }
+                            },
+                        })
+                });
                 if let Some(reason) = refusal {
                     return Ok(CommandResult::Refused { reason });
                 }
                 let epoch = self.cluster.epoch;
+                self.cluster.removed.retain(|removed| *removed != id);
                 self.cluster.members.entry(id).or_insert(MemberRecord {
+                    name: address.name.clone(),
                     joined_epoch: epoch,
                     ..MemberRecord::default()
                 });
@@ -1004,20 +1078,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         EntryPayload::Blank => results.push(CommandResult::Nothing),
                         EntryPayload::Normal(command) => results.push(applier.apply(command)?),
                         EntryPayload::Membership(membership) => {
-                            let cluster = &mut *applier.cluster;
-                            let voters: Vec<NodeId> = membership.voter_ids().collect();
-                            if voters != cluster.voters {
-                                cluster.epoch += 1;
-                                cluster.voters = voters;
-                            }
-                            let listed: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
-                            cluster.members.retain(|id, _| listed.contains(id));
-                            for id in listed {
-                                cluster.members.entry(id).or_insert(MemberRecord {
-                                    joined_epoch: cluster.epoch,
-                                    ..MemberRecord::default()
-                                });
-                            }
+                            applier.apply_membership(&membership)?;
                             let stored = StoredMembership::new(Some(entry.log_id), membership);
                             machine
                                 .insert("membership", to_json(&stored)?.as_slice())

@@ -65,11 +65,63 @@ impl RoleState {
     }
 }
 
-/// Size and modification time of a role's files: a change means "look again".
+/// What tells one version of a file from another without reading it. A
+/// file replaced by rename has a new inode; one rewritten in place has a
+/// new change time, which (unlike the modification time `cp -p`, `rsync
+/// -a`, `tar x` and builds with a pinned `SOURCE_DATE_EPOCH` set) no one
+/// can set back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified_ns: i128,
+    changed_ns: i128,
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |seconds: i64, nanos: i64| seconds as i128 * 1_000_000_000 + nanos as i128;
+        FileStamp {
+            device: meta.dev(),
+            inode: meta.ino(),
+            len: meta.size(),
+            modified_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            changed_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file changed so recently that another write within the
+    /// clock's granularity could leave the same stamp (git's "racy clean"
+    /// entries): such a stamp proves nothing, and the file is read again.
+    /// A change time ahead of the clock (the clock was set back) is not
+    /// recent: a write now would stamp the file with an earlier time.
+    fn is_recent(&self, now_ns: i128) -> bool {
+        (0..RECENT_CHANGE_NS).contains(&(now_ns - self.changed_ns))
+    }
+}
+
+/// A change time younger than this at a scan is not trusted: the kernel
+/// stamps files from a clock that ticks every few milliseconds, and a write
+/// racing a scan could land within the same tick.
+const RECENT_CHANGE_NS: i128 = 1_000_000_000;
+
+/// A role's files as a scan saw them: a change means "look again".
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint {
-    wasm: (u64, SystemTime),
-    manifest: Option<(u64, SystemTime)>,
+    wasm: FileStamp,
+    manifest: Option<FileStamp>,
+    /// Set when either file changed too recently for its stamp to be
+    /// trusted; such a fingerprint equals nothing, so the next scan looks
+    /// again.
+    recent: bool,
+}
+
+impl Fingerprint {
+    fn same_files(&self, other: &Fingerprint) -> bool {
+        !self.recent && !other.recent && self.wasm == other.wasm && self.manifest == other.manifest
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -290,6 +342,8 @@ pub struct RoleManager {
     parts: HostParts,
     roles_dir: PathBuf,
     slots: RwLock<BTreeMap<String, Arc<RoleSlot>>>,
+    /// Files in the roles directory that the last scan ignored, and why.
+    ignored_files: Mutex<BTreeMap<String, String>>,
     shutdown: CancellationToken,
     /// Every task the manager spawns (loads, delivery, ticks, listeners,
     /// datagram handlers), so [`RoleManager::stop`] can wait for all.
@@ -324,6 +378,7 @@ impl RoleManager {
             parts,
             roles_dir,
             slots: RwLock::new(BTreeMap::new()),
+            ignored_files: Mutex::new(BTreeMap::new()),
             shutdown,
             tasks: TaskTracker::new(),
         })
@@ -352,16 +407,23 @@ impl RoleManager {
     /// Looks at the roles directory and loads, reloads or unloads whatever
     /// changed since the last look. Loads run in the background.
     pub async fn sync(self: &Arc<Self>) {
-        let found = match scan_roles_dir(&self.roles_dir).await {
-            Ok(found) => found,
+        let RolesDirScan { found, ignored } = match scan_roles_dir(&self.roles_dir).await {
+            Ok(scan) => scan,
             Err(error) => {
                 tracing::warn!(dir = %self.roles_dir.display(), %error, "cannot read the roles directory");
                 return;
             }
         };
+        self.warn_once_about(ignored);
         for (name, fingerprint) in &found {
             let slot = self.slot_for(name).await;
-            let changed = slot.status.lock().unwrap().fingerprint.as_ref() != Some(fingerprint);
+            let changed = !slot
+                .status
+                .lock()
+                .unwrap()
+                .fingerprint
+                .as_ref()
+                .is_some_and(|seen| seen.same_files(fingerprint));
             if changed {
                 slot.status.lock().unwrap().fingerprint = Some(fingerprint.clone());
                 let manager = self.clone();
@@ -377,6 +439,16 @@ impl RoleManager {
         for name in gone {
             self.unload(&name).await;
         }
+    }
+
+    /// Logs each file the scan ignored, once while it stays as it is: a
+    /// warning every rescan would bury everything else in the log.
+    fn warn_once_about(&self, ignored: BTreeMap<String, String>) {
+        let mut warned = self.ignored_files.lock().unwrap();
+        for (file, why) in not_yet_warned(&warned, &ignored) {
+            tracing::warn!(dir = %self.roles_dir.display(), file, "ignoring role file: {why}");
+        }
+        *warned = ignored;
     }
 
     async fn slot_for(&self, name: &str) -> Arc<RoleSlot> {
@@ -536,6 +608,7 @@ impl RoleManager {
     }
 
     fn reject(&self, slot: &RoleSlot, digest: &str, message: String, took: Duration) {
+        let message = bounded_error(message);
         let has_current = slot.current().is_some();
         {
             let mut status = slot.status.lock().unwrap();
@@ -782,12 +855,26 @@ fn push_history(history: &mut VecDeque<ReloadRecord>, record: ReloadRecord) {
     history.push_back(record);
 }
 
+/// What a scan of the roles directory found.
+#[derive(Debug, Default)]
+struct RolesDirScan {
+    /// `NAME.wasm` files (through links too) with an optional `NAME.toml`.
+    found: BTreeMap<String, Fingerprint>,
+    /// Files that look like roles but cannot be, by file name, with why.
+    ignored: BTreeMap<String, String>,
+}
+
 /// Role files in `dir`: `NAME.wasm` with an optional `NAME.toml`. Dotfiles
-/// and anything not ending in `.wasm` (such as `NAME.wasm.tmp`) are ignored.
-async fn scan_roles_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Fingerprint>> {
+/// and anything not ending in `.wasm` (such as `NAME.wasm.tmp`) are skipped
+/// without a word; a `.wasm` that cannot be a role is reported in `ignored`.
+async fn scan_roles_dir(dir: &Path) -> std::io::Result<RolesDirScan> {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let mut found = BTreeMap::new();
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|since| since.as_nanos() as i128)
+            .unwrap_or(0);
+        let mut scan = RolesDirScan::default();
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
             let file_name = entry.file_name();
@@ -799,28 +886,47 @@ async fn scan_roles_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Fingerpr
                 continue;
             }
             if !valid_role_name(name) {
-                tracing::warn!(
-                    file = file_name,
-                    "ignoring role file: names are lowercase letters, digits, '-' and '_' (rename it)"
+                scan.ignored.insert(
+                    file_name.to_string(),
+                    "a role's name is 1-64 lowercase letters, digits, '-' and '_', starting with a letter or digit: rename the file".to_string(),
                 );
                 continue;
             }
-            let Ok(meta) = entry.metadata() else { continue };
-            if !meta.is_file() {
-                continue;
-            }
+            // Through a link, as an operator who deploys by linking expects.
+            let meta = match std::fs::metadata(entry.path()) {
+                Ok(meta) if meta.is_file() => meta,
+                Ok(_) => {
+                    scan.ignored
+                        .insert(file_name.to_string(), "it is not a regular file (a directory, a pipe or a device)".to_string());
+                    continue;
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    scan.ignored.insert(
+                        file_name.to_string(),
+                        "it is a symbolic link to a file that does not exist".to_string(),
+                    );
+                    continue;
+                }
+                Err(error) => {
+                    scan.ignored.insert(file_name.to_string(), format!("cannot read it: {error}"));
+                    continue;
+                }
+            };
+            let wasm = FileStamp::of(&meta);
             let manifest = std::fs::metadata(dir.join(format!("{name}.toml")))
                 .ok()
-                .map(|meta| (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH)));
-            found.insert(
+                .map(|meta| FileStamp::of(&meta));
+            let recent = wasm.is_recent(now_ns) || manifest.is_some_and(|stamp| stamp.is_recent(now_ns));
+            scan.found.insert(
                 name.to_string(),
                 Fingerprint {
-                    wasm: (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH)),
+                    wasm,
                     manifest,
+                    recent,
                 },
             );
         }
-        Ok(found)
+        Ok(scan)
     })
     .await
     .unwrap_or_else(|_| {
@@ -828,4 +934,177 @@ async fn scan_roles_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Fingerpr
             "the roles directory scan was cancelled (shutting down)",
         ))
     })
+}
+
+/// Longest line of an error kept as a role's `last_error`, and longest
+/// error: a parser quoting a 10 MB line of a bad manifest must not make
+/// every `roles list` tens of megabytes.
+const MAX_ERROR_LINE: usize = 240;
+const MAX_ERROR_BYTES: usize = 4096;
+
+/// `message` with each over-long line cut, and the whole cut, where it says
+/// how much was left out.
+fn bounded_error(message: String) -> String {
+    if message.len() <= MAX_ERROR_BYTES && message.lines().all(|line| line.len() <= MAX_ERROR_LINE) {
+        return message;
+    }
+    let cut = |text: &str, limit: usize| {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}… ({} bytes left out)", &text[..end], text.len() - end)
+    };
+    let lines: Vec<String> = message
+        .lines()
+        .map(|line| {
+            if line.len() > MAX_ERROR_LINE {
+                cut(line, MAX_ERROR_LINE)
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    let joined = lines.join("\n");
+    if joined.len() > MAX_ERROR_BYTES {
+        cut(&joined, MAX_ERROR_BYTES)
+    } else {
+        joined
+    }
+}
+
+/// The ignored files of this scan that were not ignored for the same
+/// reason by the last one.
+fn not_yet_warned<'a>(
+    warned: &'a BTreeMap<String, String>,
+    ignored: &'a BTreeMap<String, String>,
+) -> impl Iterator<Item = (&'a String, &'a String)> {
+    ignored.iter().filter(|(file, why)| warned.get(*file) != Some(*why))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(path: &Path) -> FileStamp {
+        FileStamp::of(&std::fs::metadata(path).unwrap())
+    }
+
+    /// A file rewritten in place with the same length and its modification
+    /// time set back (what `cp -p` does) has another stamp, as has one
+    /// replaced by rename (`rsync -a`, `tar x`).
+    #[test]
+    fn same_size_and_mtime_rewrites_change_the_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("role.wasm");
+        let pinned = UNIX_EPOCH + Duration::from_secs(315_532_800);
+        std::fs::write(&path, b"version one").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(pinned)
+            .unwrap();
+        let first = stamp(&path);
+
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, b"version two").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(pinned)
+            .unwrap();
+        let rewritten = stamp(&path);
+        assert_eq!((first.len, first.modified_ns), (rewritten.len, rewritten.modified_ns));
+        assert_ne!(first, rewritten);
+
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"version 3!!").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&other)
+            .unwrap()
+            .set_modified(pinned)
+            .unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        assert_ne!(rewritten, stamp(&path));
+    }
+
+    /// A fingerprint of files changed within the last second equals no
+    /// other, so the next scan reads them again; an older one is trusted.
+    #[test]
+    fn recent_changes_are_not_trusted() {
+        let stamp = FileStamp {
+            device: 1,
+            inode: 2,
+            len: 3,
+            modified_ns: 0,
+            changed_ns: 10 * RECENT_CHANGE_NS,
+        };
+        assert!(stamp.is_recent(10 * RECENT_CHANGE_NS + 5));
+        assert!(!stamp.is_recent(11 * RECENT_CHANGE_NS));
+        assert!(
+            !stamp.is_recent(9 * RECENT_CHANGE_NS),
+            "a change time ahead of the clock"
+        );
+        let print = |recent| Fingerprint {
+            wasm: stamp,
+            manifest: None,
+            recent,
+        };
+        assert!(print(false).same_files(&print(false)));
+        assert!(!print(true).same_files(&print(true)));
+        assert!(!print(false).same_files(&print(true)));
+    }
+
+    /// A scan loads role files through links, and names what it ignores:
+    /// a bad name, a link to nothing, a directory.
+    #[tokio::test]
+    async fn scan_follows_links_and_names_what_it_ignores() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("dns-v2.wasm"), b"bytes").unwrap();
+        std::os::unix::fs::symlink(elsewhere.path().join("dns-v2.wasm"), dir.path().join("dns.wasm")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path().join("gone.wasm"), dir.path().join("broken.wasm")).unwrap();
+        std::fs::write(dir.path().join("Bad Name.wasm"), b"bytes").unwrap();
+        std::fs::create_dir(dir.path().join("folder.wasm")).unwrap();
+        std::fs::write(dir.path().join(".hidden.wasm"), b"bytes").unwrap();
+        std::fs::write(dir.path().join("dns.wasm.tmp"), b"bytes").unwrap();
+
+        let scan = scan_roles_dir(dir.path()).await.unwrap();
+        assert_eq!(scan.found.keys().collect::<Vec<_>>(), ["dns"]);
+        assert_eq!(scan.found["dns"].wasm.len, 5, "the link's target, not the link");
+        assert_eq!(
+            scan.ignored.keys().collect::<Vec<_>>(),
+            ["Bad Name.wasm", "broken.wasm", "folder.wasm"]
+        );
+        assert!(scan.ignored["broken.wasm"].contains("does not exist"));
+        assert!(scan.ignored["folder.wasm"].contains("not a regular file"));
+        assert!(scan.ignored["Bad Name.wasm"].contains("rename"));
+    }
+
+    /// An error quoting a huge line keeps its start and says how much was
+    /// cut; a short error is kept as it is.
+    #[test]
+    fn long_errors_are_cut() {
+        assert_eq!(bounded_error("short\nerror".into()), "short\nerror");
+        let huge = format!("manifest x.toml: line 2\n{}\nexpected a table", "é".repeat(5 << 20));
+        let bounded = bounded_error(huge);
+        assert!(bounded.len() < MAX_ERROR_BYTES + 64, "{} bytes", bounded.len());
+        assert!(bounded.starts_with("manifest x.toml: line 2\n"));
+        assert!(bounded.contains("bytes left out") && bounded.ends_with("expected a table"));
+    }
+
+    /// Each ignored file is warned about once while its reason stays the
+    /// same, and again if the reason changes.
+    #[test]
+    fn ignored_files_are_warned_about_once() {
+        let first: BTreeMap<String, String> = [("A.wasm".to_string(), "bad name".to_string())].into();
+        let none = BTreeMap::new();
+        assert_eq!(not_yet_warned(&none, &first).count(), 1);
+        assert_eq!(not_yet_warned(&first, &first).count(), 0);
+        let changed: BTreeMap<String, String> = [("A.wasm".to_string(), "a directory".to_string())].into();
+        assert_eq!(not_yet_warned(&first, &changed).count(), 1);
+    }
 }

@@ -15,6 +15,7 @@ use crate::notify::Notifier;
 use crate::registry::Registry;
 use crate::roles::manager::RoleManager;
 use crate::store::Store;
+use hivemind_core::files::{Access, write_file};
 use hivemind_runtime::manifest::Manifest;
 
 /// Largest file a role may write: configs, not data.
@@ -160,14 +161,14 @@ impl RoleHost for RoleServices {
 
     async fn write_file(&self, path: String, contents: Vec<u8>) -> Result<(), HostError> {
         let dir = self.manifest.grants.output_dir(&self.name)?;
-        let target = confined_path(dir, &path)?;
+        let dir = dir.to_path_buf();
         if contents.len() > MAX_WRITE_BYTES {
             return Err(HostError::Invalid(format!(
                 "{} bytes is over the {MAX_WRITE_BYTES}-byte file limit",
                 contents.len()
             )));
         }
-        tokio::task::spawn_blocking(move || write_atomically(&target, &contents))
+        tokio::task::spawn_blocking(move || write_confined(&dir, &path, &contents))
             .await
             .map_err(|error| HostError::Failed(error.to_string()))?
     }
@@ -298,18 +299,37 @@ fn confined_path(dir: &Path, relative: &str) -> Result<PathBuf, HostError> {
     Ok(dir.join(path))
 }
 
-fn write_atomically(target: &Path, contents: &[u8]) -> Result<(), HostError> {
-    let failed = |error: std::io::Error| HostError::Failed(format!("write {}: {error}", target.display()));
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(failed)?;
+/// Writes `relative` inside `dir`, creating the directories on the way.
+/// None of them may be a symbolic link: a link planted in the output
+/// directory would otherwise carry the write outside the grant.
+fn write_confined(dir: &Path, relative: &str, contents: &[u8]) -> Result<(), HostError> {
+    let target = confined_path(dir, relative)?;
+    let refused = |error: std::io::Error| match error.kind() {
+        std::io::ErrorKind::InvalidInput => HostError::Invalid(error.to_string()),
+        _ => HostError::Failed(error.to_string()),
+    };
+    let mut parent = dir.to_path_buf();
+    let mut parts: Vec<Component> = Path::new(relative).components().collect();
+    parts.pop();
+    for part in parts {
+        parent.push(part);
+        match std::fs::symlink_metadata(&parent) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(HostError::Invalid(format!(
+                    "cannot write {}: {} is not a directory (a link or a file); hivemind writes only below real directories",
+                    target.display(),
+                    parent.display()
+                )));
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&parent)
+                    .map_err(|error| HostError::Failed(format!("cannot create {}: {error}", parent.display())))?;
+            }
+            Err(error) => return Err(HostError::Failed(format!("cannot read {}: {error}", parent.display()))),
+        }
     }
-    let file_name = target
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = target.with_file_name(format!(".{file_name}.hivemind-tmp"));
-    std::fs::write(&temp, contents).map_err(failed)?;
-    std::fs::rename(&temp, target).map_err(failed)
+    write_file(&target, contents, Access::Shared).map_err(refused)
 }
 
 #[cfg(test)]
@@ -324,5 +344,28 @@ mod tests {
         assert!(confined_path(dir, "../etc/passwd").is_err());
         assert!(confined_path(dir, "/etc/passwd").is_err());
         assert!(confined_path(dir, "").is_err());
+    }
+
+    /// A link planted inside the output directory does not carry a write
+    /// outside it, whether it stands for a directory on the way or for the
+    /// file itself.
+    #[test]
+    fn writes_do_not_follow_links_out_of_the_grant() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("out");
+        let elsewhere = root.path().join("elsewhere");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, out.join("conf.d")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.join("victim"), out.join("upstreams.conf")).unwrap();
+
+        let error = write_confined(&out, "conf.d/web.conf", b"x").unwrap_err();
+        assert!(matches!(error, HostError::Invalid(_)), "{error:?}");
+        let error = write_confined(&out, "upstreams.conf", b"x").unwrap_err();
+        assert!(matches!(error, HostError::Invalid(_)), "{error:?}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+        write_confined(&out, "sites/a/web.conf", b"ok").unwrap();
+        assert_eq!(std::fs::read(out.join("sites/a/web.conf")).unwrap(), b"ok");
     }
 }
