@@ -6,8 +6,8 @@
 //! memory_mb = 64          # linear memory, MiB (default 64)
 //! cpu_ms = 100            # guest time per call, ms (default 100)
 //! init_cpu_ms = 5000      # guest time for init, ms (default 5000)
-//! workers = 4             # instances at once (default 4)
-//! queue = 64              # calls waiting for a worker (default 64)
+//! workers = 4             # instances at once (default 4, 1-256)
+//! queue = 64              # calls waiting for a worker (default 64, at most 10000)
 //! max_response_kb = 4096  # largest on-request body, KiB (default 4096)
 //!
 //! [grants]

@@ -187,6 +187,11 @@ pub struct MemberRecord {
     /// kept here; the Raft membership has them).
     #[serde(default)]
     pub name: String,
+    /// Admitted by `node.joined` and not yet listed by a Raft membership
+    /// (its learner is being added): a membership without it removes
+    /// nothing then.
+    #[serde(default)]
+    pub awaiting_learner: bool,
     pub joined_epoch: u64,
     #[serde(default)]
     pub health: NodeHealth,

@@ -697,11 +697,14 @@ impl Applier<'_, '_> {
             self.cluster.voters = voters;
         }
         let listed: BTreeMap<NodeId, &NodeAddress> = membership.nodes().map(|(id, node)| (*id, node)).collect();
+        // A member admitted by `node.joined` but not yet added as a learner
+        // is not gone when a membership change proposed before its addition
+        // applies without it.
         let gone: Vec<(NodeId, String)> = self
             .cluster
             .members
             .iter()
-            .filter(|(id, _)| !listed.contains_key(id))
+            .filter(|(id, member)| !member.awaiting_learner && !listed.contains_key(id))
             .map(|(id, member)| (*id, member.name.clone()))
             .collect();
         for (id, node) in &listed {
@@ -710,6 +713,7 @@ impl Applier<'_, '_> {
                 joined_epoch: epoch,
                 ..MemberRecord::default()
             });
+            member.awaiting_learner = false;
             if member.name.is_empty() {
                 member.name.clone_from(&node.name);
             }
@@ -881,6 +885,7 @@ impl Applier<'_, '_> {
                 self.cluster.members.entry(id).or_insert(MemberRecord {
                     name: address.name.clone(),
                     joined_epoch: epoch,
+                    awaiting_learner: true,
                     ..MemberRecord::default()
                 });
                 let payload = joined_payload(&address, epoch);
@@ -1438,6 +1443,80 @@ mod tests {
 
     /// A purge answers at once and leaves nothing readable behind it, while
     /// the entries after it stay; the purged ones leave the disk too.
+    /// A node the membership drops is recorded `node.removed` once; a node
+    /// admitted by `node.joined` whose learner is not added yet survives a
+    /// membership change that raced it; a join under a member's name (in
+    /// another case) is refused, and the token it carried stays unused.
+    #[tokio::test]
+    async fn removals_and_names_follow_the_membership() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hivemind.redb")).unwrap();
+        let (_, mut machine, _) = open(&store).unwrap();
+        let address = |name: &str| NodeAddress {
+            name: name.into(),
+            transport: "127.0.0.1:1".into(),
+            api: "127.0.0.1:2".into(),
+        };
+        let membership = |nodes: &[(NodeId, &str)]| {
+            let nodes: BTreeMap<NodeId, NodeAddress> = nodes.iter().map(|(id, name)| (*id, address(name))).collect();
+            EntryPayload::Membership(openraft::Membership::new(vec![BTreeSet::from([1])], nodes))
+        };
+        let joined = |id: NodeId, name: &str, token: Option<&str>| {
+            EntryPayload::Normal(Command::NodeJoined {
+                id,
+                address: address(name),
+                token: token.map(str::to_string),
+                timestamp_ms: 1000,
+            })
+        };
+        let token = EntryPayload::Normal(Command::TokenIssued {
+            id: "t".into(),
+            secret: "s".into(),
+            expires_ms: u64::MAX,
+        });
+        let payloads = vec![
+            membership(&[(1, "n1")]),
+            token,
+            joined(2, "n2", None),
+            membership(&[(1, "n1")]),
+            membership(&[(1, "n1"), (2, "n2")]),
+            joined(3, "N2", Some("t")),
+            membership(&[(1, "n1")]),
+        ];
+        let entries: Vec<Entry<TypeConfig>> = payloads
+            .into_iter()
+            .enumerate()
+            .map(|(index, payload)| Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), index as u64 + 1),
+                payload,
+            })
+            .collect();
+        let results = machine.apply(entries).await.unwrap();
+        assert!(matches!(&results[5], CommandResult::Refused { reason } if reason.contains("belongs to member")));
+
+        let cluster = read_cluster(&store.database()).unwrap();
+        assert!(!cluster.members.contains_key(&2), "n2 was removed");
+        assert_eq!(cluster.removed, [2]);
+        assert_eq!(cluster.tokens["t"].used_by, None, "the refused join spent no token");
+        let read = store.database().begin_read().unwrap();
+        let kinds: Vec<String> = read
+            .open_table(EVENTS)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|row| {
+                serde_json::from_slice::<StoredEvent>(row.unwrap().1.value())
+                    .unwrap()
+                    .kind
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["node.joined", "node.removed"],
+            "one join, one removal, none for the race"
+        );
+    }
+
     #[tokio::test]
     async fn purged_entries_go_and_later_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
