@@ -997,36 +997,23 @@ mod tests {
     fn same_size_and_mtime_rewrites_change_the_stamp() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("role.wasm");
-        let pinned = UNIX_EPOCH + Duration::from_secs(315_532_800);
-        std::fs::write(&path, b"version one").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(pinned)
-            .unwrap();
+        let write_pinned = |path: &Path, bytes: &[u8]| {
+            std::fs::write(path, bytes).unwrap();
+            let pinned = UNIX_EPOCH + Duration::from_secs(315_532_800);
+            let file = std::fs::File::options().write(true).open(path).unwrap();
+            file.set_modified(pinned).unwrap();
+        };
+        write_pinned(&path, b"version one");
         let first = stamp(&path);
 
         std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(&path, b"version two").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(pinned)
-            .unwrap();
+        write_pinned(&path, b"version two");
         let rewritten = stamp(&path);
         assert_eq!((first.len, first.modified_ns), (rewritten.len, rewritten.modified_ns));
         assert_ne!(first, rewritten);
 
         let other = dir.path().join("other");
-        std::fs::write(&other, b"version 3!!").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&other)
-            .unwrap()
-            .set_modified(pinned)
-            .unwrap();
+        write_pinned(&other, b"version 3!!");
         std::fs::rename(&other, &path).unwrap();
         assert_ne!(rewritten, stamp(&path));
     }
