@@ -127,16 +127,24 @@ async fn manifest_edit_reloads() {
         &host.roles_dir().join("probe.toml"),
         b"[config]\ngreeting = \"bonjour\"\n",
     );
+    wait_config(&host, json!({"greeting": "bonjour"})).await;
+    host.stop().await;
+}
+
+/// Waits until the probe's `config` command answers `expected`.
+async fn wait_config(host: &TestHost, expected: serde_json::Value) {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let config = host.api().role("probe", "config", &[]).await.json();
-        if config == json!({"greeting": "bonjour"}) {
-            break;
+        if config == expected {
+            return;
         }
-        assert!(Instant::now() < deadline, "config never changed: {config}");
+        assert!(
+            Instant::now() < deadline,
+            "the config never became {expected}: {config}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    host.stop().await;
 }
 
 /// A role file and a manifest rewritten in place with the same length and
@@ -166,15 +174,7 @@ async fn a_same_size_same_mtime_replacement_loads() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     std::fs::write(&manifest, "[config]\ngreeting = \"salut\"\n").unwrap();
     set_mtime(&manifest, pinned);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let config = host.api().role("probe", "config", &[]).await.json();
-        if config == json!({"greeting": "salut"}) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the manifest was never reloaded: {config}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_config(&host, json!({"greeting": "salut"})).await;
     host.stop().await;
 }
 
