@@ -610,3 +610,53 @@ async fn oversized_bodies_get_a_json_413_naming_the_limit() {
     assert_probe_serves(&host).await;
     host.stop().await;
 }
+
+/// Idle connections lock no one out: a node allowed only 256 descriptors
+/// is sent 300 connections that never speak to its API and 300 to its DNS
+/// listener over TCP, and still answers a query over TCP within one try
+/// of five seconds (half the idle timeout: the listener let it in by
+/// closing the connection idle the longest) and its API's status.
+#[test]
+fn idle_connections_lock_no_one_out() {
+    let limit = hivemind_core::limits::raise_descriptor_limit();
+    assert!(
+        limit >= 2048,
+        "the hard limit on open files is {limit}; raise it to run this test"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::new(root.path(), "n1", Vec::new());
+    node.wrapper = vec!["prlimit".into(), "--nofile=256:256".into()];
+    let dns_port = install_bundled_roles(&node);
+    node.start();
+    let dig = |port: u16| {
+        let output = std::process::Command::new("dig")
+            .args([
+                "@127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "+tcp",
+                "+time=5",
+                "+tries=1",
+                "+short",
+            ])
+            .arg("n1.node.hive.")
+            .output()
+            .expect("dig (bind9-dnsutils) runs");
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    wait_for("the dns role answers over TCP", || {
+        (dig(dns_port) == "127.0.0.1").then_some(())
+    });
+
+    let api_port: u16 = node.api.rsplit(':').next().unwrap().parse().unwrap();
+    let idle: Vec<std::net::TcpStream> = [api_port, dns_port]
+        .into_iter()
+        .flat_map(|port| (0..300).map(move |_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()))
+        .collect();
+    assert_eq!(dig(dns_port), "127.0.0.1", "a TCP query behind 300 idle connections");
+    let status = node.status().expect("the API answers behind 300 idle connections");
+    assert_eq!(status["node"]["name"], "n1", "{status:#}");
+    assert!(node.descriptors().len() < 256);
+    drop(idle);
+    assert!(node.is_running());
+}

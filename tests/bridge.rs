@@ -406,7 +406,7 @@ fn a_node_cut_off_from_the_quorum_never_chooses_on_its_own() {
 fn many_idle_and_stuck_sessions() {
     // A thousand clients and the backend's thousand accepted sockets need
     // more than the usual 1024 descriptors in this process too.
-    let limit = hivemind::daemon::raise_open_files_limit();
+    let limit = hivemind_core::limits::raise_descriptor_limit();
     assert!(
         limit >= 4096,
         "the hard limit on open files is {limit}; raise it to run this test"
@@ -498,4 +498,91 @@ fn many_idle_and_stuck_sessions() {
     wait_for("app routes to a again", || {
         (route_of(port).as_deref() == Some("a")).then_some(())
     });
+}
+
+/// A node that runs out of descriptors cannot check its backends, and
+/// that is news about the node, not about them: no backend is reported
+/// down, no session is severed, and once descriptors are back the node
+/// answers again and keeps the same route.
+#[test]
+fn a_node_out_of_descriptors_reports_no_backend_down() {
+    let a = Backend::start("a", Manner::Greet);
+    let b = Backend::start("b", Manner::Greet);
+    let port = free_port();
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::new(root.path(), "n1", Vec::new());
+    use_config(
+        &mut node,
+        &bridge_section("app", port, "interval_ms = 100\nfall = 1", &[(&a, ""), (&b, "")]),
+    );
+    node.start();
+    wait_for("the bridge routes to a", || {
+        (route_of(port).as_deref() == Some("a")).then_some(())
+    });
+    let reports_of_a = || {
+        node.events("bridge.health")
+            .into_iter()
+            .filter(|(_, key)| key.starts_with("app/a@"))
+            .count()
+    };
+    wait_for("a is reported up", || (reports_of_a() == 1).then_some(()));
+    let (mut session, _) = Session::open(port).unwrap();
+
+    // The lowest free descriptor number becomes the limit: every socket
+    // the node opens from here (a check's connect included) gets EMFILE.
+    let limit = node.descriptor_limit();
+    let held = node.descriptors();
+    let lowest_free = (0..).find(|number| !held.contains(number)).unwrap();
+    node.set_descriptor_limit(u64::from(lowest_free));
+    // Twenty check intervals; one failure would take a down with fall = 1.
+    std::thread::sleep(Duration::from_secs(2));
+    node.set_descriptor_limit(limit);
+
+    assert!(session.echoes("still routed"), "the session was severed");
+    assert_eq!(reports_of_a(), 1, "the node reported a backend it could not check");
+    assert_eq!(route_of(port).as_deref(), Some("a"));
+    let status = bridge_status(&node, "app");
+    assert_eq!(status["active"]["backend"], "a", "{status:#}");
+}
+
+/// At `max_sessions` a bridge stops accepting: the next client waits in
+/// the backlog, is not refused, and gets its session when one ends.
+#[test]
+fn a_full_bridge_makes_clients_wait() {
+    let a = Backend::start("a", Manner::Greet);
+    let port = free_port();
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::new(root.path(), "n1", Vec::new());
+    use_config(&mut node, &bridge_section("app", port, "max_sessions = 2", &[(&a, "")]));
+    node.start();
+    wait_for("the bridge routes to a", || {
+        (route_of(port).as_deref() == Some("a")).then_some(())
+    });
+    let first = Session::open(port).unwrap();
+    let (mut second, _) = Session::open(port).unwrap();
+    wait_for("two sessions counted", || {
+        (bridge_status(&node, "app")["sessions"]["current"] == 2).then_some(())
+    });
+
+    let waiting = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    waiting.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut waiting = BufReader::new(waiting);
+    let mut greeting = String::new();
+    let read = std::io::BufRead::read_line(&mut waiting, &mut greeting);
+    assert!(
+        matches!(&read, Err(error) if error.kind() == std::io::ErrorKind::WouldBlock),
+        "a third client was served or refused: {read:?} {greeting:?}"
+    );
+    let status = bridge_status(&node, "app");
+    assert_eq!(status["sessions"]["max"], 2, "{status:#}");
+    assert!(status["sessions"]["times_full"].as_u64().unwrap() >= 1, "{status:#}");
+    assert!(second.echoes("the open sessions are served"));
+
+    drop(first);
+    waiting
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::io::BufRead::read_line(&mut waiting, &mut greeting).unwrap();
+    assert_eq!(greeting.trim_end(), "a");
 }

@@ -480,6 +480,37 @@ impl NodeProcess {
         self.child.is_some()
     }
 
+    /// The process id, while running.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The descriptors the process holds now, by number.
+    pub fn descriptors(&self) -> Vec<u32> {
+        let mut numbers: Vec<u32> = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        numbers.sort_unstable();
+        numbers
+    }
+
+    /// The process's soft limit on open files.
+    pub fn descriptor_limit(&self) -> u64 {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid())).unwrap();
+        let line = limits.lines().find(|line| line.starts_with("Max open files")).unwrap();
+        line.split_whitespace().nth(3).unwrap().parse().unwrap()
+    }
+
+    /// Sets the process's soft limit on open files (`prlimit --pid`).
+    pub fn set_descriptor_limit(&self, soft: u64) {
+        let status = Command::new("prlimit")
+            .args(["--pid", &self.pid().to_string(), &format!("--nofile={soft}:")])
+            .status()
+            .expect("prlimit (util-linux) runs");
+        assert!(status.success(), "prlimit --nofile={soft}: on {}", self.name);
+    }
+
     /// SIGSTOP: the process stays but answers nothing, as a hung or
     /// cut-off machine would.
     pub fn pause(&self) {

@@ -560,7 +560,7 @@ fn main() -> anyhow::Result<()> {
     own_network_namespace()?;
     // HAProxy's maxconn and the bridge's sessions need descriptors; both
     // inherit this limit.
-    hivemind::daemon::raise_open_files_limit();
+    hivemind_core::limits::raise_descriptor_limit();
     let root = tempfile::tempdir()?;
     let backends = single_thread();
     let client = single_thread();

@@ -265,12 +265,7 @@ impl Daemon {
         });
         let api_shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(api_shutdown.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "API server stopped");
-            }
+            crate::api_server::serve(listener, app, crate::api_server::default_slots(), api_shutdown).await;
         }));
         // The dashboard's link with the token is `hivemind dashboard`'s to
         // print: logs travel further than the data directory's token file.
@@ -418,40 +413,4 @@ fn install_bundled_roles(data_dir: &Path, roles_dir: &Path) -> anyhow::Result<()
     }
     write_file(&marker, b"", Access::Shared)?;
     Ok(())
-}
-
-/// A bridge holds six descriptors per session (two sockets, two pipes);
-/// the usual soft limit of 1024 would cap it near 170 sessions. The soft
-/// limit is raised to the hard one, and to 65536 where the hard limit is
-/// lower and the process may raise it (root). Returns the soft limit now
-/// in force.
-pub fn raise_open_files_limit() -> u64 {
-    const WANTED: libc::rlim_t = 65536;
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write `limit`.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 0;
-        }
-        if limit.rlim_max < WANTED {
-            let raised = libc::rlimit {
-                rlim_cur: WANTED,
-                rlim_max: WANTED,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return WANTED;
-            }
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                tracing::warn!("cannot raise the open-files limit to {}", limit.rlim_max);
-                return 0;
-            }
-        }
-    }
-    limit.rlim_cur
 }

@@ -28,6 +28,7 @@
 //! - `cli`, `status`, `scaffold`, `role_test`: the command line.
 
 pub mod api;
+pub mod api_server;
 pub mod bridge;
 pub mod cli;
 pub mod config;

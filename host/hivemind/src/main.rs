@@ -38,7 +38,7 @@ fn run_daemon(data_dir: Option<std::path::PathBuf>, args: UpArgs) -> anyhow::Res
     for note in notes {
         tracing::info!("{note}");
     }
-    hivemind::daemon::raise_open_files_limit();
+    hivemind_core::limits::raise_descriptor_limit();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let daemon = Daemon::start(config).await?;

@@ -1,26 +1,52 @@
 //! Health probes the host runs: a TCP connect or an HTTP GET, each bounded
 //! by a timeout. Used by roles (through the `check` import) and bridges.
 
+use std::fmt;
 use std::time::Duration;
+
+use hivemind_core::limits;
 
 /// Largest HTTP body a probe reads (for a JSON field check).
 const MAX_BODY: u64 = 64 << 10;
 
+/// Why a probe did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeFailure {
+    /// The target did not answer as it should: news about the target.
+    Target(String),
+    /// This node could not run the probe (out of descriptors, memory or
+    /// local ports): it says nothing about the target, and must not be
+    /// reported as a fact about it.
+    ThisNode(String),
+}
+
+impl fmt::Display for ProbeFailure {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeFailure::Target(reason) => formatter.write_str(reason),
+            ProbeFailure::ThisNode(reason) => write!(formatter, "cannot check from this node: {reason}"),
+        }
+    }
+}
+
 /// Opens (and closes) a TCP connection to `address` (`HOST:PORT`).
-pub async fn tcp(address: &str, timeout: Duration) -> Result<(), String> {
+pub async fn tcp(address: &str, timeout: Duration) -> Result<(), ProbeFailure> {
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
-        Err(_) => Err(format!(
+        Err(_) => Err(ProbeFailure::Target(format!(
             "no TCP connection to {address} within {} ms",
             timeout.as_millis()
-        )),
-        Ok(Err(error)) => Err(format!("TCP {address}: {error}")),
+        ))),
+        Ok(Err(error)) if limits::is_local_shortage(&error) => {
+            Err(ProbeFailure::ThisNode(format!("TCP {address}: {error}")))
+        }
+        Ok(Err(error)) => Err(ProbeFailure::Target(format!("TCP {address}: {error}"))),
         Ok(Ok(_)) => Ok(()),
     }
 }
 
 /// `GET url`; a 2xx answer is `Ok` with its body (up to 64 KiB), anything
 /// else an error that says what came back.
-pub async fn http_get(url: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+pub async fn http_get(url: &str, timeout: Duration) -> Result<Vec<u8>, ProbeFailure> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
@@ -33,13 +59,28 @@ pub async fn http_get(url: &str, timeout: Duration) -> Result<Vec<u8>, String> {
             .with_config()
             .limit(MAX_BODY)
             .read_to_vec()
-            .map_err(|error| format!("GET {url}: reading the body: {error}")),
-        Ok(response) => Err(format!("GET {url} answered {}", response.status())),
-        Err(error) => Err(format!("GET {url}: {error}")),
+            .map_err(|error| failure_of(format!("GET {url}: reading the body: {error}"), &error)),
+        Ok(response) => Err(ProbeFailure::Target(format!(
+            "GET {url} answered {}",
+            response.status()
+        ))),
+        Err(error) => Err(failure_of(format!("GET {url}: {error}"), &error)),
     })
     .await
-    .map_err(|error| error.to_string())
+    .map_err(|error| ProbeFailure::ThisNode(error.to_string()))
     .and_then(|result| result)
+}
+
+fn failure_of(reason: String, error: &ureq::Error) -> ProbeFailure {
+    let shortage = match error {
+        ureq::Error::Io(error) => limits::is_local_shortage(error),
+        other => limits::local_shortage(other).is_some(),
+    };
+    if shortage {
+        ProbeFailure::ThisNode(reason)
+    } else {
+        ProbeFailure::Target(reason)
+    }
 }
 
 /// Whether `body` is JSON whose `field` (a top-level name, or a JSON

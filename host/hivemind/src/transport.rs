@@ -10,7 +10,10 @@
 //! [`MAX_FRAME_BYTES`] ends the connection before anything is allocated, and
 //! so does a peer whose certificate was not issued by the cluster CA or that
 //! does not finish its TLS handshake in time. Every dropped connection is
-//! logged and counted; none can take the host down.
+//! logged and counted; none can take the host down. Connections served at
+//! once are bounded by a quarter of the descriptor limit; at the bound, a
+//! connection still in its handshake or of a non-member is closed to let
+//! the next one in, a member's never is.
 //!
 //! A client may also connect without a certificate: that is how a node that
 //! is not a member yet asks to join. Handlers see whether the peer is a
@@ -30,6 +33,7 @@ use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use hivemind_core::files::{Access, write_file};
+use hivemind_core::slots::{Slot, Slots};
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
@@ -335,12 +339,20 @@ pub async fn serve(
     isolation: Isolation,
     shutdown: CancellationToken,
 ) {
+    let connections = Slots::new(hivemind_core::limits::connection_cap(4, 64, 16384));
     loop {
+        let place = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            place = connections.acquire() => place,
+        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
+                    if hivemind_core::limits::is_local_shortage(&error) {
+                        connections.shed_idlest();
+                    }
                     tracing::warn!(%error, "transport accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -360,12 +372,15 @@ pub async fn serve(
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = serve_connection(stream, peer, acceptor, handler, counters, isolation) => {}
+                _ = serve_connection(stream, peer, acceptor, handler, counters, isolation, place) => {}
             }
         });
     }
 }
 
+/// Serves one connection in `place`: a connection still in its handshake,
+/// or of a non-member (one join request), may be closed to let another in
+/// when the listener is full; a member's is not.
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -373,9 +388,14 @@ async fn serve_connection(
     handler: Arc<dyn FrameHandler>,
     counters: Arc<TransportCounters>,
     isolation: Isolation,
+    place: Slot,
 ) {
     let _ = stream.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+    let handshake = tokio::select! {
+        _ = place.asked_to_close() => return,
+        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => handshake,
+    };
+    let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             counters.handshake_failures.fetch_add(1, Ordering::Relaxed);
@@ -395,6 +415,7 @@ async fn serve_connection(
         member: session.peer_certificates().is_some_and(|certs| !certs.is_empty()),
         channel_binding: channel_binding(session),
     };
+    let _member = peer.member.then(|| place.busy());
     let mut framed = Framed::new(tls, codec());
     while let Some(frame) = framed.next().await {
         if isolation.is_on() {

@@ -26,6 +26,7 @@ pub struct BridgeSection {
     pub when_isolated: Option<String>,
     pub connect_timeout_ms: Option<u64>,
     pub splice: Option<bool>,
+    pub max_sessions: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +56,18 @@ pub struct BridgeConfig {
     pub when_isolated: WhenIsolated,
     pub connect_timeout: Duration,
     pub splice: bool,
+    /// Sessions served at once on this node; more clients wait in the
+    /// listen backlog, as with HAProxy's `maxconn`. `None`: a share of the
+    /// descriptor limit ([`default_max_sessions`]), known only once the
+    /// host raised it.
+    pub max_sessions: Option<usize>,
+}
+
+/// Sessions a bridge serves at once unless `max_sessions` says: half the
+/// descriptor limit at six descriptors a session (two sockets, two pipes),
+/// at least 64.
+pub fn default_max_sessions() -> usize {
+    hivemind_core::limits::connection_cap(12, 64, usize::MAX)
 }
 
 /// What a bridge does while its node cannot reach a quorum.
@@ -192,6 +205,10 @@ impl BridgeSection {
             when_isolated,
             connect_timeout,
             splice: self.splice.unwrap_or(true),
+            max_sessions: match self.max_sessions {
+                Some(0) => anyhow::bail!("{}: must be at least 1", at("max_sessions")),
+                other => other,
+            },
         })
     }
 }
@@ -340,6 +357,10 @@ mod tests {
             ("[[bridge]]\nname = \"d b\"\nlisten = \"127.0.0.1:1\"\n".to_string() + backend, "name"),
             ("[[bridge]]\nname = \"db\"\nlisten = \"nowhere\"\n".to_string() + backend, "listen"),
             ("[[bridge]]\nname = \"db\"\nlisten = \"127.0.0.1:1\"\n".to_string(), "backends"),
+            (
+                "[[bridge]]\nname = \"db\"\nlisten = \"127.0.0.1:1\"\nmax_sessions = 0\n".to_string() + backend,
+                "max_sessions",
+            ),
             (
                 "[[bridge]]\nname = \"db\"\nlisten = \"127.0.0.1:1\"\nwhen_isolated = \"guess\"\n".to_string() + backend,
                 "when_isolated",

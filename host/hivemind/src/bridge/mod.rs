@@ -739,6 +739,8 @@ impl Bridges {
             "sessions": {
                 "current": current,
                 "refused": bridge.counters.refused.load(Ordering::Relaxed),
+                "max": bridge.counters.max_sessions,
+                "times_full": bridge.counters.full.load(Ordering::Relaxed),
             },
             "backend_changes": bridge.counters.backend_changes.load(Ordering::Relaxed),
             "config_differs": differs,

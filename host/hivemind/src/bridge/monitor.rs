@@ -13,6 +13,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{BridgeConfig, HealthCheck};
+use crate::probe::ProbeFailure;
 
 /// What this node concludes about one backend.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -28,9 +29,15 @@ pub struct LocalHealth {
 }
 
 impl LocalHealth {
-    /// Counts one check result and moves the state when rise or fall is reached.
-    pub fn record(&mut self, outcome: Result<(), String>, rise: u32, fall: u32) {
+    /// Counts one check result and moves the state when rise or fall is
+    /// reached. A check this node could not run counts neither way: the
+    /// verdict stays as it was (unknown, if it was), and the detail says
+    /// why, so a node out of descriptors never reports a backend down.
+    pub fn record(&mut self, outcome: Result<(), ProbeFailure>, rise: u32, fall: u32) {
         match outcome {
+            Err(failure @ ProbeFailure::ThisNode(_)) => {
+                self.detail = failure.to_string();
+            }
             Ok(()) => {
                 self.passes += 1;
                 self.failures = 0;
@@ -39,7 +46,7 @@ impl LocalHealth {
                     self.healthy = Some(true);
                 }
             }
-            Err(reason) => {
+            Err(ProbeFailure::Target(reason)) => {
                 self.failures += 1;
                 self.passes = 0;
                 self.detail = reason;
@@ -55,7 +62,7 @@ impl LocalHealth {
 pub type LocalView = BTreeMap<String, LocalHealth>;
 
 /// Runs one check.
-pub async fn check(target: &HealthCheck, timeout: std::time::Duration) -> Result<(), String> {
+pub async fn check(target: &HealthCheck, timeout: std::time::Duration) -> Result<(), ProbeFailure> {
     match target {
         HealthCheck::Tcp { address } => crate::probe::tcp(address, timeout).await,
         HealthCheck::Http { address, path, json } => {
@@ -64,7 +71,7 @@ pub async fn check(target: &HealthCheck, timeout: std::time::Duration) -> Result
             match json {
                 None => Ok(()),
                 Some((field, expected)) => crate::probe::json_field_matches(&body, field, expected)
-                    .map_err(|reason| format!("GET {url}: {reason}")),
+                    .map_err(|reason| ProbeFailure::Target(format!("GET {url}: {reason}"))),
             }
         }
     }
@@ -115,6 +122,10 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    fn refused() -> Result<(), ProbeFailure> {
+        Err(ProbeFailure::Target("refused".into()))
+    }
+
     /// First result sets the state; then `fall` failures take it down and
     /// `rise` passes bring it back; a single blip changes nothing.
     #[test]
@@ -122,17 +133,53 @@ mod tests {
         let mut health = LocalHealth::default();
         health.record(Ok(()), 2, 3);
         assert_eq!(health.healthy, Some(true));
-        health.record(Err("refused".into()), 2, 3);
+        health.record(refused(), 2, 3);
         health.record(Ok(()), 2, 3);
-        health.record(Err("refused".into()), 2, 3);
-        health.record(Err("refused".into()), 2, 3);
+        health.record(refused(), 2, 3);
+        health.record(refused(), 2, 3);
         assert_eq!(health.healthy, Some(true), "two failures of three");
-        health.record(Err("refused".into()), 2, 3);
+        health.record(refused(), 2, 3);
         assert_eq!(health.healthy, Some(false));
         assert_eq!(health.detail, "refused");
         health.record(Ok(()), 2, 3);
         assert_eq!(health.healthy, Some(false), "one pass of two");
         health.record(Ok(()), 2, 3);
         assert_eq!(health.healthy, Some(true));
+    }
+
+    /// A check this node could not run (out of descriptors) neither takes
+    /// an up backend down nor gives an unknown one a verdict, however many
+    /// times in a row; the detail says this node is the trouble.
+    #[test]
+    fn checks_this_node_cannot_run_count_neither_way() {
+        let emfile = || {
+            Err(ProbeFailure::ThisNode(
+                "TCP 127.0.0.1:9: Too many open files (os error 24)".into(),
+            ))
+        };
+        let mut unknown = LocalHealth::default();
+        for _ in 0..10 {
+            unknown.record(emfile(), 1, 1);
+        }
+        assert_eq!(unknown.healthy, None);
+        assert!(
+            unknown.detail.starts_with("cannot check from this node"),
+            "{}",
+            unknown.detail
+        );
+
+        let mut up = LocalHealth::default();
+        up.record(Ok(()), 2, 2);
+        up.record(refused(), 2, 2);
+        for _ in 0..10 {
+            up.record(emfile(), 2, 2);
+        }
+        assert_eq!(up.healthy, Some(true));
+        up.record(refused(), 2, 2);
+        assert_eq!(
+            up.healthy,
+            Some(false),
+            "the failures that were the backend's still count"
+        );
     }
 }

@@ -120,6 +120,7 @@ mod tests {
             when_isolated: WhenIsolated::Keep,
             connect_timeout: Default::default(),
             splice: true,
+            max_sessions: None,
         }
     }
 

@@ -91,6 +91,57 @@ pub struct BridgeCounters {
     /// Times this node's route moved to another backend (or to none).
     pub backend_changes: AtomicU64,
     pub backends: BTreeMap<String, BackendCounters>,
+    /// Clients accepted whose session has not ended (connecting included).
+    pub open: AtomicU64,
+    /// Sessions served at once; at this many the bridge stops accepting.
+    pub max_sessions: u64,
+    /// Times a thread stopped accepting because `max_sessions` were open.
+    pub full: AtomicU64,
+    /// Woken when a session ends while the bridge is full.
+    ended: tokio::sync::Notify,
+}
+
+/// One accepted client's place among `max_sessions`, given back on drop.
+struct OpenSession(Arc<BridgeCounters>);
+
+impl OpenSession {
+    fn new(counters: &Arc<BridgeCounters>) -> OpenSession {
+        counters.open.fetch_add(1, Ordering::Relaxed);
+        OpenSession(counters.clone())
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        let counters = &self.0;
+        // Only a full bridge has a thread waiting: the common case costs
+        // one atomic operation.
+        if counters.open.fetch_sub(1, Ordering::Relaxed) >= counters.max_sessions {
+            counters.ended.notify_waiters();
+        }
+    }
+}
+
+impl BridgeCounters {
+    /// Waits while `max_sessions` sessions are open (or until `shutdown`).
+    async fn room(&self, shutdown: &CancellationToken) {
+        if self.open.load(Ordering::Relaxed) < self.max_sessions {
+            return;
+        }
+        self.full.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.open.load(Ordering::Relaxed) < self.max_sessions {
+                return;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ended => {}
+            }
+        }
+    }
 }
 
 impl BridgeCounters {
@@ -98,6 +149,10 @@ impl BridgeCounters {
         BridgeCounters {
             refused: AtomicU64::new(0),
             backend_changes: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+            max_sessions: config.max_sessions.unwrap_or_else(super::config::default_max_sessions) as u64,
+            full: AtomicU64::new(0),
+            ended: tokio::sync::Notify::new(),
             backends: config
                 .backends
                 .iter()
@@ -258,6 +313,8 @@ async fn accept_loop(
     shutdown: CancellationToken,
 ) {
     loop {
+        // Full: clients wait in the listen backlog until a session ends.
+        counters.room(&shutdown).await;
         let ready = tokio::select! {
             _ = shutdown.cancelled() => return,
             ready = listener.readable() => ready,
@@ -283,6 +340,7 @@ async fn accept_loop(
             }
         };
         busy_poll::record_activity();
+        let place = OpenSession::new(&counters);
         let mut session_route = route.clone();
         let current = session_route.borrow_and_update().clone();
         let Some((backend, address)) = current.backend.filter(|_| current.enabled) else {
@@ -297,6 +355,7 @@ async fn accept_loop(
             config.clone(),
             session_route,
             counters.clone(),
+            place,
         ));
     }
 }
@@ -308,6 +367,7 @@ async fn session(
     config: Arc<BridgeConfig>,
     mut route: watch::Receiver<Route>,
     counters: Arc<BridgeCounters>,
+    _place: OpenSession,
 ) {
     let Some(backend_counters) = counters.backends.get(&backend) else {
         return;

@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use hivemind_core::slots::{Slot, Slots};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::roles::kept::KeptReplies;
@@ -40,8 +40,13 @@ const MAX_DATAGRAM: usize = 65_535;
 const UDP_POLL: Duration = Duration::from_millis(100);
 /// A TCP connection with no complete message for this long is closed.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TCP connections served at once per listener; more wait in the backlog.
-const TCP_MAX_CONNECTIONS: usize = 256;
+/// TCP connections served at once per listener: a sixteenth of the
+/// descriptor limit, at least 16, at most 256. At the bound the connection
+/// idle the longest is closed to let the next client in (RFC 7766
+/// §6.2.3); while all are busy, more wait in the backlog.
+fn tcp_connection_slots() -> Slots {
+    Slots::new(hivemind_core::limits::connection_cap(16, 16, 256))
+}
 
 /// A bound socket, shared between the versions of a role that want it.
 #[derive(Clone)]
@@ -49,7 +54,7 @@ pub(crate) enum Socket {
     Udp(Arc<std::net::UdpSocket>),
     /// The listener and its bound on connections served at once, shared by
     /// every version so a reload does not raise it.
-    Tcp(Arc<TcpListener>, Arc<Semaphore>),
+    Tcp(Arc<TcpListener>, Slots),
 }
 
 impl Socket {
@@ -75,7 +80,7 @@ impl Socket {
             }),
             ListenerProtocol::Tcp => TcpListener::bind(spec.address)
                 .await
-                .map(|listener| Socket::Tcp(Arc::new(listener), Arc::new(Semaphore::new(TCP_MAX_CONNECTIONS)))),
+                .map(|listener| Socket::Tcp(Arc::new(listener), tcp_connection_slots())),
         };
         bound.map_err(|error| {
             format!(
@@ -468,11 +473,12 @@ fn write_peer(text: &mut String, peer: SocketAddr) {
     }
 }
 
-async fn accept(slot: Arc<RoleSlot>, name: String, listener: Arc<TcpListener>, connections: Arc<Semaphore>) {
+async fn accept(slot: Arc<RoleSlot>, name: String, listener: Arc<TcpListener>, connections: Slots) {
     let name: Arc<str> = name.into();
     loop {
-        let Ok(permit) = connections.clone().acquire_owned().await else {
-            return;
+        let place = tokio::select! {
+            _ = slot.shutdown.cancelled() => return,
+            place = connections.acquire() => place,
         };
         let accepted = tokio::select! {
             _ = slot.shutdown.cancelled() => return,
@@ -483,12 +489,15 @@ async fn accept(slot: Arc<RoleSlot>, name: String, listener: Arc<TcpListener>, c
                 let slot_for_task = slot.clone();
                 let name = name.clone();
                 slot.tracker.spawn(async move {
-                    serve_connection(&slot_for_task, &name, stream, peer).await;
-                    drop(permit);
+                    serve_connection(&slot_for_task, &name, stream, peer, &place).await;
                 });
             }
             Err(error) => {
-                // Out of descriptors and the like: pause instead of spinning.
+                // Out of descriptors and the like: make room by closing an
+                // idle connection, and pause instead of spinning.
+                if hivemind_core::limits::is_local_shortage(&error) {
+                    connections.shed_idlest();
+                }
                 tracing::warn!(role = %slot.name, listener = %name, %error, "tcp accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -497,8 +506,9 @@ async fn accept(slot: Arc<RoleSlot>, name: String, listener: Arc<TcpListener>, c
 }
 
 /// Answers length-prefixed messages on one connection until the peer closes
-/// it, it idles past [`TCP_IDLE_TIMEOUT`], or the role stops.
-async fn serve_connection(slot: &Arc<RoleSlot>, name: &str, mut stream: TcpStream, peer: SocketAddr) {
+/// it, it idles past [`TCP_IDLE_TIMEOUT`], the role stops, or the listener
+/// needs its place for a new client while it waits for a message.
+async fn serve_connection(slot: &Arc<RoleSlot>, name: &str, mut stream: TcpStream, peer: SocketAddr, place: &Slot) {
     let _ = stream.set_nodelay(true);
     let peer_text = format!("tcp://{peer}");
     let mut message = Vec::new();
@@ -511,11 +521,13 @@ async fn serve_connection(slot: &Arc<RoleSlot>, name: &str, mut stream: TcpStrea
         };
         let read = tokio::select! {
             _ = slot.shutdown.cancelled() => return,
+            _ = place.asked_to_close() => return,
             read = tokio::time::timeout(TCP_IDLE_TIMEOUT, read) => read,
         };
         if !matches!(read, Ok(Ok(()))) {
             return;
         }
+        let _busy = place.busy();
         let Some(role) = slot.serving() else { return };
         // Kept replies serve datagrams only: each TCP message is the role's.
         let reply = match role.on_packet(name, &peer_text, &message).await {
