@@ -105,9 +105,16 @@ pub struct BridgeCounters {
 struct OpenSession(Arc<BridgeCounters>);
 
 impl OpenSession {
-    fn new(counters: &Arc<BridgeCounters>) -> OpenSession {
-        counters.open.fetch_add(1, Ordering::Relaxed);
-        OpenSession(counters.clone())
+    /// A place if fewer than `max_sessions` are taken: reserved before the
+    /// accept, so threads accepting at once cannot overshoot the bound.
+    fn reserve(counters: &Arc<BridgeCounters>) -> Option<OpenSession> {
+        counters
+            .open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                (open < counters.max_sessions).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| OpenSession(counters.clone()))
     }
 }
 
@@ -319,6 +326,10 @@ async fn accept_loop(
             _ = shutdown.cancelled() => return,
             ready = listener.readable() => ready,
         };
+        // Another thread may have filled the bridge while this one waited.
+        let Some(place) = OpenSession::reserve(&counters) else {
+            continue;
+        };
         let accepted = match ready {
             Ok(mut ready) => match accept(ready.get_inner()) {
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
@@ -340,7 +351,6 @@ async fn accept_loop(
             }
         };
         busy_poll::record_activity();
-        let place = OpenSession::new(&counters);
         let mut session_route = route.clone();
         let current = session_route.borrow_and_update().clone();
         let Some((backend, address)) = current.backend.filter(|_| current.enabled) else {
