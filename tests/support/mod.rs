@@ -736,3 +736,59 @@ impl ProcessCluster {
         }
     }
 }
+
+/// A tmpfs of `size` bytes mounted at a directory for one test, so the
+/// test can fill a node's disk and free it again; unmounted when dropped
+/// (lazily: a node still running keeps its files until it exits).
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: u64) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("mount runs");
+        assert!(
+            output.status.success(),
+            "this test mounts a tmpfs at {} and needs root (CAP_SYS_ADMIN): {}",
+            path.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Takes every free byte with a file of its own (`.filler`) and
+    /// returns how many it took.
+    pub fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.path.join(".filler")).unwrap();
+        let chunk = vec![0x5a_u8; 64 * 1024];
+        let mut taken = 0;
+        loop {
+            match filler.write(&chunk) {
+                Ok(0) => break,
+                Ok(written) => taken += written as u64,
+                Err(error) if error.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(error) => panic!("filling {}: {error}", self.path.display()),
+            }
+        }
+        taken
+    }
+
+    /// Frees what [`Tmpfs::fill`] took.
+    pub fn free(&self) {
+        std::fs::remove_file(self.path.join(".filler")).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}

@@ -44,6 +44,21 @@ pub fn local_shortage<'a>(error: &'a (dyn Error + 'static)) -> Option<&'a io::Er
     None
 }
 
+/// Bytes an unprivileged writer may still put on the file system that
+/// holds `path`.
+pub fn free_bytes(path: &std::path::Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    // SAFETY: statvfs reads the NUL-terminated name and writes one statvfs
+    // into the zeroed struct we own.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(name.as_ptr(), &mut stats) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
+}
+
 /// Descriptors this process may hold (the soft `RLIMIT_NOFILE`).
 pub fn descriptor_limit() -> u64 {
     let mut limit = libc::rlimit {
@@ -103,6 +118,16 @@ pub fn connection_cap(share: u64, floor: usize, ceiling: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The free space of a real directory is measured; a missing one is an
+    /// error, not zero bytes free.
+    #[test]
+    fn free_space_is_measured_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(free_bytes(dir.path()).unwrap() > 0);
+        let missing = free_bytes(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
+    }
 
     /// Out of descriptors or ports is this node's shortage; a refused
     /// connection or an unreachable network is news about the other end.

@@ -625,7 +625,10 @@ async fn list_events(
         .log
         .since(query.since, &query.kind, limit)
         .await
-        .map_err(|error| ApiError::new(500, error.to_string()))?;
+        .map_err(|error| match error {
+            LogError::Unavailable(_) => ApiError::new(503, error.to_string()),
+            other => ApiError::new(500, other.to_string()),
+        })?;
     Ok(Json(json!(events)))
 }
 

@@ -200,6 +200,7 @@ impl Daemon {
             shutdown.clone(),
         )));
         tasks.push(tokio::spawn(log.clone().watch_peers(shutdown.clone())));
+        tasks.push(tokio::spawn(log.clone().watch_core(shutdown.clone())));
         tasks.push(tokio::spawn(log.clone().finish_forming(shutdown.clone())));
 
         let (membership, gossip_task) =

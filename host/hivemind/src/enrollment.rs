@@ -135,7 +135,7 @@ async fn form(store: &Store, id: NodeId, dir: &Path, secret: &str) -> anyhow::Re
 /// The cluster id and epoch of the Raft state in `store`, if any.
 async fn data_of(store: &Store) -> anyhow::Result<(Option<String>, u64)> {
     let state = store
-        .blocking(|store| Ok(storage::read_cluster(&store.database()).map_err(|error| error.to_string())))
+        .blocking(|store| Ok(storage::read_cluster(&*store.database()?).map_err(|error| error.to_string())))
         .await?
         .map_err(|error| anyhow::anyhow!("cannot read the cluster state: {error}"))?;
     Ok(((!state.cluster_id.is_empty()).then_some(state.cluster_id), state.epoch))

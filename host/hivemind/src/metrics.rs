@@ -440,7 +440,7 @@ impl Snapshot {
 
     fn encode_log(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         let log = &self.log;
-        let figures: [(&str, &str, u64); 10] = [
+        let figures: [(&str, &str, u64); 11] = [
             ("log_term", "The current Raft term", log.term),
             (
                 "log_is_leader",
@@ -467,8 +467,13 @@ impl Snapshot {
             ("log_voters", "Voters in the cluster configuration", log.voters as u64),
             (
                 "log_reachable_voters",
-                "Voters this node reaches, itself included",
+                "Voters this node reaches whose logs run, itself included",
                 log.reachable_voters as u64,
+            ),
+            (
+                "log_core_running",
+                "1 while this node's Raft core runs; 0 after it stopped (a full disk, an I/O error) until it restarts",
+                u64::from(log.core_running),
             ),
             (
                 "log_epoch",
@@ -479,6 +484,12 @@ impl Snapshot {
         for (name, help, value) in figures {
             gauge(encoder, name, help, value as i64)?;
         }
+        counter(
+            encoder,
+            "log_core_restarts",
+            "Raft cores started in place of a stopped one since this process started",
+            log.core_restarts,
+        )?;
         gauge(
             encoder,
             "cluster_degraded",

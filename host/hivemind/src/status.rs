@@ -143,6 +143,18 @@ pub fn render(sample: &Sample, previous: Option<&Sample>) -> String {
     if let Some(problem) = cluster["problem"].as_str() {
         let _ = writeln!(out, "         ! {problem}");
     }
+    for member in cluster["members"].as_array().into_iter().flatten() {
+        if member["self"] != true
+            && let Some(stopped) = member["log_stopped"].as_str()
+        {
+            let _ = writeln!(
+                out,
+                "         ! member {} says: {}",
+                text(&member["name"]),
+                clip(stopped, 200)
+            );
+        }
+    }
     let log = &status["log"];
     let mut log_line = format!(
         "log      last seq {}, commit {}, applied {}, {} writes",

@@ -11,8 +11,8 @@
 //! [`Store::blocking`]. It owns bytes on disk; what the event log means is in
 //! `log.rs`.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -35,6 +35,10 @@ pub enum StoreError {
     },
     #[error("data store: the operation was cancelled because the host is shutting down")]
     Cancelled,
+    #[error("data store {path} is being reopened after a failed write; try again in a moment")]
+    Reopening { path: String },
+    #[error("data store {path} cannot be reopened yet: a part of this node still holds it")]
+    StillHeld { path: String },
     #[error("data store {path} is in use by another process (is another hivemind running with this data directory?)")]
     InUse { path: String },
     #[error(
@@ -48,11 +52,22 @@ pub enum StoreError {
     },
 }
 
+/// The two database files. Each sits in a slot that is empty only while
+/// it is being reopened: redb refuses every call after a failed write (a
+/// full disk, an I/O error) until the file is closed and opened again.
+struct Files {
+    path: PathBuf,
+    db: RwLock<Option<Arc<Database>>>,
+    raft_path: PathBuf,
+    raft_log: RwLock<Option<Arc<Database>>>,
+    /// The last failed write to `hivemind.redb` since it was opened: from
+    /// then on the file takes nothing until it is reopened.
+    failure: Mutex<Option<String>>,
+}
+
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
-    path: Arc<str>,
-    raft_log: Arc<Database>,
+    files: Arc<Files>,
 }
 
 /// Opens (or creates) one database file, with errors that name it.
@@ -68,16 +83,45 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
     })
 }
 
+/// The database in `slot`, or why there is none.
+fn opened(slot: &RwLock<Option<Arc<Database>>>, path: &Path) -> Result<Arc<Database>, StoreError> {
+    slot.read().unwrap().clone().ok_or_else(|| StoreError::Reopening {
+        path: path.display().to_string(),
+    })
+}
+
+/// Closes the database in `slot` and opens its file again. Refused while
+/// anyone else still holds the database: redb allows one handle per file.
+fn reopen_slot(slot: &RwLock<Option<Arc<Database>>>, path: &Path) -> Result<(), StoreError> {
+    let mut slot = slot.write().unwrap();
+    if let Some(db) = slot.take() {
+        if Arc::strong_count(&db) > 1 {
+            *slot = Some(db);
+            return Err(StoreError::StillHeld {
+                path: path.display().to_string(),
+            });
+        }
+        drop(db);
+    }
+    *slot = Some(Arc::new(open_database(path)?));
+    Ok(())
+}
+
 impl Store {
     /// Opens (or creates) the database at `path` and the Raft log's
     /// `raft.redb` beside it.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let raft_path = path.with_file_name("raft.redb");
         let db = open_database(path)?;
-        let raft_log = open_database(&path.with_file_name("raft.redb"))?;
+        let raft_log = open_database(&raft_path)?;
         let store = Store {
-            db: Arc::new(db),
-            path: path.display().to_string().into(),
-            raft_log: Arc::new(raft_log),
+            files: Arc::new(Files {
+                path: path.to_path_buf(),
+                db: RwLock::new(Some(Arc::new(db))),
+                raft_path,
+                raft_log: RwLock::new(Some(Arc::new(raft_log))),
+                failure: Mutex::new(None),
+            }),
         };
         store.write(Durability::Immediate, |txn| {
             txn.open_table(EVENTS)?;
@@ -91,13 +135,51 @@ impl Store {
 
     /// The database, for subsystems that keep their own tables in it (the
     /// quorum log).
-    pub(crate) fn database(&self) -> Arc<Database> {
-        self.db.clone()
+    pub(crate) fn database(&self) -> Result<Arc<Database>, StoreError> {
+        opened(&self.files.db, &self.files.path)
     }
 
     /// The Raft log's own database (`raft.redb`).
-    pub(crate) fn raft_log_database(&self) -> Arc<Database> {
-        self.raft_log.clone()
+    pub(crate) fn raft_log_database(&self) -> Result<Arc<Database>, StoreError> {
+        opened(&self.files.raft_log, &self.files.raft_path)
+    }
+
+    /// The directory the database files are in.
+    pub fn directory(&self) -> &Path {
+        self.files.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// Why `hivemind.redb` takes no writes, when a write to it failed: it
+    /// must then be reopened ([`Store::reopen`]).
+    pub fn failure(&self) -> Option<String> {
+        self.files.failure.lock().unwrap().clone()
+    }
+
+    /// Closes both database files and opens them again, once everyone else
+    /// has let go of them (within `timeout`): after a failed write, redb
+    /// takes nothing more until then. Calls made meanwhile fail with
+    /// [`StoreError::Reopening`].
+    pub async fn reopen(&self, timeout: std::time::Duration) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let files = self.files.clone();
+            let reopened = tokio::task::spawn_blocking(move || {
+                reopen_slot(&files.raft_log, &files.raft_path)?;
+                reopen_slot(&files.db, &files.path)?;
+                *files.failure.lock().unwrap() = None;
+                Ok(())
+            })
+            .await
+            .map_err(|_| StoreError::Cancelled)?;
+            match reopened {
+                Err(StoreError::StillHeld { .. } | StoreError::InUse { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Waits until this handle is the last one to the databases, so that
@@ -106,7 +188,8 @@ impl Store {
     /// state machine worker, say) may still hold one for a moment.
     pub async fn wait_last_handle(&self, timeout: std::time::Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
-        while Arc::strong_count(&self.db) > 1 || Arc::strong_count(&self.raft_log) > 1 {
+        let held = |slot: &RwLock<Option<Arc<Database>>>| slot.read().unwrap().as_ref().map_or(0, Arc::strong_count);
+        while Arc::strong_count(&self.files) > 1 || held(&self.files.db) > 1 || held(&self.files.raft_log) > 1 {
             if tokio::time::Instant::now() > deadline {
                 return false;
             }
@@ -130,9 +213,16 @@ impl Store {
     }
 
     fn error(&self, source: impl Into<redb::Error>) -> StoreError {
+        let source = source.into();
+        if matches!(source, redb::Error::Io(_) | redb::Error::PreviousIo) {
+            let mut failure = self.files.failure.lock().unwrap();
+            if failure.is_none() {
+                *failure = Some(source.to_string());
+            }
+        }
         StoreError::Database {
-            path: self.path.to_string(),
-            source: source.into(),
+            path: self.files.path.display().to_string(),
+            source,
         }
     }
 
@@ -141,7 +231,7 @@ impl Store {
         durability: Durability,
         work: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, StoreError> {
-        let mut txn = self.db.begin_write().map_err(|error| self.error(error))?;
+        let mut txn = self.database()?.begin_write().map_err(|error| self.error(error))?;
         txn.set_durability(durability).map_err(|error| self.error(error))?;
         let value = work(&txn).map_err(|error| self.error(error))?;
         txn.commit().map_err(|error| self.error(error))?;
@@ -149,7 +239,7 @@ impl Store {
     }
 
     fn read<T>(&self, work: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>) -> Result<T, StoreError> {
-        let txn = self.db.begin_read().map_err(|error| self.error(error))?;
+        let txn = self.database()?.begin_read().map_err(|error| self.error(error))?;
         work(&txn).map_err(|error| self.error(error))
     }
 

@@ -1,5 +1,5 @@
-//! Which members this node can reach: a ping to every other member twice a
-//! second. `status` turns it into `healthy` or `degraded` with the missing
+//! Which members this node can reach, and whether their logs run: a ping
+//! to every other member twice a second. `status` turns it into `healthy` or `degraded` with the missing
 //! voters named, and failed writes name them too.
 
 use std::collections::HashMap;
@@ -18,6 +18,8 @@ const REACHABLE_WITHIN: Duration = Duration::from_millis(2000);
 #[derive(Default)]
 pub struct PeerHealth {
     last_answer: Mutex<HashMap<NodeId, Instant>>,
+    /// Members whose last answer said their log does not run, and why.
+    log_stopped: Mutex<HashMap<NodeId, String>>,
     /// Set when the leader answered that this node is not in its
     /// membership: it was removed (at the leader's epoch).
     removed_at_epoch: Mutex<Option<u64>>,
@@ -30,6 +32,16 @@ impl PeerHealth {
             .unwrap()
             .get(&id)
             .is_some_and(|seen| seen.elapsed() < REACHABLE_WITHIN)
+    }
+
+    /// Why `id`'s log does not run, as it last said.
+    pub fn log_stopped(&self, id: NodeId) -> Option<String> {
+        self.log_stopped.lock().unwrap().get(&id).cloned()
+    }
+
+    /// Whether `id` answers and its log runs: only then can it vote.
+    pub fn voting(&self, id: NodeId) -> bool {
+        self.reachable(id) && !self.log_stopped.lock().unwrap().contains_key(&id)
     }
 
     pub fn removed_at_epoch(&self) -> Option<u64> {
@@ -63,6 +75,20 @@ pub async fn watch(log: Arc<QuorumLog>, shutdown: CancellationToken) {
                     && pong.id == id
                 {
                     log.health.last_answer.lock().unwrap().insert(id, Instant::now());
+                    let mut stopped = log.health.log_stopped.lock().unwrap();
+                    match pong.log_stopped {
+                        Some(reason) => {
+                            if stopped.insert(id, reason.clone()).is_none() {
+                                tracing::warn!(member = %address, %reason, "a member's log stopped");
+                            }
+                        }
+                        None => {
+                            if stopped.remove(&id).is_some() {
+                                tracing::info!(member = %address, "a member's log runs again");
+                            }
+                        }
+                    }
+                    drop(stopped);
                     // Only the leader's membership is surely the latest.
                     if pong.leader {
                         let mut flag = log.health.removed_at_epoch.lock().unwrap();

@@ -20,6 +20,7 @@ pub mod frames;
 mod health;
 pub mod join;
 pub mod network;
+mod recovery;
 pub mod storage;
 
 use std::collections::BTreeMap;
@@ -300,6 +301,10 @@ pub struct Pong {
     pub member: bool,
     /// Whether the answering node leads (its membership is the latest).
     pub leader: bool,
+    /// Why the answering node's log does not run, if it does not: it is
+    /// then no voter in any quorum.
+    #[serde(default)]
+    pub log_stopped: Option<String>,
 }
 
 /// The leader's current snapshot, for a node that comes back at a stale
@@ -333,6 +338,9 @@ pub struct MemberStatus {
     pub leader: bool,
     #[serde(rename = "self")]
     pub is_self: bool,
+    /// Why the member's log does not run (as it said when last pinged).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_stopped: Option<String>,
 }
 
 /// What `/v1/status` shows of the quorum.
@@ -359,7 +367,12 @@ pub struct QuorumStatus {
 
 /// The quorum log as the host's [`EventLog`].
 pub struct QuorumLog {
-    raft: HivemindRaft,
+    /// The running Raft core: replaced by a new one when it stops (see
+    /// `recovery`), so every use reads it here afresh.
+    core: CoreSlot,
+    /// What a new core is built from.
+    rebuild: Rebuild,
+    core_health: recovery::CoreHealth,
     store: Store,
     applied: watch::Receiver<u64>,
     id: NodeId,
@@ -380,11 +393,18 @@ pub struct QuorumLog {
     /// caller.
     forwarding: Arc<std::sync::atomic::AtomicUsize>,
     cluster_id: String,
-    /// The highest log index known committed (from the log store).
-    committed: Arc<std::sync::atomic::AtomicU64>,
-    /// The cluster facts as last applied (kept by the state machine).
-    cluster: Arc<std::sync::RwLock<ClusterState>>,
     pub writes: WriteStats,
+}
+
+/// The running core, shared with the batcher that proposes through it.
+type CoreSlot = Arc<std::sync::RwLock<HivemindRaft>>;
+
+/// What a core is made of besides the store: a new one gets the same.
+struct Rebuild {
+    config: Arc<openraft::Config>,
+    network: network::TransportNetwork,
+    /// The committed index, applied seq and cluster facts the host reads.
+    kept: storage::Kept,
 }
 
 /// Log writes this node asked for: how long the committed ones took, and
@@ -432,7 +452,12 @@ pub struct LogGauges {
     pub committed: u64,
     pub applied: u64,
     pub voters: usize,
+    /// Voters that answer and whose logs run, this node included.
     pub reachable_voters: usize,
+    /// Whether this node's Raft core runs.
+    pub core_running: bool,
+    /// Cores started in place of a stopped one.
+    pub core_restarts: u64,
 }
 
 /// Why the leader's log did not take a command.
@@ -476,7 +501,7 @@ fn combine(mut commands: Vec<Command>) -> Command {
 /// replication round carry many. openraft proposes every `client_write` as
 /// its own entry, which caps throughput at one write per fsync.
 async fn propose_batches(
-    raft: HivemindRaft,
+    core: CoreSlot,
     mut queue: tokio::sync::mpsc::Receiver<Submission>,
     proposing: Arc<std::sync::atomic::AtomicUsize>,
 ) {
@@ -488,7 +513,8 @@ async fn propose_batches(
         let Some(batch) = next_batch(&mut queue).await else {
             return;
         };
-        let (raft, proposing) = (raft.clone(), proposing.clone());
+        let raft = core.read().unwrap().clone();
+        let proposing = proposing.clone();
         tokio::spawn(async move {
             let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
             let count = replies.len();
@@ -624,19 +650,12 @@ impl QuorumLog {
             ..Default::default()
         };
         let config = Arc::new(config.validate()?);
-        let (mut log_store, state_machine, applied) = storage::open(&store)?;
+        let (mut log_store, state_machine, kept) = storage::open(&store, None)?;
         log_store.set_node_id(id);
-        let committed = log_store.committed();
-        let cluster = state_machine.cluster();
+        let applied = kept.applied.subscribe();
         let connector = files.identity.connector()?;
-        let raft = Raft::new(
-            id,
-            config,
-            network::TransportNetwork::new(connector.clone(), isolation.clone()),
-            log_store,
-            state_machine,
-        )
-        .await?;
+        let network = network::TransportNetwork::new(connector.clone(), isolation.clone());
+        let raft = Raft::new(id, config.clone(), network.clone(), log_store, state_machine).await?;
         let initialized = raft.is_initialized().await?;
         let (bootstrap, forming_secret) = match formation {
             Formation::Wait => (None, None),
@@ -654,20 +673,21 @@ impl QuorumLog {
         let single = forming_secret.is_some() && bootstrap.is_none() && !initialized;
         let (proposals, queue) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
         let proposing = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        tokio::spawn(propose_batches(raft.clone(), queue, proposing.clone()));
+        let core: CoreSlot = Arc::new(std::sync::RwLock::new(raft));
+        tokio::spawn(propose_batches(core.clone(), queue, proposing.clone()));
         let pool = Arc::new(PeerPool::new(connector, isolation));
         let (forwards, queue) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
         let forwarding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(forward_batches(pool.clone(), queue, forwarding.clone()));
         let log = Arc::new(QuorumLog {
-            committed,
-            cluster,
             writes: WriteStats::default(),
             proposals,
             proposing,
             forwards,
             forwarding,
-            raft,
+            core,
+            rebuild: Rebuild { config, network, kept },
+            core_health: recovery::CoreHealth::default(),
             store,
             applied,
             id,
@@ -679,13 +699,13 @@ impl QuorumLog {
             cluster_id: files.cluster_id,
         });
         if single {
-            log.raft.initialize(BTreeMap::from([(id, address.clone())])).await?;
+            log.raft().initialize(BTreeMap::from([(id, address.clone())])).await?;
         }
         // (Metrics lag `initialize`: a node that just formed its cluster
         // is a lone voter whatever they say yet.)
         let leads_alone = single
             || log
-                .raft
+                .raft()
                 .metrics()
                 .borrow()
                 .membership_config
@@ -695,7 +715,7 @@ impl QuorumLog {
         if leads_alone {
             // A lone voter elects itself within one election timeout; serve
             // only once writes can succeed.
-            log.raft
+            log.raft()
                 .wait(Some(timing.election_max * 10))
                 .metrics(
                     |metrics| metrics.current_leader == Some(id),
@@ -707,7 +727,7 @@ impl QuorumLog {
             // A lone node restarted on other addresses tells its future
             // joiners where it is now.
             let listed = log
-                .raft
+                .raft()
                 .metrics()
                 .borrow()
                 .membership_config
@@ -716,7 +736,7 @@ impl QuorumLog {
                 .cloned();
             if listed.as_ref() != Some(&address) {
                 let changes = openraft::ChangeMembers::SetNodes(BTreeMap::from([(id, address)]));
-                if let Err(error) = log.raft.change_membership(changes, true).await {
+                if let Err(error) = log.raft().change_membership(changes, true).await {
                     tracing::warn!(%error, "could not record this node's new addresses");
                 }
             }
@@ -724,8 +744,57 @@ impl QuorumLog {
         Ok(log)
     }
 
-    pub fn raft(&self) -> &HivemindRaft {
-        &self.raft
+    /// The running Raft core (a handle: cheap to clone).
+    pub fn raft(&self) -> HivemindRaft {
+        self.core.read().unwrap().clone()
+    }
+
+    /// Why this node's log does not run, if it does not.
+    pub fn core_problem(&self) -> Option<String> {
+        self.core_health.problem()
+    }
+
+    /// Watches this node's Raft core and replaces it when it stops.
+    pub async fn watch_core(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        recovery::watch(self, shutdown).await
+    }
+
+    /// Stops the core (if it still runs), reopens the store's files and
+    /// starts a new core on them. Refused while the data directory has
+    /// almost no free space: the new core would stop at its first write.
+    async fn restart_core(&self) -> anyhow::Result<()> {
+        let directory = self.store.directory();
+        let free = hivemind_core::limits::free_bytes(directory)
+            .map_err(|error| anyhow::anyhow!("cannot measure the free space in {}: {error}", directory.display()))?;
+        if free < recovery::MIN_FREE_BYTES {
+            anyhow::bail!(
+                "{} has {} KiB free; it needs at least {} KiB",
+                directory.display(),
+                free / 1024,
+                recovery::MIN_FREE_BYTES / 1024
+            );
+        }
+        let old = self.raft();
+        if let Err(error) = old.shutdown().await {
+            tracing::debug!(%error, "the stopped core's shutdown");
+        }
+        drop(old);
+        self.store
+            .reopen(Duration::from_secs(10))
+            .await
+            .map_err(|error| anyhow::anyhow!("reopening the data store: {error}"))?;
+        let (mut log_store, state_machine, _) = storage::open(&self.store, Some(&self.rebuild.kept))?;
+        log_store.set_node_id(self.id);
+        let raft = Raft::new(
+            self.id,
+            self.rebuild.config.clone(),
+            self.rebuild.network.clone(),
+            log_store,
+            state_machine,
+        )
+        .await?;
+        *self.core.write().unwrap() = raft;
+        Ok(())
     }
 
     pub fn id(&self) -> NodeId {
@@ -734,13 +803,13 @@ impl QuorumLog {
 
     /// True while this node leads.
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
+        self.raft().metrics().borrow().current_leader == Some(self.id)
     }
 
     /// Every member's addresses as the Raft membership holds them, and
     /// which members vote.
     pub fn member_addresses(&self) -> (BTreeMap<NodeId, NodeAddress>, std::collections::BTreeSet<NodeId>) {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft().metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         let addresses = membership.nodes().map(|(id, node)| (*id, node.clone())).collect();
         (addresses, membership.voter_ids().collect())
@@ -778,7 +847,7 @@ impl QuorumLog {
 
     /// The cluster facts as last applied here.
     pub fn cluster_state(&self) -> ClusterState {
-        self.cluster.read().unwrap().clone()
+        self.rebuild.kept.cluster.read().unwrap().clone()
     }
 
     /// Records the cluster's identity once this node formed it (no-op when
@@ -806,7 +875,7 @@ impl QuorumLog {
             return;
         }
         loop {
-            if self.raft.is_initialized().await.unwrap_or(false) {
+            if self.raft().is_initialized().await.unwrap_or(false) {
                 self.ensure_formed().await;
                 if !self.cluster_state().cluster_id.is_empty() {
                     return;
@@ -898,10 +967,13 @@ impl QuorumLog {
 
     /// Proposes `command` to this node's log (batched with others).
     async fn propose(&self, command: Command) -> Result<CommandResult, Rejected> {
+        if let Some(stopped) = self.core_problem() {
+            return Err(Rejected::Failed(stopped));
+        }
         let idle = self.proposing.load(std::sync::atomic::Ordering::SeqCst) == 0
             && self.proposals.capacity() == self.proposals.max_capacity();
         if idle {
-            let mut results = propose_now(&self.raft, &self.proposing, command, 1).await;
+            let mut results = propose_now(&self.raft(), &self.proposing, command, 1).await;
             return results.pop().expect("one result per command");
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
@@ -942,7 +1014,7 @@ impl QuorumLog {
 
     /// The leader's transport address and name, if one is known.
     fn leader(&self) -> Option<(NodeId, NodeAddress)> {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft().metrics().borrow().clone();
         let leader = metrics.current_leader?;
         let node = metrics.membership_config.membership().get_node(&leader)?.clone();
         Some((leader, node))
@@ -965,7 +1037,7 @@ impl QuorumLog {
     /// Answers a join request that arrived on this node.
     pub async fn admit(&self, request: join::JoinRequest, binding: [u8; 32]) -> join::JoinReply {
         if let Some(bootstrap) = &self.bootstrap
-            && !self.raft.is_initialized().await.unwrap_or(true)
+            && !self.raft().is_initialized().await.unwrap_or(true)
         {
             return self.admit_bootstrap_peer(bootstrap, request, binding).await;
         }
@@ -1047,7 +1119,7 @@ impl QuorumLog {
             );
             // The peers start their Raft once they have this answer; the
             // seed's vote requests are retried until they do.
-            if let Err(error) = self.raft.initialize(members).await {
+            if let Err(error) = self.raft().initialize(members).await {
                 tracing::warn!(%error, "forming the cluster");
             }
         }
@@ -1136,7 +1208,7 @@ impl QuorumLog {
                 ),
             );
         }
-        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let membership = self.raft().metrics().borrow().membership_config.membership().clone();
         let listed = membership.get_node(&request.id).is_some();
         // Checked again when `node.joined` applies; here it also covers
         // members whose records predate names in them.
@@ -1174,7 +1246,7 @@ impl QuorumLog {
             }
             match tokio::time::timeout(
                 MEMBERSHIP_TIMEOUT,
-                self.raft.add_learner(request.id, request.address.clone(), false),
+                self.raft().add_learner(request.id, request.address.clone(), false),
             )
             .await
             {
@@ -1209,7 +1281,7 @@ impl QuorumLog {
 
     async fn change_as_leader(&self, change: MemberChange) -> Result<String, LogError> {
         use openraft::ChangeMembers;
-        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let membership = self.raft().metrics().borrow().membership_config.membership().clone();
         let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
         let name_of = |id: NodeId| {
             membership
@@ -1257,7 +1329,7 @@ impl QuorumLog {
             }
         };
         let name = name_of(target);
-        match tokio::time::timeout(MEMBERSHIP_TIMEOUT, self.raft.change_membership(changes, retain)).await {
+        match tokio::time::timeout(MEMBERSHIP_TIMEOUT, self.raft().change_membership(changes, retain)).await {
             Err(_) => {
                 return Err(LogError::Unavailable(format!(
                     "the membership change was not committed within {} s: {}",
@@ -1277,53 +1349,54 @@ impl QuorumLog {
     /// node still at an older epoch catches up from a snapshot of the
     /// current state rather than by replaying the old epoch's entries.
     async fn compact_after_epoch_change(&self) {
-        let applied = self.raft.metrics().borrow().last_applied;
-        if self.raft.trigger().snapshot().await.is_err() {
+        let applied = self.raft().metrics().borrow().last_applied;
+        if self.raft().trigger().snapshot().await.is_err() {
             return;
         }
         let built = self
-            .raft
+            .raft()
             .wait(Some(MEMBERSHIP_TIMEOUT))
             .metrics(|metrics| metrics.snapshot >= applied, "snapshot after the epoch change")
             .await;
         if let Ok(metrics) = built
             && let Some(snapshot) = metrics.snapshot
         {
-            let _ = self.raft.trigger().purge_log(snapshot.index).await;
+            let _ = self.raft().trigger().purge_log(snapshot.index).await;
         }
     }
 
     /// A health ping from another member.
     async fn pong(&self, ping: Ping) -> Pong {
         let member = self
-            .raft
+            .raft()
             .metrics()
             .borrow()
             .membership_config
             .membership()
             .get_node(&ping.from)
             .is_some();
-        let leader = self.raft.metrics().borrow().current_leader == Some(self.id);
+        let leader = self.raft().metrics().borrow().current_leader == Some(self.id);
         Pong {
             id: self.id,
             epoch: self.cluster_state().epoch,
             member,
             leader,
+            log_stopped: self.core_problem(),
         }
     }
 
     /// The current snapshot, fresh, on the leader.
     async fn snapshot_for_peer(&self) -> Result<FetchedSnapshot, String> {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft().metrics().borrow().clone();
         if metrics.current_leader != Some(self.id) {
             return Err("not the leader".into());
         }
-        self.raft
+        self.raft()
             .trigger()
             .snapshot()
             .await
             .map_err(|error| error.to_string())?;
-        self.raft
+        self.raft()
             .wait(Some(MEMBERSHIP_TIMEOUT))
             .metrics(
                 |now| now.snapshot >= metrics.last_applied,
@@ -1332,13 +1405,13 @@ impl QuorumLog {
             .await
             .map_err(|error| error.to_string())?;
         let snapshot = self
-            .raft
+            .raft()
             .get_snapshot()
             .await
             .map_err(|error| error.to_string())?
             .ok_or("no snapshot")?;
         Ok(FetchedSnapshot {
-            vote: self.raft.metrics().borrow().vote,
+            vote: self.raft().metrics().borrow().vote,
             meta: snapshot.meta,
             data: String::from_utf8(snapshot.snapshot.into_inner()).map_err(|error| error.to_string())?,
         })
@@ -1350,7 +1423,7 @@ impl QuorumLog {
     pub async fn resync_if_stale(&self) {
         let ours = self.cluster_state().epoch;
         let peers: Vec<(NodeId, NodeAddress)> = {
-            let metrics = self.raft.metrics().borrow().clone();
+            let metrics = self.raft().metrics().borrow().clone();
             metrics
                 .membership_config
                 .membership()
@@ -1390,7 +1463,7 @@ impl QuorumLog {
                         meta: fetched.meta,
                         snapshot: Box::new(Cursor::new(fetched.data.into_bytes())),
                     };
-                    match self.raft.install_full_snapshot(fetched.vote, snapshot).await {
+                    match self.raft().install_full_snapshot(fetched.vote, snapshot).await {
                         Ok(_) => tracing::info!("installed the leader's snapshot"),
                         Err(error) => tracing::warn!(%error, "installing the leader's snapshot"),
                     }
@@ -1406,30 +1479,36 @@ impl QuorumLog {
     /// Whether this node reaches a majority of the voters (itself
     /// included): without that, nothing it proposes can commit.
     pub fn has_quorum(&self) -> bool {
-        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let membership = self.raft().metrics().borrow().membership_config.membership().clone();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
         let reachable = voters
             .iter()
-            .filter(|id| **id == self.id || self.health.reachable(**id))
+            .filter(|id| **id == self.id || self.health.voting(**id))
             .count();
         reachable * 2 > voters.len()
     }
 
     fn missing_voters(&self) -> Vec<String> {
-        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let membership = self.raft().metrics().borrow().membership_config.membership().clone();
         membership
             .voter_ids()
-            .filter(|id| *id != self.id && !self.health.reachable(*id))
-            .map(|id| match membership.get_node(&id) {
-                Some(node) => format!("{} ({})", node.name, hex_id(id)),
-                None => hex_id(id),
+            .filter(|id| *id != self.id && !self.health.voting(*id))
+            .map(|id| {
+                let who = match membership.get_node(&id) {
+                    Some(node) => format!("{} ({})", node.name, hex_id(id)),
+                    None => hex_id(id),
+                };
+                match self.health.log_stopped(id) {
+                    Some(_) if self.health.reachable(id) => format!("{who}: its log stopped"),
+                    _ => who,
+                }
             })
             .collect()
     }
 
     /// Term, leader and indexes for metrics, without touching the store.
     pub fn gauges(&self) -> LogGauges {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft().metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
         LogGauges {
@@ -1440,14 +1519,18 @@ impl QuorumLog {
             // Applied implies committed; after a restart the store hears of
             // commits only from the next one on.
             committed: self
+                .rebuild
+                .kept
                 .committed
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .max(metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0)),
             applied: metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0),
             reachable_voters: voters
                 .iter()
-                .filter(|id| **id == self.id || self.health.reachable(**id))
+                .filter(|id| **id == self.id || self.health.voting(**id))
                 .count(),
+            core_running: self.core_health.running(),
+            core_restarts: self.core_health.restarts(),
             voters: voters.len(),
         }
     }
@@ -1455,7 +1538,7 @@ impl QuorumLog {
     /// Leader, term, members and health as this node sees them (node ids
     /// in hex, as everywhere users see them).
     pub async fn status(&self) -> QuorumStatus {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft().metrics().borrow().clone();
         let state = self.cluster_state();
         let membership = metrics.membership_config.membership();
         let voter_ids: Vec<NodeId> = membership.voter_ids().collect();
@@ -1475,14 +1558,21 @@ impl QuorumLog {
                     .unwrap_or_default(),
                 leader: metrics.current_leader == Some(*id),
                 is_self: *id == self.id,
+                log_stopped: if *id == self.id {
+                    self.core_problem()
+                } else {
+                    self.health.log_stopped(*id)
+                },
             })
             .collect();
         let reachable_voters = members
             .iter()
-            .filter(|member| member.role == "voter" && member.reachable)
+            .filter(|member| member.role == "voter" && member.reachable && member.log_stopped.is_none())
             .count();
         let missing_voters = self.missing_voters();
-        let problem = if let Some(epoch) = self.health.removed_at_epoch() {
+        let problem = if let Some(stopped) = self.core_problem() {
+            Some(stopped)
+        } else if let Some(epoch) = self.health.removed_at_epoch() {
             Some(format!(
                 "this node was removed from the cluster (the cluster is at epoch {epoch}); to join again, move its \
                  data directory away and start it with --join"
@@ -1516,7 +1606,7 @@ impl QuorumLog {
     }
 
     pub async fn shutdown(&self) {
-        if let Err(error) = self.raft.shutdown().await {
+        if let Err(error) = self.raft().shutdown().await {
             tracing::warn!(%error, "raft did not shut down cleanly");
         }
     }
@@ -1549,6 +1639,13 @@ impl EventLog for QuorumLog {
     }
 
     async fn since(&self, after: u64, kind_prefix: &str, limit: usize) -> Result<Vec<StoredEvent>, LogError> {
+        // The local copy lags the cluster by every event since the stop,
+        // including the ones this node forwarded and acknowledged.
+        if let Some(stopped) = self.core_problem() {
+            return Err(LogError::Unavailable(format!(
+                "{stopped}; this node's copy of the log is stale, so read the events from another node"
+            )));
+        }
         let prefix = kind_prefix.to_string();
         let found = self
             .store

@@ -139,11 +139,24 @@ fn move_log_to_own_file(db: &Database, log_db: &Database) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Opens the Raft tables in `store` and returns the log, the state machine
-/// and a watch of the last event's seq.
-pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Receiver<u64>)> {
-    let db = store.database();
-    let log_db = store.raft_log_database();
+/// What the host reads of a Raft core's storage while it runs: kept when a
+/// stopped core is replaced by a new one over the same files, so readers
+/// never hold a handle to the old one.
+#[derive(Clone)]
+pub struct Kept {
+    /// The highest log index known committed.
+    pub committed: Arc<std::sync::atomic::AtomicU64>,
+    /// The last event's seq, for watchers.
+    pub applied: Arc<watch::Sender<u64>>,
+    /// The cluster facts as last applied.
+    pub cluster: Arc<std::sync::RwLock<ClusterState>>,
+}
+
+/// Opens the Raft tables in `store` and returns the log and the state
+/// machine; `kept` are the handles of the core they replace, if any.
+pub fn open(store: &Store, kept: Option<&Kept>) -> anyhow::Result<(LogStore, StateMachine, Kept)> {
+    let db = store.database()?;
+    let log_db = store.raft_log_database()?;
     move_log_to_own_file(&db, &log_db)?;
     let txn = log_db.begin_write()?;
     txn.open_table(RAFT_LOG)?;
@@ -183,18 +196,31 @@ pub fn open(store: &Store) -> anyhow::Result<(LogStore, StateMachine, watch::Rec
         let table = read.open_table(EVENTS)?;
         table.last()?.map(|(seq, _)| seq.value()).unwrap_or(0)
     };
-    let (sender, receiver) = watch::channel(last_seq);
-    let cluster = Arc::new(std::sync::RwLock::new(read_cluster(&db)?));
-    Ok((
-        LogStore::new(log_db),
-        StateMachine {
-            db,
-            applied: Arc::new(sender),
-            last_durable: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
-            cluster,
+    let cluster = read_cluster(&db)?;
+    let kept = match kept {
+        Some(kept) => {
+            // What is on disk is what this node applied durably; a stopped
+            // core's last words in memory may not have reached it.
+            *kept.cluster.write().unwrap() = cluster;
+            kept.applied
+                .send_if_modified(|last| std::mem::replace(last, last_seq) != last_seq);
+            kept.clone()
+        }
+        None => Kept {
+            committed: Default::default(),
+            applied: Arc::new(watch::channel(last_seq).0),
+            cluster: Arc::new(std::sync::RwLock::new(cluster)),
         },
-        receiver,
-    ))
+    };
+    let mut log = LogStore::new(log_db);
+    log.committed = kept.committed.clone();
+    let machine = StateMachine {
+        db,
+        applied: kept.applied.clone(),
+        last_durable: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
+        cluster: kept.cluster.clone(),
+    };
+    Ok((log, machine, kept))
 }
 
 /// The Raft log. Appends go to the `raft-log-writer` thread, which commits
@@ -323,11 +349,6 @@ impl LogStore {
     /// answers the leader, and a thread hop would only add latency.
     pub fn set_node_id(&mut self, me: NodeId) {
         self.me = Some(me);
-    }
-
-    /// The committed index as openraft reports it to this store.
-    pub fn committed(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.committed.clone()
     }
 
     /// Waits until every append sent so far is durable.
@@ -947,11 +968,11 @@ fn forget_old_tokens(cluster: &mut ClusterState, now_ms: u64) {
 /// Drops all Raft state and the events it produced: the node then knows
 /// nothing of any cluster and catches up from the leader's snapshot.
 pub fn reset(store: &Store) -> anyhow::Result<()> {
-    let txn = store.raft_log_database().begin_write()?;
+    let txn = store.raft_log_database()?.begin_write()?;
     txn.delete_table(RAFT_LOG)?;
     txn.delete_table(RAFT_META)?;
     txn.commit()?;
-    let txn = store.database().begin_write()?;
+    let txn = store.database()?.begin_write()?;
     txn.delete_table(MACHINE)?;
     txn.delete_table(LATEST)?;
     txn.delete_table(SUPERSEDED)?;
@@ -1371,7 +1392,7 @@ mod tests {
         let store = Store::open(&dir.path().join("hivemind.redb")).unwrap();
         let vote = Vote::new_committed(3, 7);
         {
-            let txn = store.database().begin_write().unwrap();
+            let txn = store.database().unwrap().begin_write().unwrap();
             {
                 let mut log = txn.open_table(RAFT_LOG).unwrap();
                 for index in 1..=3 {
@@ -1384,7 +1405,7 @@ mod tests {
             txn.commit().unwrap();
         }
 
-        let (mut log, _, _) = open(&store).unwrap();
+        let (mut log, _, _) = open(&store, None).unwrap();
         assert_eq!(log.read_vote().await.unwrap(), Some(vote));
         assert_eq!(
             log.get_log_state().await.unwrap().last_log_id,
@@ -1395,7 +1416,7 @@ mod tests {
             entries.iter().map(|entry| entry.log_id.index).collect::<Vec<_>>(),
             [1, 2, 3]
         );
-        let read = store.database().begin_read().unwrap();
+        let read = store.database().unwrap().begin_read().unwrap();
         assert!(matches!(
             read.open_table(RAFT_LOG),
             Err(redb::TableError::TableDoesNotExist(_))
@@ -1430,7 +1451,7 @@ mod tests {
         async fn build(&self) -> StorageResult<(tempfile::TempDir, LogStore, StateMachine)> {
             let dir = tempfile::tempdir().map_err(write_error)?;
             let store = Store::open(&dir.path().join("hivemind.redb")).map_err(write_error)?;
-            let (log, machine, _) = open(&store).map_err(write_error)?;
+            let (log, machine, _) = open(&store, None).map_err(write_error)?;
             Ok((dir, log, machine))
         }
     }
@@ -1451,7 +1472,7 @@ mod tests {
     async fn removals_and_names_follow_the_membership() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("hivemind.redb")).unwrap();
-        let (_, mut machine, _) = open(&store).unwrap();
+        let (_, mut machine, _) = open(&store, None).unwrap();
         let address = |name: &str| NodeAddress {
             name: name.into(),
             transport: "127.0.0.1:1".into(),
@@ -1494,11 +1515,11 @@ mod tests {
         let results = machine.apply(entries).await.unwrap();
         assert!(matches!(&results[5], CommandResult::Refused { reason } if reason.contains("belongs to member")));
 
-        let cluster = read_cluster(&store.database()).unwrap();
+        let cluster = read_cluster(&store.database().unwrap()).unwrap();
         assert!(!cluster.members.contains_key(&2), "n2 was removed");
         assert_eq!(cluster.removed, [2]);
         assert_eq!(cluster.tokens["t"].used_by, None, "the refused join spent no token");
-        let read = store.database().begin_read().unwrap();
+        let read = store.database().unwrap().begin_read().unwrap();
         let kinds: Vec<String> = read
             .open_table(EVENTS)
             .unwrap()
@@ -1522,7 +1543,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("hivemind.redb")).unwrap();
         {
-            let txn = store.raft_log_database().begin_write().unwrap();
+            let txn = store.raft_log_database().unwrap().begin_write().unwrap();
             {
                 let mut log = txn.open_table(RAFT_LOG).unwrap();
                 for index in 1..=1000 {
@@ -1532,7 +1553,7 @@ mod tests {
             }
             txn.commit().unwrap();
         }
-        let (mut log, _, _) = open(&store).unwrap();
+        let (mut log, _, _) = open(&store, None).unwrap();
         log.purge(blank_entry(900).log_id).await.unwrap();
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(blank_entry(900).log_id));
@@ -1542,7 +1563,7 @@ mod tests {
         // The writer deletes the purged entries in chunks, in the background.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let read = store.raft_log_database().begin_read().unwrap();
+            let read = store.raft_log_database().unwrap().begin_read().unwrap();
             let first = read
                 .open_table(RAFT_LOG)
                 .unwrap()
