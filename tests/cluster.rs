@@ -15,25 +15,6 @@ fn text(output: &std::process::Output) -> String {
     format!("{}{}", stdout(output), stderr(output))
 }
 
-/// Waits until `node`'s status satisfies `check`.
-fn wait_status(node: &NodeProcess, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = node.status()
-            && check(&status)
-        {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: {what}; last status {:#?}",
-            node.name,
-            node.status().map(|status| status["cluster"].clone())
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Waits for a process that is expected to give up and returns its log.
 fn wait_exit(node: &mut NodeProcess) -> (std::process::ExitStatus, String) {
     let deadline = Instant::now() + PATIENCE;
@@ -179,13 +160,12 @@ fn joins_are_decided_by_the_quorum_and_membership_changes_bump_the_epoch() {
     let epoch_before = cluster.nodes[0].status().unwrap()["cluster"]["epoch"].as_u64().unwrap();
 
     let joined = cluster.join(1, &["--join-token", &token]);
-    let id = wait_status(&cluster.nodes[joined], "the joiner serves", |status| {
-        status["node"]["id"].is_string()
-    })["node"]["id"]
+    let id = cluster.nodes[joined].wait_status("the joiner serves", |status| status["node"]["id"].is_string())["node"]
+        ["id"]
         .as_str()
         .unwrap()
         .to_string();
-    wait_status(&cluster.nodes[0], "the joiner is a learner", |status| {
+    cluster.nodes[0].wait_status("the joiner is a learner", |status| {
         status["cluster"]["members"]
             .as_array()
             .unwrap()
@@ -203,7 +183,7 @@ fn joins_are_decided_by_the_quorum_and_membership_changes_bump_the_epoch() {
     assert!(promote.status.success(), "{}", text(&promote));
     assert!(stdout(&promote).contains("is now a voter"), "{}", text(&promote));
     for node in &cluster.nodes {
-        wait_status(node, "the epoch went up with the new voter", |status| {
+        node.wait_status("the epoch went up with the new voter", |status| {
             status["cluster"]["epoch"].as_u64() == Some(epoch_before + 1)
                 && status["cluster"]["voters"].as_array().unwrap().len() == 4
         });
@@ -248,16 +228,16 @@ fn joins_are_decided_by_the_quorum_and_membership_changes_bump_the_epoch() {
 
     let demote = cluster.nodes[0].cli(&["members", "demote", &id]);
     assert!(demote.status.success(), "{}", text(&demote));
-    wait_status(&cluster.nodes[1], "demoted to learner, epoch up again", |status| {
+    cluster.nodes[1].wait_status("demoted to learner, epoch up again", |status| {
         status["cluster"]["epoch"].as_u64() == Some(epoch_before + 2)
             && status["cluster"]["voters"].as_array().unwrap().len() == 3
     });
     let remove = cluster.nodes[1].cli(&["members", "remove", &id]);
     assert!(remove.status.success(), "{}", text(&remove));
-    wait_status(&cluster.nodes[2], "removed", |status| {
+    cluster.nodes[2].wait_status("removed", |status| {
         status["cluster"]["members"].as_array().unwrap().len() == 3
     });
-    wait_status(&cluster.nodes[joined], "the removed node knows", |status| {
+    cluster.nodes[joined].wait_status("the removed node knows", |status| {
         status["cluster"]["problem"]
             .as_str()
             .is_some_and(|problem| problem.contains("removed"))
@@ -278,7 +258,7 @@ fn a_voter_back_at_a_stale_epoch_catches_up_from_a_snapshot() {
     let token = stdout(&cluster.nodes[0].cli(&["members", "token"])).trim().to_string();
     let joined = cluster.join(0, &["--join-token", &token]);
     let name = cluster.nodes[joined].name.clone();
-    wait_status(&cluster.nodes[0], "the joiner is a learner", |status| {
+    cluster.nodes[0].wait_status("the joiner is a learner", |status| {
         status["cluster"]["members"].as_array().unwrap().len() == 4
     });
     let promote = cluster.nodes[0].cli(&["members", "promote", &name]);
@@ -288,7 +268,7 @@ fn a_voter_back_at_a_stale_epoch_catches_up_from_a_snapshot() {
         cluster.nodes[1].emit("test.stale", &format!("after{n}")).unwrap();
     }
     cluster.nodes[2].start();
-    let status = wait_status(&cluster.nodes[2], "the stale voter caught up", |status| {
+    let status = cluster.nodes[2].wait_status("the stale voter caught up", |status| {
         status["cluster"]["epoch"].as_u64() == Some(epoch)
     });
     assert!(
@@ -491,12 +471,12 @@ fn a_node_removed_while_down_rejoins_afresh() {
     let token = stdout(&cluster.nodes[0].cli(&["members", "token"])).trim().to_string();
     let joined = cluster.join(0, &["--join-token", &token]);
     let name = cluster.nodes[joined].name.clone();
-    wait_status(&cluster.nodes[0], "the joiner is a member", |status| {
+    cluster.nodes[0].wait_status("the joiner is a member", |status| {
         status["cluster"]["members"].as_array().unwrap().len() == 4
     });
     let promote = cluster.nodes[0].cli(&["members", "promote", &name]);
     assert!(promote.status.success(), "{}", text(&promote));
-    wait_status(&cluster.nodes[joined], "the joiner knows it is a voter", |status| {
+    cluster.nodes[joined].wait_status("the joiner knows it is a voter", |status| {
         status["cluster"]["voters"].as_array().unwrap().len() == 4
     });
 
@@ -515,7 +495,7 @@ fn a_node_removed_while_down_rejoins_afresh() {
         token,
     ];
     cluster.nodes[joined].start();
-    wait_status(&cluster.nodes[0], "the node is back as a learner", |status| {
+    cluster.nodes[0].wait_status("the node is back as a learner", |status| {
         status["cluster"]["members"]
             .as_array()
             .unwrap()
@@ -543,11 +523,11 @@ fn a_restart_without_flags_is_the_same_node() {
         })
     };
     node.start();
-    wait_status(&node, "n7 serves", is_n7);
+    node.wait_status("n7 serves", is_n7);
     assert!(node.terminate().success());
 
     node.start_plain(&[]);
-    let status = wait_status(&node, "n7 back under its own name", is_n7);
+    let status = node.wait_status("n7 back under its own name", is_n7);
     let me = status["cluster"]["members"]
         .as_array()
         .unwrap()

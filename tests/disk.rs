@@ -4,43 +4,15 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use serde_json::{Value, json};
 use support::*;
 
 /// A tmpfs large enough for a node's files and a few hundred events.
 const DISK_BYTES: u64 = 64 << 20;
 
-/// Waits until `node`'s status satisfies `check`.
-fn wait_status(node: &NodeProcess, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = node.status()
-            && check(&status)
-        {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: {what}; last status {:#?}",
-            node.name,
-            node.status().map(|status| status["cluster"].clone())
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// One event with a payload big enough that the log must grow its files.
 fn emit_large(node: &NodeProcess, key: &str) -> Result<u64, String> {
-    let body = serde_json::to_vec(&json!({ "kind": "disk.test", "key": key, "payload": "x".repeat(8000) })).unwrap();
-    match node.client().send("POST", "/v1/events", &body, "application/json") {
-        Ok((200, reply)) => Ok(serde_json::from_slice::<Value>(&reply).unwrap()["seq"]
-            .as_u64()
-            .unwrap()),
-        Ok((status, reply)) => Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&reply))),
-        Err(error) => Err(error.to_string()),
-    }
+    node.emit_event(&json!({ "kind": "disk.test", "key": key, "payload": "x".repeat(8000) }))
 }
 
 /// `GET /v1/events` on `node`: the status and the body's text.
@@ -96,7 +68,7 @@ fn a_voter_whose_disk_fills_says_so_and_recovers() {
             break;
         }
     }
-    let status = wait_status(full, "the full node says its log stopped", |status| {
+    let status = full.wait_status("the full node says its log stopped", |status| {
         status["cluster"]["health"] == "degraded"
             && status["cluster"]["problem"]
                 .as_str()
@@ -113,24 +85,20 @@ fn a_voter_whose_disk_fills_says_so_and_recovers() {
     assert_eq!(code, 503, "the full node serves no stale reads: {body}");
     assert!(body.contains("stale"), "the refusal says why: {body}");
 
-    let leader_view = wait_status(
-        &cluster.nodes[leader],
-        "the leader names the stopped member",
-        |status| {
-            status["cluster"]["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|member| member["name"] == "n3" && member["log_stopped"].is_string())
-        },
-    );
+    let leader_view = cluster.nodes[leader].wait_status("the leader names the stopped member", |status| {
+        status["cluster"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|member| member["name"] == "n3" && member["log_stopped"].is_string())
+    });
     assert_eq!(
         leader_view["cluster"]["health"], "healthy",
         "two of three voters still make a quorum"
     );
 
     disk.free();
-    wait_status(full, "the full node runs again once space returns", |status| {
+    full.wait_status("the full node runs again once space returns", |status| {
         status["cluster"]["health"] == "healthy"
     });
     assert_eq!(metric(full, "hivemind_log_core_running"), Some(1.0));
@@ -147,7 +115,7 @@ fn a_lone_node_whose_disk_fills_takes_writes_again_once_space_returns() {
     let mut node = NodeProcess::new(root.path(), "n1", Vec::new());
     let disk = Tmpfs::mount(&node.dir, DISK_BYTES);
     node.start();
-    wait_status(&node, "the node leads its cluster", |status| {
+    node.wait_status("the node leads its cluster", |status| {
         status["cluster"]["health"] == "healthy"
     });
     let before = emit_large(&node, "before").unwrap();
@@ -160,14 +128,14 @@ fn a_lone_node_whose_disk_fills_takes_writes_again_once_space_returns() {
         refused.contains("HTTP 503"),
         "a full disk is the node's trouble, not the caller's: {refused}"
     );
-    wait_status(&node, "the node says its log stopped", |status| {
+    node.wait_status("the node says its log stopped", |status| {
         status["cluster"]["problem"]
             .as_str()
             .is_some_and(|problem| problem.contains("log stopped"))
     });
 
     disk.free();
-    wait_status(&node, "the node runs again once space returns", |status| {
+    node.wait_status("the node runs again once space returns", |status| {
         status["cluster"]["health"] == "healthy"
     });
     let after = wait_for("a write after space returned", || emit_large(&node, "after").ok());

@@ -590,13 +590,38 @@ impl NodeProcess {
 
     /// Appends one event through this node; `Ok(seq)` when acknowledged.
     pub fn emit(&self, kind: &str, key: &str) -> Result<u64, String> {
-        let body = serde_json::to_vec(&json!({ "kind": kind, "key": key })).unwrap();
+        self.emit_event(&json!({ "kind": kind, "key": key }))
+    }
+
+    /// Appends `event` (kind, key, payload) through this node; `Ok(seq)`
+    /// when acknowledged.
+    pub fn emit_event(&self, event: &Value) -> Result<u64, String> {
+        let body = serde_json::to_vec(event).unwrap();
         match self.client().send("POST", "/v1/events", &body, "application/json") {
             Ok((200, reply)) => Ok(serde_json::from_slice::<Value>(&reply).unwrap()["seq"]
                 .as_u64()
                 .unwrap()),
             Ok((status, reply)) => Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&reply))),
             Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// Waits until this node's status satisfies `check`.
+    pub fn wait_status(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.status()
+                && check(&status)
+            {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {what}; last status {:#?}",
+                self.name,
+                self.status().map(|status| status["cluster"].clone())
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
