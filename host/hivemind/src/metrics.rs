@@ -440,7 +440,7 @@ impl Snapshot {
 
     fn encode_log(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         let log = &self.log;
-        let figures: [(&str, &str, u64); 11] = [
+        let figures: [(&str, &str, u64); 12] = [
             ("log_term", "The current Raft term", log.term),
             (
                 "log_is_leader",
@@ -474,6 +474,11 @@ impl Snapshot {
                 "log_core_running",
                 "1 while this node's Raft core runs; 0 after it stopped (a full disk, an I/O error) until it restarts",
                 u64::from(log.core_running),
+            ),
+            (
+                "member_clock_offset_max_ms",
+                "The largest offset, either way, between this node's clock and a member's it pings, in ms",
+                log.clock_offset_max_ms,
             ),
             (
                 "log_epoch",

@@ -154,6 +154,17 @@ pub fn render(sample: &Sample, previous: Option<&Sample>) -> String {
                 clip(stopped, 200)
             );
         }
+        if let Some(offset_ms) = member["clock_offset_ms"].as_i64()
+            && offset_ms.unsigned_abs() > crate::quorum::CLOCK_WARN_MS
+        {
+            let _ = writeln!(
+                out,
+                "         ! member {}'s clock is {:.1} s {} this node's: check time sync (NTP) on both",
+                text(&member["name"]),
+                offset_ms.unsigned_abs() as f64 / 1000.0,
+                if offset_ms > 0 { "ahead of" } else { "behind" }
+            );
+        }
     }
     let log = &status["log"];
     let mut log_line = format!(

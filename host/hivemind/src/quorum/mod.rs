@@ -18,6 +18,7 @@
 
 pub mod frames;
 mod health;
+pub use health::CLOCK_WARN_MS;
 pub mod join;
 pub mod network;
 mod recovery;
@@ -82,7 +83,14 @@ pub enum Command {
     TokenIssued {
         id: String,
         secret: String,
+        /// When it expires by the issuing node's clock: shown to people,
+        /// and used to forget old tokens, never to refuse one.
         expires_ms: u64,
+        /// How long it is valid, counted by each node's own clock from
+        /// when it applied this entry, so that clocks set apart do not
+        /// stretch or cut it (0 in entries from before it was kept).
+        #[serde(default)]
+        ttl_ms: u64,
     },
     /// Commands proposed together: one log entry, one disk write.
     Batch(Vec<Command>),
@@ -205,9 +213,28 @@ pub struct MemberRecord {
 pub struct TokenRecord {
     pub secret: String,
     pub expires_ms: u64,
+    #[serde(default)]
+    pub ttl_ms: u64,
+    /// This node's clock when it applied the token's entry (or installed a
+    /// snapshot with it): not the same on every node, and never read by
+    /// the state machine, whose results must be.
+    #[serde(default)]
+    pub learned_ms: u64,
     /// Set when a node joined with it; kept so a replay is told apart
     /// from a token that never existed.
     pub used_by: Option<NodeId>,
+}
+
+impl TokenRecord {
+    /// Whether the token has expired at `now_ms` of this node's clock: its
+    /// TTL counted from when this node learned it, so the verdict does not
+    /// depend on how far other members' clocks are from this one's.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        if self.ttl_ms == 0 || self.learned_ms == 0 {
+            return now_ms > self.expires_ms;
+        }
+        now_ms.saturating_sub(self.learned_ms) > self.ttl_ms
+    }
 }
 
 /// Writes that find no quorum fail after this long instead of hanging.
@@ -305,6 +332,10 @@ pub struct Pong {
     /// then no voter in any quorum.
     #[serde(default)]
     pub log_stopped: Option<String>,
+    /// The answering node's clock (ms since the epoch) when it answered:
+    /// the pinging node compares it with its own (0 from older nodes).
+    #[serde(default)]
+    pub clock_ms: u64,
 }
 
 /// The leader's current snapshot, for a node that comes back at a stale
@@ -341,6 +372,11 @@ pub struct MemberStatus {
     /// Why the member's log does not run (as it said when last pinged).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_stopped: Option<String>,
+    /// How far the member's clock is ahead of this node's (behind when
+    /// negative), as its last answer to a ping showed; none for this node
+    /// and for members not heard from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// What `/v1/status` shows of the quorum.
@@ -458,6 +494,8 @@ pub struct LogGauges {
     pub core_running: bool,
     /// Cores started in place of a stopped one.
     pub core_restarts: u64,
+    /// The largest offset between this node's clock and a member's, in ms.
+    pub clock_offset_max_ms: u64,
 }
 
 /// Why the leader's log did not take a command.
@@ -1024,11 +1062,13 @@ impl QuorumLog {
     pub async fn issue_token(&self, ttl: Duration) -> Result<(String, u64), LogError> {
         let id = hex::encode(rand::random::<[u8; 4]>());
         let secret = hex::encode(rand::random::<[u8; 16]>());
-        let expires_ms = now_ms() + ttl.as_millis() as u64;
+        let ttl_ms = ttl.as_millis() as u64;
+        let expires_ms = now_ms() + ttl_ms;
         let command = Command::TokenIssued {
             id: id.clone(),
             secret: secret.clone(),
             expires_ms,
+            ttl_ms,
         };
         self.write(command, WRITE_TIMEOUT).await?;
         Ok((join::Credential::token_text(&self.cluster_id, &id, &secret), expires_ms))
@@ -1198,6 +1238,19 @@ impl QuorumLog {
                 "wrong cluster secret"
             };
             return JoinReply::refused(Refusal::WrongCredential, what);
+        }
+        // Decided here, by the leader's clock, and not when `node.joined`
+        // applies: every node must reach the same result there.
+        if let Some(token) = &request.token
+            && state
+                .tokens
+                .get(token)
+                .is_some_and(|record| record.used_by.is_none() && record.expired(now_ms()))
+        {
+            return JoinReply::refused(
+                Refusal::Other,
+                "the join token has expired; ask for a new one with `hivemind members token`",
+            );
         }
         if let Err(error) = request.address.transport.parse::<std::net::SocketAddr>() {
             return JoinReply::refused(
@@ -1382,6 +1435,7 @@ impl QuorumLog {
             member,
             leader,
             log_stopped: self.core_problem(),
+            clock_ms: now_ms(),
         }
     }
 
@@ -1531,6 +1585,7 @@ impl QuorumLog {
                 .count(),
             core_running: self.core_health.running(),
             core_restarts: self.core_health.restarts(),
+            clock_offset_max_ms: self.health.clock_offset_max_ms(),
             voters: voters.len(),
         }
     }
@@ -1563,6 +1618,7 @@ impl QuorumLog {
                 } else {
                     self.health.log_stopped(*id)
                 },
+                clock_offset_ms: (*id != self.id).then(|| self.health.clock_offset_ms(*id)).flatten(),
             })
             .collect();
         let reachable_voters = members

@@ -704,6 +704,9 @@ struct Applier<'a, 't> {
     latest: &'a mut redb::Table<'t, &'static str, u64>,
     superseded: &'a mut redb::Table<'t, u64, ()>,
     next_seq: u64,
+    /// The newest event's time: no event is recorded before it, so the
+    /// log's times never go back when members' clocks disagree.
+    last_timestamp_ms: u64,
 }
 
 impl Applier<'_, '_> {
@@ -742,7 +745,7 @@ impl Applier<'_, '_> {
         if gone.is_empty() {
             return Ok(());
         }
-        let timestamp_ms = self.last_timestamp_ms()?;
+        let timestamp_ms = self.last_timestamp_ms;
         for (id, name) in gone {
             self.cluster.members.remove(&id);
             self.cluster.removed.retain(|removed| *removed != id);
@@ -761,9 +764,9 @@ impl Applier<'_, '_> {
         Ok(())
     }
 
-    /// The newest event's time: an entry that carries no time of its own
-    /// (a membership change) is recorded at it, so times never go back.
-    fn last_timestamp_ms(&self) -> StorageResult<u64> {
+    /// The newest event's time, read from the store: an entry that carries
+    /// no time of its own (a membership change) is recorded at it.
+    fn newest_timestamp_ms(&self) -> StorageResult<u64> {
         let Some((_, bytes)) = self.events.last().map_err(read_error)? else {
             return Ok(0);
         };
@@ -791,6 +794,10 @@ impl Applier<'_, '_> {
     ) -> StorageResult<u64> {
         let seq = self.next_seq;
         self.next_seq += 1;
+        // A time from a node whose clock is behind the newest event's is
+        // raised to it: readers may take the log's times as ordered.
+        let timestamp_ms = timestamp_ms.max(self.last_timestamp_ms);
+        self.last_timestamp_ms = timestamp_ms;
         let event = StoredEvent {
             seq,
             epoch: self.cluster.epoch,
@@ -850,13 +857,20 @@ impl Applier<'_, '_> {
                 }
                 CommandResult::Nothing
             }
-            Command::TokenIssued { id, secret, expires_ms } => {
+            Command::TokenIssued {
+                id,
+                secret,
+                expires_ms,
+                ttl_ms,
+            } => {
                 forget_old_tokens(self.cluster, expires_ms);
                 self.cluster.tokens.insert(
                     id,
                     TokenRecord {
                         secret,
                         expires_ms,
+                        ttl_ms,
+                        learned_ms: super::now_ms(),
                         used_by: None,
                     },
                 );
@@ -887,7 +901,12 @@ impl Applier<'_, '_> {
                                     "the join token was already used (by node {user:016x}); ask for a new one with \
                              `hivemind members token`"
                                 )),
-                                _ if timestamp_ms > record.expires_ms => Some(
+                                // The leader decides expiry by its own clock
+                                // before it proposes the join (see
+                                // `TokenRecord::expired`); only entries from
+                                // before TTLs were kept are checked here,
+                                // as they were when first applied.
+                                _ if record.ttl_ms == 0 && timestamp_ms > record.expires_ms => Some(
                                     "the join token has expired; ask for a new one with `hivemind members token`"
                                         .to_string(),
                                 ),
@@ -999,6 +1018,39 @@ pub fn read_cluster(db: &Database) -> anyhow::Result<ClusterState> {
 struct SnapshotData {
     cluster: ClusterState,
     events: Vec<StoredEvent>,
+    /// How long ago, by the sender's clock, it learned each join token: the
+    /// receiver counts on from there by its own (see `TokenRecord`).
+    #[serde(default)]
+    token_ages_ms: BTreeMap<String, u64>,
+}
+
+impl SnapshotData {
+    /// `cluster` with each token's learning time turned into an age, as
+    /// the receiver of a snapshot needs it.
+    fn new(mut cluster: ClusterState, events: Vec<StoredEvent>) -> SnapshotData {
+        let now = super::now_ms();
+        let token_ages_ms = cluster
+            .tokens
+            .iter_mut()
+            .map(|(id, token)| (id.clone(), now.saturating_sub(std::mem::take(&mut token.learned_ms))))
+            .collect();
+        SnapshotData {
+            cluster,
+            events,
+            token_ages_ms,
+        }
+    }
+
+    /// The cluster facts with each token's learning time on this node's
+    /// clock (now, for a token the sender gave no age for).
+    fn cluster_here(&self) -> ClusterState {
+        let now = super::now_ms();
+        let mut cluster = self.cluster.clone();
+        for (id, token) in &mut cluster.tokens {
+            token.learned_ms = now.saturating_sub(self.token_ages_ms.get(id).copied().unwrap_or(0));
+        }
+        cluster
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1096,8 +1148,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     latest: &mut latest,
                     superseded: &mut superseded,
                     next_seq: 0,
+                    last_timestamp_ms: 0,
                 };
                 applier.next_seq = applier.last_seq()? + 1;
+                applier.last_timestamp_ms = applier.newest_timestamp_ms()?;
                 for entry in entries {
                     last = Some(entry.log_id);
                     match entry.payload {
@@ -1150,6 +1204,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let (last_seq, cluster) = blocking(&self.db, move |db| {
             let data: SnapshotData = serde_json::from_slice(&bytes)
                 .map_err(|error| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, error))?;
+            let cluster = data.cluster_here();
             let txn = db.begin_write().map_err(write_error)?;
             {
                 let mut events = txn.open_table(EVENTS).map_err(write_error)?;
@@ -1170,7 +1225,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 let mut machine = txn.open_table(MACHINE).map_err(write_error)?;
                 machine
-                    .insert("cluster", to_json(&data.cluster)?.as_slice())
+                    .insert("cluster", to_json(&cluster)?.as_slice())
                     .map_err(write_error)?;
                 machine
                     .insert("applied", to_json(&meta.last_log_id)?.as_slice())
@@ -1183,10 +1238,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .map_err(write_error)?;
             }
             txn.commit().map_err(write_error)?;
-            Ok((
-                data.events.iter().map(|event| event.seq).max().unwrap_or(0),
-                data.cluster,
-            ))
+            Ok((data.events.iter().map(|event| event.seq).max().unwrap_or(0), cluster))
         })
         .await?;
         *self.cluster.write().unwrap() = cluster;
@@ -1220,7 +1272,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 events.push(serde_json::from_slice::<StoredEvent>(value.value()).map_err(read_error)?);
             }
             let snapshot_id = snapshot_id(applied);
-            let data = to_json(&SnapshotData { cluster, events })?;
+            let data = to_json(&SnapshotData::new(cluster, events))?;
             Ok(Some(Snapshot {
                 meta: SnapshotMeta {
                     last_log_id: applied,
@@ -1462,8 +1514,6 @@ mod tests {
         openraft::testing::Suite::test_all(TempStore).unwrap();
     }
 
-    /// A purge answers at once and leaves nothing readable behind it, while
-    /// the entries after it stay; the purged ones leave the disk too.
     /// A node the membership drops is recorded `node.removed` once; a node
     /// admitted by `node.joined` whose learner is not added yet survives a
     /// membership change that raced it; a join under a member's name (in
@@ -1494,6 +1544,7 @@ mod tests {
             id: "t".into(),
             secret: "s".into(),
             expires_ms: u64::MAX,
+            ttl_ms: 0,
         });
         let payloads = vec![
             membership(&[(1, "n1")]),
@@ -1536,6 +1587,86 @@ mod tests {
             ["node.joined", "node.removed"],
             "one join, one removal, none for the race"
         );
+    }
+
+    /// An event proposed by a node whose clock is behind is recorded at the
+    /// newest event's time, so the log's times never go back; a later time
+    /// is kept as given.
+    #[tokio::test]
+    async fn event_times_never_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hivemind.redb")).unwrap();
+        let (_, mut machine, _) = open(&store, None).unwrap();
+        let event = |key: &str, timestamp_ms: u64| Command::Event {
+            kind: "test.clock".into(),
+            key: key.into(),
+            source: "test".into(),
+            timestamp_ms,
+            payload: serde_json::Value::Null,
+        };
+        let entries: Vec<Entry<TypeConfig>> = [event("fast", 600_000), event("slow", 1_000), event("later", 700_000)]
+            .into_iter()
+            .enumerate()
+            .map(|(index, command)| Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), index as u64 + 1),
+                payload: EntryPayload::Normal(command),
+            })
+            .collect();
+        machine.apply(entries).await.unwrap();
+        let read = store.database().unwrap().begin_read().unwrap();
+        let times: Vec<(String, u64)> = read
+            .open_table(EVENTS)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|row| {
+                let event = serde_json::from_slice::<StoredEvent>(row.unwrap().1.value()).unwrap();
+                (event.key, event.timestamp_ms)
+            })
+            .collect();
+        assert_eq!(
+            times,
+            [
+                ("fast".into(), 600_000),
+                ("slow".into(), 600_000),
+                ("later".into(), 700_000)
+            ]
+        );
+    }
+
+    /// A token in a snapshot travels as its age, not as a reading of the
+    /// sender's clock, and arrives as old as it was, by the receiver's clock.
+    #[test]
+    fn a_snapshot_carries_token_ages_not_clock_readings() {
+        let now = crate::quorum::now_ms();
+        let mut cluster = ClusterState::default();
+        cluster.tokens.insert(
+            "t".into(),
+            TokenRecord {
+                secret: "s".into(),
+                expires_ms: 0,
+                ttl_ms: 60_000,
+                learned_ms: now - 30_000,
+                used_by: None,
+            },
+        );
+        let sent = SnapshotData::new(cluster, Vec::new());
+        assert_eq!(sent.cluster.tokens["t"].learned_ms, 0, "no clock reading is sent");
+        assert!(
+            sent.token_ages_ms["t"].abs_diff(30_000) < 1_000,
+            "{:?}",
+            sent.token_ages_ms
+        );
+        let bytes = serde_json::to_vec(&sent).unwrap();
+        let received = serde_json::from_slice::<SnapshotData>(&bytes).unwrap().cluster_here();
+        let token = &received.tokens["t"];
+        assert!(
+            token.learned_ms.abs_diff(now - 30_000) < 1_000,
+            "learned {}",
+            token.learned_ms
+        );
+        assert!(!token.expired(now), "30 s into a 60 s TTL");
+        assert!(token.expired(now + 31_000), "past its TTL");
     }
 
     #[tokio::test]
