@@ -9,15 +9,10 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder};
 use serde_json::{Value, json};
 
+use crate::free_port;
+
 /// How long a page may take to show what is waited for.
 pub const PATIENCE: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free loopback port")
-}
 
 /// A `chromedriver` process on a loopback port; killed when dropped.
 pub struct ChromeDriver {

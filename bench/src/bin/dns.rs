@@ -2,10 +2,13 @@
 //! names, alternating, three rounds, with dnsperf (Debian's package) as the
 //! load: (a) saturating load, queries/s and lost queries; (b) a fixed 20k
 //! queries/s, the server's CPU per query and p50/p99 latency from a small
-//! client beside dnsperf. Each server is pinned to core 0 and the clients to
-//! core 1. Then: 20 reloads of the dns role under 20k queries/s, counting
-//! lost queries; and, on a 3-node cluster, the time from registering a
-//! service on node A to node C's first correct answer for it.
+//! client beside dnsperf, which also counts the probes each server left
+//! unanswered for a second. Each server is pinned to core 0 and the
+//! clients to core 1. Then: 20 reloads of the dns role under 20k queries/s,
+//! counting lost queries, once on a quiet machine and once with another
+//! process keeping the server's core busy; and, on a 3-node cluster, the
+//! time from registering a service on node A to node C's first correct
+//! answer for it.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::Path;
@@ -14,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hivemind_bench::{
-    HostProcess, Peer, bootstrap_args, cpu_time, free_port, list, median, millis, one_node_args, require_tools,
-    sha256_hex, summarize, verdict, with_nonce,
+    HostProcess, Peer, bootstrap_args, busy_core, cpu_time, free_port, list, median, millis, one_node_args,
+    require_tools, sha256_hex, summarize, verdict, with_nonce,
 };
 use serde_json::{Value, json};
 
@@ -129,7 +132,16 @@ struct Perf {
     qps: f64,
 }
 
+/// dnsperf (on core 1) against `port` for `seconds`, at `rate` q/s or as
+/// fast as the server answers.
 fn dnsperf(port: u16, queries: &Path, seconds: u32, rate: Option<u32>) -> anyhow::Result<Perf> {
+    let output = dnsperf_command(port, queries, seconds, rate)
+        .output()
+        .context("dnsperf (Debian package dnsperf)")?;
+    perf_figures(&output.stdout)
+}
+
+fn dnsperf_command(port: u16, queries: &Path, seconds: u32, rate: Option<u32>) -> Command {
     let mut command = Command::new("taskset");
     command
         .args(["-c", "1", "dnsperf", "-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
@@ -138,8 +150,40 @@ fn dnsperf(port: u16, queries: &Path, seconds: u32, rate: Option<u32>) -> anyhow
     if let Some(rate) = rate {
         command.args(["-Q", &rate.to_string()]);
     }
-    let output = command.output().context("dnsperf (Debian package dnsperf)")?;
-    let text = String::from_utf8_lossy(&output.stdout);
+    command
+}
+
+/// dnsperf at `rate` q/s until [`UntilStopped::stop`], which interrupts
+/// it (it then prints its figures for the time it ran).
+struct UntilStopped(std::process::Child);
+
+impl UntilStopped {
+    fn start(port: u16, queries: &Path, rate: u32) -> anyhow::Result<UntilStopped> {
+        dnsperf_command(port, queries, 3600, Some(rate))
+            .stdout(Stdio::piped())
+            .spawn()
+            .map(UntilStopped)
+            .context("dnsperf (Debian package dnsperf)")
+    }
+
+    fn stop(mut self) -> anyhow::Result<Perf> {
+        // taskset execs dnsperf, so the child is dnsperf itself.
+        let pid = self.0.id().to_string();
+        Command::new("kill").args(["-INT", &pid]).status()?;
+        let output = std::mem::replace(&mut self.0, Command::new("true").spawn()?).wait_with_output()?;
+        perf_figures(&output.stdout)
+    }
+}
+
+impl Drop for UntilStopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn perf_figures(stdout: &[u8]) -> anyhow::Result<Perf> {
+    let text = String::from_utf8_lossy(stdout);
     let field = |label: &str| -> anyhow::Result<f64> {
         text.lines()
             .find_map(|line| line.trim().strip_prefix(label))
@@ -154,12 +198,20 @@ fn dnsperf(port: u16, queries: &Path, seconds: u32, rate: Option<u32>) -> anyhow
     })
 }
 
-/// One query per millisecond for `duration`, round-trip times.
-fn latencies(port: u16, duration: Duration) -> anyhow::Result<Vec<Duration>> {
+/// Round-trip times of the probes one client sent, and how many of them
+/// got no answer within a second (left out of the times).
+struct Probes {
+    samples: Vec<Duration>,
+    unanswered: u64,
+}
+
+/// One query per millisecond for `duration`.
+fn latencies(port: u16, duration: Duration) -> anyhow::Result<Probes> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
     socket.set_read_timeout(Some(Duration::from_secs(1)))?;
     let server: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let mut samples = Vec::new();
+    let mut unanswered = 0;
     let started = Instant::now();
     let mut buffer = [0u8; 1500];
     let mut id = 0u16;
@@ -169,16 +221,29 @@ fn latencies(port: u16, duration: Duration) -> anyhow::Result<Vec<Duration>> {
         let sent = Instant::now();
         socket.send_to(&query(id, &format!("svc{i}.service.hive.")), server)?;
         loop {
-            let (length, _) = socket.recv_from(&mut buffer).context("a latency query got no answer")?;
-            if buffer[..2] == id.to_be_bytes() {
-                anyhow::ensure!(answers(&buffer[..length], id, address(i)), "wrong answer for svc{i}");
-                break;
+            match socket.recv_from(&mut buffer) {
+                Ok((length, _)) if buffer[..2] == id.to_be_bytes() => {
+                    anyhow::ensure!(answers(&buffer[..length], id, address(i)), "wrong answer for svc{i}");
+                    samples.push(sent.elapsed());
+                    break;
+                }
+                // A late answer to an earlier probe.
+                Ok(_) => {}
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    unanswered += 1;
+                    break;
+                }
+                Err(error) => return Err(error).context("a latency probe"),
             }
         }
-        samples.push(sent.elapsed());
         std::thread::sleep(Duration::from_millis(1).saturating_sub(sent.elapsed()));
     }
-    Ok(samples)
+    Ok(Probes { samples, unanswered })
 }
 
 struct Figures {
@@ -187,6 +252,20 @@ struct Figures {
     cpu_per_query: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
+    unanswered: Vec<u64>,
+}
+
+impl Figures {
+    fn new() -> Figures {
+        Figures {
+            saturated_qps: vec![],
+            saturated_lost: vec![],
+            cpu_per_query: vec![],
+            p50: vec![],
+            p99: vec![],
+            unanswered: vec![],
+        }
+    }
 }
 
 fn measure(pid: u32, port: u16, queries: &Path, figures: &mut Figures) -> anyhow::Result<()> {
@@ -199,10 +278,15 @@ fn measure(pid: u32, port: u16, queries: &Path, figures: &mut Figures) -> anyhow
         latencies(port, Duration::from_secs(FIXED_SECS as u64 - 4))
     });
     let fixed = dnsperf(port, queries, FIXED_SECS, Some(FIXED_RATE))?;
-    let mut samples = probe.join().expect("latency client")?;
+    let Probes {
+        mut samples,
+        unanswered,
+    } = probe.join().expect("latency client")?;
     let cpu = cpu_time(pid)? - before;
     let served = fixed.completed + samples.len() as u64;
     figures.cpu_per_query.push(cpu.as_secs_f64() * 1e6 / served as f64);
+    figures.unanswered.push(unanswered);
+    anyhow::ensure!(!samples.is_empty(), "no latency probe to port {port} was answered");
     let summary = summarize(&mut samples);
     figures.p50.push(summary.median.as_secs_f64() * 1e6);
     figures.p99.push(summary.p99.as_secs_f64() * 1e6);
@@ -284,20 +368,8 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     pin(dnsmasq.id(), 0)?;
 
-    let mut ours = Figures {
-        saturated_qps: vec![],
-        saturated_lost: vec![],
-        cpu_per_query: vec![],
-        p50: vec![],
-        p99: vec![],
-    };
-    let mut theirs = Figures {
-        saturated_qps: vec![],
-        saturated_lost: vec![],
-        cpu_per_query: vec![],
-        p50: vec![],
-        p99: vec![],
-    };
+    let mut ours = Figures::new();
+    let mut theirs = Figures::new();
     for _ in 0..ROUNDS {
         measure(dnsmasq.id(), dnsmasq_port, &queries, &mut theirs)?;
         measure(host.pid(), dns_port, &queries, &mut ours)?;
@@ -330,17 +402,53 @@ fn main() -> anyhow::Result<()> {
         list(&theirs.p99, 0),
         verdict(p99_ratio <= 1.5)
     );
+    println!(
+        "  latency probes unanswered within 1 s: dns role {:?}, dnsmasq {:?}   (target 0 -> {})",
+        ours.unanswered,
+        theirs.unanswered,
+        verdict(
+            ours.unanswered
+                .iter()
+                .chain(&theirs.unanswered)
+                .all(|count| *count == 0)
+        )
+    );
 
     // Reloads under load: a new build of the role (a nonce in a custom
-    // section) 20 times while dnsperf sends 20k q/s.
-    let load = {
-        let queries = queries.clone();
-        std::thread::spawn(move || dnsperf(dns_port, &queries, 25, Some(FIXED_RATE)))
-    };
+    // section) 20 times while dnsperf sends 20k q/s; then again with a
+    // process spinning on the server's core.
+    reloads_under_load(&host, &dns_wasm, dns_port, &queries, 0, "quiet machine")?;
+    let busy = busy_core(0)?;
+    reloads_under_load(
+        &host,
+        &dns_wasm,
+        dns_port,
+        &queries,
+        RELOADS,
+        "busy core beside the server",
+    )?;
+    drop(busy);
+    drop(host);
+
+    register_to_answer(root.path())?;
+    Ok(())
+}
+
+/// `RELOADS` new builds of the dns role (nonces after `first_nonce`) while
+/// dnsperf sends `FIXED_RATE` q/s; prints the queries lost.
+fn reloads_under_load(
+    host: &Host,
+    dns_wasm: &[u8],
+    dns_port: u16,
+    queries: &Path,
+    first_nonce: u64,
+    machine: &str,
+) -> anyhow::Result<()> {
+    let load = UntilStopped::start(dns_port, queries, FIXED_RATE)?;
     std::thread::sleep(Duration::from_secs(1));
     let mut reload_times = Vec::new();
-    for nonce in 1..=RELOADS {
-        let bytes = with_nonce(&dns_wasm, nonce);
+    for nonce in first_nonce + 1..=first_nonce + RELOADS {
+        let bytes = with_nonce(dns_wasm, nonce);
         let digest = sha256_hex(&bytes);
         let started = Instant::now();
         hivemind_bench::drop_role(&host.process.data_dir.join("roles"), "dns", &bytes)?;
@@ -348,18 +456,18 @@ fn main() -> anyhow::Result<()> {
         reload_times.push(started.elapsed());
         std::thread::sleep(Duration::from_millis(300));
     }
-    let reloaded = load.join().expect("dnsperf thread")?;
+    // dnsperf counts a query lost after 5 s without an answer; one still
+    // waiting when it is interrupted is counted neither way.
+    std::thread::sleep(Duration::from_secs(6));
+    let reloaded = load.stop()?;
     let reload_times = summarize(&mut reload_times);
     println!(
-        "  {RELOADS} reloads under {FIXED_RATE} q/s: {} queries, {} lost   (target 0 -> {}); reload p50 {:.0} ms",
+        "  {RELOADS} reloads under {FIXED_RATE} q/s, {machine}: {} queries, {} lost   (target 0 -> {}); reload p50 {:.0} ms",
         reloaded.completed,
         reloaded.lost,
         verdict(reloaded.lost == 0),
         millis(reload_times.median)
     );
-    drop(host);
-
-    register_to_answer(root.path())?;
     Ok(())
 }
 

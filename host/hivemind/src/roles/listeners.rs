@@ -6,7 +6,10 @@
 //! A UDP listener is served by a thread of its own, calling the role
 //! directly: no task per datagram, no hop between runtime threads, and when
 //! the role is busy the kernel's socket buffer queues (and past it drops)
-//! datagrams, as for any UDP server. It takes queued datagrams in batches
+//! datagrams, as for any UDP server. The buffer is sized for a burst
+//! ([`UDP_RECEIVE_BUFFER`]): a thread that loses its CPU for a moment (a
+//! busy machine, a reload's compile beside it) finds the datagrams that
+//! came meanwhile still queued. It takes queued datagrams in batches
 //! (`recvmmsg`), answers each, and sends the batch's replies in one call
 //! (`sendmmsg`). A reply the role marked reusable (`keep-reply`) answers
 //! repeats of its datagram without a call (`kept.rs`). It wakes every
@@ -35,6 +38,11 @@ use hivemind_runtime::manifest::{ListenerProtocol, ListenerSpec};
 
 /// Largest datagram read; anything bigger is truncated by the kernel anyway.
 const MAX_DATAGRAM: usize = 65_535;
+/// A UDP listener's receive buffer: at 20,000 small datagrams a second
+/// (a kernel counts about 1 KiB for each) about 200 ms of them, where
+/// Linux's default of 208 KiB holds about 10 ms. Set past
+/// `net.core.rmem_max` when the host may (CAP_NET_ADMIN), else up to it.
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 /// How long a UDP thread blocks in one receive before it checks whether it
 /// should stop.
 const UDP_POLL: Duration = Duration::from_millis(100);
@@ -76,6 +84,7 @@ impl Socket {
         let bound = match spec.protocol {
             ListenerProtocol::Udp => std::net::UdpSocket::bind(spec.address).and_then(|socket| {
                 socket.set_read_timeout(Some(UDP_POLL))?;
+                size_receive_buffer(&socket, &spec.name);
                 Ok(Socket::Udp(Arc::new(socket)))
             }),
             ListenerProtocol::Tcp => TcpListener::bind(spec.address)
@@ -90,6 +99,38 @@ impl Socket {
                 spec.address
             )
         })
+    }
+}
+
+/// Gives `socket` a receive buffer of [`UDP_RECEIVE_BUFFER`], or as much
+/// of it as the system allows (and says so once the buffer is smaller).
+fn size_receive_buffer(socket: &std::net::UdpSocket, listener: &str) {
+    use std::os::fd::AsRawFd;
+    let size = UDP_RECEIVE_BUFFER as libc::c_int;
+    // SAFETY: setsockopt reads an int of the given length from `size`.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    let socket = socket2::SockRef::from(socket);
+    if !forced {
+        let _ = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER);
+    }
+    // Linux reports twice the size asked for (the rest is its bookkeeping).
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < UDP_RECEIVE_BUFFER {
+        tracing::info!(
+            listener,
+            granted_kib = granted >> 10,
+            wanted_kib = UDP_RECEIVE_BUFFER >> 10,
+            "a udp listener's receive buffer is smaller than wanted: raise net.core.rmem_max (sysctl) so bursts \
+             are queued, not dropped"
+        );
     }
 }
 
@@ -572,5 +613,33 @@ mod tests {
             write_peer(&mut text, peer);
             assert_eq!(text, peer.to_string());
         }
+    }
+
+    /// A burst of 2,000 DNS-sized datagrams that arrives while the serving
+    /// thread is off the CPU stays queued whole (Linux's default buffer
+    /// holds about 200 of them).
+    #[tokio::test]
+    async fn a_udp_listener_queues_a_burst_while_no_one_reads() {
+        let spec = ListenerSpec {
+            name: "udp".into(),
+            protocol: ListenerProtocol::Udp,
+            address: "127.0.0.1:0".parse().unwrap(),
+        };
+        let Socket::Udp(listener) = Socket::bind(&spec).await.unwrap() else {
+            panic!("a udp socket");
+        };
+        let address = listener.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        const BURST: usize = 2000;
+        for index in 0..BURST {
+            sender.send_to(&[index as u8; 60], address).unwrap();
+        }
+        listener.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut buffer = [0u8; 512];
+        let mut queued = 0;
+        while listener.recv_from(&mut buffer).is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, BURST, "datagrams dropped by a full receive buffer");
     }
 }
