@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 pub mod browser;
+pub mod ports;
 
 /// Median, p99 and count of a set of latencies.
 pub struct Summary {
@@ -169,35 +170,15 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
 /// The CLI's API client: blocking, keep-alive.
 pub use hivemind::cli::Client as Api;
 
-/// Ports handed out by [`free_port`] come from below the kernel's
-/// ephemeral range (32768 and up by default), which outgoing connections
-/// and client UDP sockets draw from: a port `bind(0)` picked is ephemeral
-/// itself, and any connection made between the bench reading it and a
-/// server binding it could take it.
+/// The benches' ports, below the range the tests use, so a bench beside
+/// them picks other ones.
 const BENCH_PORTS: std::ops::Range<u16> = 15_000..20_000;
 
 /// A loopback port free for both TCP and UDP now, outside the ephemeral
-/// range (and the range the tests use, so a bench beside them picks other
-/// ports). Each call gives another port.
+/// range (see [`ports`]). Each call gives another port.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let span = u32::from(BENCH_PORTS.end - BENCH_PORTS.start);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(7919) % span,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..span {
-        let port = BENCH_PORTS.start + (NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-        {
-            return port;
-        }
-    }
-    panic!("no free loopback port in {BENCH_PORTS:?}")
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+    ports::free_port_in(BENCH_PORTS, &NEXT)
 }
 
 /// Arguments of `hivemind up` for one bootstrap voter of a cluster on

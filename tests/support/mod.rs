@@ -289,37 +289,19 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// Ports handed out by [`free_port`] come from below the kernel's
-/// ephemeral range (32768 and up by default), which outgoing connections
-/// and client UDP sockets draw from. A port the kernel picked for `bind(0)`
-/// is ephemeral itself: between the test reading it and a node binding it,
-/// any connection made on the machine could take it, and the node then
-/// failed to start.
+#[path = "../../bench/src/ports.rs"]
+mod ports;
+
+/// The tests' ports, below the kernel's ephemeral range (see `ports`): a
+/// port the kernel picked for `bind(0)` could be taken by any connection
+/// made before a node bound it, and the node then failed to start.
 const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
 
 /// A loopback port free for both TCP and UDP now (a node's transport uses
-/// both), outside the ephemeral range. Each call in a process gives
-/// another port, and processes start at different places, so tests
-/// running side by side do not pick the same one.
+/// both), outside the ephemeral range. Each call gives another port.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(7919) % span,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..span {
-        let port = TEST_PORTS.start + (NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-        {
-            return port;
-        }
-    }
-    panic!("no free loopback port in {TEST_PORTS:?}")
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+    ports::free_port_in(TEST_PORTS, &NEXT)
 }
 
 /// A role manifest with one UDP listener, `name`, on a free loopback port;
