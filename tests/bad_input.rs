@@ -214,6 +214,23 @@ async fn misbehaving_calls_are_contained() {
     host.stop().await;
 }
 
+/// Time a call spends asleep in WASI is the host's, not the role's: a
+/// 400 ms sleep passes a 100 ms CPU budget, as the guide says of host
+/// calls, while 400 ms of spinning does not.
+#[tokio::test(flavor = "multi_thread")]
+async fn sleeping_in_wasi_does_not_count_against_cpu_ms() {
+    let host = host_with_probe().await;
+    host.drop_role("misbehave", &misbehave(), Some("[limits]\ncpu_ms = 100\n"));
+    host.wait_live("misbehave", &misbehave()).await;
+    let api = host.api();
+    let slept = api.role("misbehave", "sleep", &["400"]).await;
+    assert_eq!((slept.status, slept.text()), (200, "slept".to_string()));
+    let spun = api.role("misbehave", "loop", &[]).await;
+    assert_eq!(spun.status, 502, "{}", spun.text());
+    assert!(spun.error().contains("CPU time limit of 100 ms"), "{}", spun.error());
+    host.stop().await;
+}
+
 /// A role whose heap only grows (here 1 MiB a call, kept) never traps at its
 /// memory limit: past three quarters of it, its instance is retired after
 /// the call and the next call starts a fresh one.
@@ -270,6 +287,73 @@ async fn repeated_traps_fail_the_role_until_reload() {
     );
     assert_eq!(api.role("misbehave", "ok", &[]).await.text(), "ok");
     assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// Calls queued behind the ones that fail a role are refused at once with
+/// the reason; none of them runs (and traps) in turn.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_roles_queued_calls_are_refused_not_run() {
+    let host = host_with_probe().await;
+    host.drop_role(
+        "misbehave",
+        &misbehave(),
+        Some("[limits]\nworkers = 1\nqueue = 64\ncpu_ms = 300\nmax_consecutive_traps = 3\n"),
+    );
+    host.wait_live("misbehave", &misbehave()).await;
+    let calls = (0..12).map(|_| {
+        let api = host.api();
+        tokio::spawn(async move { api.role("misbehave", "loop", &[]).await })
+    });
+    let mut statuses = Vec::new();
+    for reply in futures::future::join_all(calls).await {
+        let reply = reply.unwrap();
+        if reply.status == 503 {
+            assert!(reply.error().contains("failed after 3 traps"), "{}", reply.error());
+        }
+        statuses.push(reply.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [[502; 2].as_slice(), &[503; 10]].concat(), "{statuses:?}");
+    let stats = &host.api().role_info("misbehave").await["stats"];
+    assert_eq!(stats["traps"], 3, "only the calls that failed the role ran: {stats}");
+    assert_probe_serves(&host).await;
+    host.stop().await;
+}
+
+/// A role that fails by traps shows that failure as its error, not an older
+/// one (here a rejected manifest) that its running version outlived.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_role_shows_its_failure_not_an_older_error() {
+    let host = host_with_probe().await;
+    host.drop_role("misbehave", &misbehave(), Some("[limits]\nmax_consecutive_traps = 2\n"));
+    host.wait_live("misbehave", &misbehave()).await;
+    std::fs::write(
+        host.roles_dir().join("misbehave.toml"),
+        "[limits]\nmax_consecutive_traps = 2\nmemroy_mb = 8\n",
+    )
+    .unwrap();
+    host.wait_role("misbehave", "the manifest error", |info| !info["last_error"].is_null())
+        .await;
+    let api = host.api();
+    for _ in 0..2 {
+        api.role("misbehave", "trap", &[]).await;
+    }
+    let info = api.role_info("misbehave").await;
+    assert_eq!(info["state"], "failed", "{info:#}");
+    let error = info["last_error"].as_str().unwrap();
+    assert!(
+        error.starts_with("failed: ") && error.contains("unreachable"),
+        "{error}"
+    );
+    let listed = api.get("/v1/roles").await.json();
+    let listed = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|role| role["name"] == "misbehave")
+        .unwrap();
+    assert_eq!(listed["last_error"], info["last_error"], "{listed:#}");
     host.stop().await;
 }
 

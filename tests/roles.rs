@@ -249,6 +249,49 @@ async fn udp_listener_answers_through_reloads() {
     host.stop().await;
 }
 
+/// A roles directory deleted and made again is watched again at once: with
+/// the periodic rescan an hour away, a role dropped into the new directory
+/// loads, and so does a second one dropped after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_roles_directory_is_watched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = hivemind::HostConfig::for_tests(dir.path());
+    config.rescan = Duration::from_secs(3600);
+    let host = TestHost::start_with(dir, config).await;
+    host.drop_role("probe", &probe(), None);
+    host.wait_live("probe", &probe()).await;
+    std::fs::remove_dir_all(host.roles_dir()).unwrap();
+    std::fs::create_dir(host.roles_dir()).unwrap();
+    host.drop_role("probe", &probe_v2(), None);
+    host.wait_live("probe", &probe_v2()).await;
+    host.drop_role("second", &probe(), None);
+    host.wait_live("second", &probe()).await;
+    host.stop().await;
+}
+
+/// A version whose listener's port is taken is rejected with the reason,
+/// and loads by itself once the port is free, though its files never
+/// changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listener_whose_port_was_taken_binds_once_it_is_free() {
+    let host = TestHost::start().await;
+    let (manifest, port) = udp_listener_manifest("echo");
+    let squatter = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    host.drop_role("probe", &probe(), Some(&manifest));
+    let error = host.wait_rejected("probe", &probe()).await;
+    assert!(
+        error.contains("cannot bind udp") && error.contains(&port.to_string()),
+        "{error}"
+    );
+    drop(squatter);
+    host.wait_live("probe", &probe()).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(("127.0.0.1", port)).await.unwrap();
+    let reply = String::from_utf8(exchange(&client, b"after").await).unwrap();
+    assert!(reply.ends_with("after"), "{reply}");
+    host.stop().await;
+}
+
 /// Datagrams from many clients at once, queued together (the listener
 /// takes them in batches), each get their reply at their own sender, over
 /// IPv4 and IPv6.

@@ -337,6 +337,12 @@ impl LoadedRole {
                 permit
             }
         };
+        // The role may have failed while this call waited its turn: the
+        // calls queued behind the one that failed it are refused now, with
+        // the reason, rather than each run (and trap) in turn.
+        if let Some(error) = self.failed_error() {
+            return Err(error);
+        }
         self.calls.fetch_add(1, Ordering::Relaxed);
         let export = call.export();
         let mut worker = match self.take_worker().await {
@@ -449,6 +455,9 @@ impl LoadedRole {
         let backoff_until = self.traps.lock().unwrap().backoff_until;
         if let Some(until) = backoff_until {
             tokio::time::sleep_until(until.into()).await;
+            if let Some(error) = self.failed_error() {
+                return Err(error);
+            }
         }
         // A new instance holds nothing the kept replies came from.
         self.forget_kept_replies();
@@ -521,6 +530,10 @@ async fn instantiate(
 ) -> wasmtime::Result<Worker> {
     let mut store = Store::new(engine, InstanceState::new(host.clone(), limits.memory_bytes));
     store.limiter(|state| &mut state.memory);
+    store.call_hook(|mut context, hook| {
+        context.data_mut().clock.on_call_hook(hook);
+        Ok(())
+    });
     store.epoch_deadline_callback(|mut context| {
         let clock = &mut context.data_mut().clock;
         if clock.over_budget() {

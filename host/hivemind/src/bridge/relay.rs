@@ -150,29 +150,18 @@ pub async fn connect(address: &str, early: Option<Early>) -> io::Result<Socket> 
 }
 
 /// Makes the coming close send RST instead of FIN: a severed peer must not
-/// take a cut session for a complete answer.
+/// take a cut session for a complete answer. A zero linger makes close()
+/// reset without blocking.
 pub fn reset_on_close(socket: &Socket) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt reads `linger` for the duration of the call on a
-    // descriptor `socket` owns. A zero linger makes close() reset without
-    // blocking.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    let _ = socket2::SockRef::from(socket.get_ref()).set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// Copies both ways until both directions ended; counts bytes as they go.
 /// The second end of stream is passed on when the caller closes both
-/// sockets, which it does next (see [`end_of_stream`]).
+/// sockets, which it does next (see [`end_of_stream`]). A session that ends
+/// in an error (a reset, most often) is reset on both sides when they
+/// close: a backend's reset must not reach the client as a clean end of
+/// stream, which would make a truncated answer look complete.
 pub async fn relay(
     client: &Socket,
     backend: &Socket,
@@ -181,11 +170,15 @@ pub async fn relay(
     to_client: &AtomicU64,
 ) -> io::Result<()> {
     let one_ended = AtomicBool::new(false);
-    tokio::try_join!(
+    let copied = tokio::try_join!(
         one_way(client, backend, splice, to_backend, &one_ended),
         one_way(backend, client, splice, to_client, &one_ended),
-    )?;
-    Ok(())
+    );
+    if copied.is_err() {
+        reset_on_close(client);
+        reset_on_close(backend);
+    }
+    copied.map(|_| ())
 }
 
 /// A small exchange's bytes between the read and the write. They are taken
@@ -527,6 +520,44 @@ mod tests {
             assert_eq!(received_by_client, answer, "splice = {splice}");
             assert_eq!(to_backend.load(Ordering::Relaxed), request.len() as u64);
             assert_eq!(to_client.load(Ordering::Relaxed), answer.len() as u64);
+        }
+    }
+
+    /// A backend that resets after part of an answer resets the client too:
+    /// the client reads the part and then an error, never a clean end.
+    #[tokio::test]
+    async fn a_backend_reset_reaches_the_client_as_a_reset() {
+        for splice in [true, false] {
+            let (mut client, client_side) = pair().await;
+            let (backend_side, backend) = pair().await;
+            let (to_backend, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
+            let (client_side, backend_side) = (relayed(client_side), relayed(backend_side));
+            let relayed = async {
+                let outcome = relay(&client_side, &backend_side, splice, &to_backend, &to_client).await;
+                drop((client_side, backend_side));
+                outcome
+            };
+            let backend_work = async {
+                let mut backend = backend;
+                backend.write_all(b"partial").await.unwrap();
+                backend.flush().await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                socket2::SockRef::from(&backend)
+                    .set_linger(Some(std::time::Duration::ZERO))
+                    .unwrap();
+                drop(backend);
+            };
+            let client_work = async {
+                let mut received = vec![0u8; 7];
+                client.read_exact(&mut received).await.unwrap();
+                let mut rest = Vec::new();
+                (received, client.read_to_end(&mut rest).await)
+            };
+            let (relayed, (), (received, rest)) = tokio::join!(relayed, backend_work, client_work);
+            assert!(relayed.is_err(), "splice = {splice}: the relay saw the reset");
+            assert_eq!(received, b"partial", "splice = {splice}");
+            let error = rest.expect_err("the client is reset, not sent a FIN");
+            assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "splice = {splice}");
         }
     }
 }

@@ -80,7 +80,7 @@ impl Socket {
         }
     }
 
-    async fn bind(spec: &ListenerSpec) -> Result<Socket, String> {
+    async fn bind(spec: &ListenerSpec) -> Result<Socket, BindFailure> {
         let bound = match spec.protocol {
             ListenerProtocol::Udp => std::net::UdpSocket::bind(spec.address).and_then(|socket| {
                 socket.set_read_timeout(Some(UDP_POLL))?;
@@ -91,15 +91,30 @@ impl Socket {
                 .await
                 .map(|listener| Socket::Tcp(Arc::new(listener), tcp_connection_slots())),
         };
-        bound.map_err(|error| {
-            format!(
-                "listener {:?}: cannot bind {} {}: {error}",
+        bound.map_err(|error| BindFailure {
+            message: format!(
+                "listener {:?}: cannot bind {} {}: {error}; the host tries again while the version waits",
                 spec.name,
                 spec.protocol.as_str(),
                 spec.address
-            )
+            ),
+            spec: spec.clone(),
         })
     }
+}
+
+/// A listener a version needs could not be bound (the port is taken, most
+/// often): the version is rejected, and the manager tries again once
+/// [`can_bind`] says the address is free.
+#[derive(Debug)]
+pub(crate) struct BindFailure {
+    pub(crate) spec: ListenerSpec,
+    pub(crate) message: String,
+}
+
+/// Whether `spec`'s address can be bound now; the socket is closed again.
+pub(crate) async fn can_bind(spec: &ListenerSpec) -> bool {
+    Socket::bind(spec).await.is_ok()
 }
 
 /// Gives `socket` a receive buffer of [`UDP_RECEIVE_BUFFER`], or as much
@@ -166,7 +181,7 @@ pub(crate) type Prepared = Vec<(String, SocketAddr, Socket)>;
 
 /// The sockets a version with `specs` needs: existing ones are reused, new
 /// ones are bound now. Nothing is closed or started until [`commit`].
-pub(crate) async fn prepare(slot: &RoleSlot, specs: &[ListenerSpec]) -> Result<Prepared, String> {
+pub(crate) async fn prepare(slot: &RoleSlot, specs: &[ListenerSpec]) -> Result<Prepared, BindFailure> {
     let existing: Vec<(SocketAddr, Socket)> = RoleManager::slot_listeners(slot)
         .iter()
         .map(|listener| (listener.address, listener.socket.clone()))

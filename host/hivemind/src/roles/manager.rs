@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::roles::delivery;
 use crate::roles::listeners::Listener;
 use crate::roles::services::{HostParts, RoleServices};
-use hivemind_runtime::manifest::Manifest;
+use hivemind_runtime::manifest::{ListenerSpec, Manifest};
 
 /// Reload records kept per role.
 const HISTORY: usize = 20;
@@ -149,6 +149,9 @@ struct SlotStatus {
     loading: Option<(String, Instant)>,
     last_error: Option<String>,
     last_error_digest: Option<String>,
+    /// A listener the last load could not bind: the load is tried again
+    /// once its address is free (see [`RoleManager::sync`]).
+    waiting_for_port: Option<ListenerSpec>,
     history: VecDeque<ReloadRecord>,
 }
 
@@ -180,6 +183,7 @@ impl RoleSlot {
                 loading: None,
                 last_error: None,
                 last_error_digest: None,
+                waiting_for_port: None,
                 history: VecDeque::new(),
             }),
             load_lock: tokio::sync::Mutex::new(()),
@@ -429,6 +433,19 @@ impl RoleManager {
                 let manager = self.clone();
                 let name = name.clone();
                 self.tasks.spawn(async move { manager.load(&name, false).await });
+                continue;
+            }
+            // A version rejected because its port was taken loads once the
+            // port is free, as a service manager would restart it: the
+            // files did not change, so nothing else would try again.
+            let waiting = slot.status.lock().unwrap().waiting_for_port.clone();
+            if let Some(spec) = waiting
+                && crate::roles::listeners::can_bind(&spec).await
+            {
+                tracing::info!(role = %name, listener = %spec.name, address = %spec.address, "the port is free; loading the role again");
+                let manager = self.clone();
+                let name = name.clone();
+                self.tasks.spawn(async move { manager.load(&name, false).await });
             }
         }
         let gone: Vec<String> = self
@@ -512,7 +529,11 @@ impl RoleManager {
         }
 
         let started = Instant::now();
-        slot.status.lock().unwrap().loading = Some((digest.clone(), started));
+        {
+            let mut status = slot.status.lock().unwrap();
+            status.loading = Some((digest.clone(), started));
+            status.waiting_for_port = None;
+        }
         let result = self
             .build_version(&slot, name, bytes, &manifest_path, manifest_text.as_deref())
             .await;
@@ -591,7 +612,12 @@ impl RoleManager {
         let cache_hit = compiled.cache_hit;
         // Bind new listeners before the version can go live, so a port that
         // is taken rejects the version instead of breaking the running one.
-        let listeners = crate::roles::listeners::prepare(slot, &manifest.listeners).await?;
+        let listeners = crate::roles::listeners::prepare(slot, &manifest.listeners)
+            .await
+            .map_err(|failure| {
+                slot.status.lock().unwrap().waiting_for_port = Some(failure.spec);
+                failure.message
+            })?;
         let services = Arc::new(RoleServices::new(
             name,
             manifest.clone(),
@@ -805,11 +831,13 @@ impl RoleManager {
             mode: status.mode,
             version: current.as_ref().map(|role| role.description().version.clone()),
             digest: current.as_ref().map(|role| role.digest().to_string()),
-            last_error: status.last_error.clone().or_else(|| {
-                current
-                    .as_ref()
-                    .and_then(|role| role.stats().failed.map(|why| format!("failed: {why}")))
-            }),
+            // A version that failed by traps is what the operator must see,
+            // even when an older error (a rejected manifest the version
+            // outlived) is still on record; that one stays in `history`.
+            last_error: current
+                .as_ref()
+                .and_then(|role| role.stats().failed.map(|why| format!("failed: {why}")))
+                .or_else(|| status.last_error.clone()),
             last_error_digest: status.last_error_digest.clone(),
             loading: status.loading.as_ref().map(|(digest, since)| LoadingInfo {
                 digest: digest.clone(),

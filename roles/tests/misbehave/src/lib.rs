@@ -1,7 +1,8 @@
 //! A role that misbehaves on request, to prove the host survives it.
 //!
 //! Commands: `ok`, `loop` (never returns), `hog` (allocates without bound),
-//! `trap` (executes `unreachable`), `panic`, `huge` (a 10 MB response).
+//! `trap` (executes `unreachable`), `panic`, `huge` (a 10 MB response),
+//! `sleep MS` (waits in WASI's clock, using no CPU).
 //! Its `[config] init` picks how `init` behaves: `ok` (default), `fail`
 //! (returns an error), `trap`, `loop`, or `slow` (sleeps `init_ms`).
 
@@ -54,6 +55,11 @@ impl Role for Misbehave {
                 std::hint::black_box(Box::leak(vec![1u8; 1 << 20].into_boxed_slice()));
                 let held = LEAKED_MIB.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 Response::text(200, &held.to_string())
+            }
+            "sleep" => {
+                let ms = request.args().first().and_then(|ms| ms.parse().ok()).unwrap_or(0);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Response::text(200, "slept")
             }
             "trap" => trap(),
             "panic" => panic!("misbehave panicked on purpose"),
