@@ -446,6 +446,7 @@ fn reloads_under_load(
 ) -> anyhow::Result<()> {
     let load = UntilStopped::start(dns_port, queries, FIXED_RATE)?;
     std::thread::sleep(Duration::from_secs(1));
+    let (overflows_before, stolen_before) = (udp_receive_buffer_errors()?, stolen_ticks()?);
     let mut reload_times = Vec::new();
     for nonce in first_nonce + 1..=first_nonce + RELOADS {
         let bytes = with_nonce(dns_wasm, nonce);
@@ -460,15 +461,48 @@ fn reloads_under_load(
     // waiting when it is interrupted is counted neither way.
     std::thread::sleep(Duration::from_secs(6));
     let reloaded = load.stop()?;
+    let overflows = udp_receive_buffer_errors()? - overflows_before;
+    let stolen = stolen_ticks()? - stolen_before;
     let reload_times = summarize(&mut reload_times);
     println!(
-        "  {RELOADS} reloads under {FIXED_RATE} q/s, {machine}: {} queries, {} lost   (target 0 -> {}); reload p50 {:.0} ms",
+        "  {RELOADS} reloads under {FIXED_RATE} q/s, {machine}: {} queries, {} lost   (target 0 -> {}); reload p50 {:.0} ms; \
+         datagrams the kernel dropped at a full receive buffer (any socket): {overflows}; CPU time stolen by the hypervisor: {} ms",
         reloaded.completed,
         reloaded.lost,
         verdict(reloaded.lost == 0),
-        millis(reload_times.median)
+        millis(reload_times.median),
+        stolen * 10
     );
     Ok(())
+}
+
+/// The kernel's count of datagrams dropped because a socket's receive
+/// buffer was full (`Udp: RcvbufErrors` in /proc/net/snmp), machine-wide:
+/// tells a server that fell behind from one that dropped queries itself.
+fn udp_receive_buffer_errors() -> anyhow::Result<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp")?;
+    let mut udp = snmp.lines().filter(|line| line.starts_with("Udp: "));
+    let (names, values) = (udp.next(), udp.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        anyhow::bail!("/proc/net/snmp has no Udp lines");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, value)| value.parse().ok())
+        .context("/proc/net/snmp: no Udp RcvbufErrors")
+}
+
+/// Ticks (10 ms) all CPUs lost to other guests of the hypervisor (`steal`
+/// in /proc/stat): a pause no scheduling on this machine can prevent.
+fn stolen_ticks() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("/proc/stat is empty")?;
+    cpu.split_whitespace()
+        .nth(8)
+        .and_then(|steal| steal.parse().ok())
+        .context("/proc/stat: no steal column")
 }
 
 /// 3 nodes; a service registered on A, timed until C answers it.
