@@ -447,6 +447,7 @@ fn reloads_under_load(
     let load = UntilStopped::start(dns_port, queries, FIXED_RATE)?;
     std::thread::sleep(Duration::from_secs(1));
     let (overflows_before, stolen_before) = (udp_receive_buffer_errors()?, stolen_ticks()?);
+    let server_drops_before = udp_socket_drops(dns_port)?;
     let mut reload_times = Vec::new();
     for nonce in first_nonce + 1..=first_nonce + RELOADS {
         let bytes = with_nonce(dns_wasm, nonce);
@@ -462,11 +463,13 @@ fn reloads_under_load(
     std::thread::sleep(Duration::from_secs(6));
     let reloaded = load.stop()?;
     let overflows = udp_receive_buffer_errors()? - overflows_before;
+    let server_drops = udp_socket_drops(dns_port)? - server_drops_before;
     let stolen = stolen_ticks()? - stolen_before;
     let reload_times = summarize(&mut reload_times);
     println!(
         "  {RELOADS} reloads under {FIXED_RATE} q/s, {machine}: {} queries, {} lost   (target 0 -> {}); reload p50 {:.0} ms; \
-         datagrams the kernel dropped at a full receive buffer (any socket): {overflows}; CPU time stolen by the hypervisor: {} ms",
+         datagrams the kernel dropped at the server's full socket: {server_drops} (at any socket: {overflows}); \
+         CPU time stolen by the hypervisor: {} ms",
         reloaded.completed,
         reloaded.lost,
         verdict(reloaded.lost == 0),
@@ -492,6 +495,20 @@ fn udp_receive_buffer_errors() -> anyhow::Result<u64> {
         .find(|(name, _)| *name == "RcvbufErrors")
         .and_then(|(_, value)| value.parse().ok())
         .context("/proc/net/snmp: no Udp RcvbufErrors")
+}
+
+/// Datagrams the kernel dropped at the UDP socket bound to 127.0.0.1:`port`
+/// since it was made (the `drops` column of /proc/net/udp).
+fn udp_socket_drops(port: u16) -> anyhow::Result<u64> {
+    let table = std::fs::read_to_string("/proc/net/udp")?;
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.get(1) == Some(&local.as_str()))
+        .and_then(|fields| fields.last().and_then(|drops| drops.parse().ok()))
+        .with_context(|| format!("/proc/net/udp: no socket on 127.0.0.1:{port}"))
 }
 
 /// Ticks (10 ms) all CPUs lost to other guests of the hypervisor (`steal`
