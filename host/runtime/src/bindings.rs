@@ -85,16 +85,10 @@ impl WasiView for InstanceState {
 }
 
 /// Guest time of the call in progress: wall time since the call started minus
-/// time spent in the host, which is the host's work, not the role's. Every
-/// exit to the host counts, seen through wasmtime's call hook: this
-/// contract's imports, WASI's (a sleep, a wait on a clock), libcalls.
+/// time spent in host imports, which is the host's work, not the role's.
 pub(crate) struct CallClock {
     started: Instant,
     in_host: Duration,
-    /// Host calls entered and not yet left (a host call may run guest code,
-    /// such as `cabi_realloc` for its results, which may call the host).
-    host_depth: u32,
-    host_since: Instant,
     budget: Duration,
     /// The manifest key that sets `budget`, for the error message.
     budget_key: &'static str,
@@ -106,8 +100,6 @@ impl CallClock {
         CallClock {
             started: Instant::now(),
             in_host: Duration::ZERO,
-            host_depth: 0,
-            host_since: Instant::now(),
             budget: Duration::MAX,
             budget_key: "",
             exceeded: false,
@@ -118,32 +110,10 @@ impl CallClock {
         *self = CallClock {
             started: Instant::now(),
             in_host: Duration::ZERO,
-            host_depth: 0,
-            host_since: Instant::now(),
             budget,
             budget_key,
             exceeded: false,
         };
-    }
-
-    /// Wasmtime's call hook: time between entering the host and leaving it
-    /// again is not the guest's.
-    pub(crate) fn on_call_hook(&mut self, hook: wasmtime::CallHook) {
-        match hook {
-            wasmtime::CallHook::CallingHost => {
-                if self.host_depth == 0 {
-                    self.host_since = Instant::now();
-                }
-                self.host_depth += 1;
-            }
-            wasmtime::CallHook::ReturningFromHost => {
-                self.host_depth = self.host_depth.saturating_sub(1);
-                if self.host_depth == 0 {
-                    self.in_host += self.host_since.elapsed();
-                }
-            }
-            wasmtime::CallHook::CallingWasm | wasmtime::CallHook::ReturningFromWasm => {}
-        }
     }
 
     pub(crate) fn guest_time(&self) -> Duration {
@@ -193,16 +163,27 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
+/// Runs a host import while its time is excluded from the role's CPU budget.
+macro_rules! host_time {
+    ($state:expr, $body:expr) => {{
+        let started = Instant::now();
+        let result = $body;
+        $state.clock.in_host += started.elapsed();
+        result
+    }};
+}
+
 impl hivemind::role::types::Host for InstanceState {}
 
 impl hivemind::role::host::Host for InstanceState {
     async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
-        self.host.log(level, &message);
+        host_time!(self, self.host.log(level, &message));
         Ok(())
     }
 
     async fn emit(&mut self, kind: String, key: String, payload: Vec<u8>) -> wasmtime::Result<Result<u64, HostError>> {
-        Ok(self.host.emit(kind, key, payload).await)
+        let host = self.host.clone();
+        Ok(host_time!(self, host.emit(kind, key, payload).await))
     }
 
     async fn events_since(
@@ -211,11 +192,12 @@ impl hivemind::role::host::Host for InstanceState {
         kind_prefix: String,
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<Event>, HostError>> {
-        Ok(self.host.events_since(after, kind_prefix, limit).await)
+        let host = self.host.clone();
+        Ok(host_time!(self, host.events_since(after, kind_prefix, limit).await))
     }
 
     async fn nodes(&mut self, role: Option<String>, healthy_only: bool) -> wasmtime::Result<Vec<Node>> {
-        Ok(self.host.nodes(role.as_deref(), healthy_only))
+        Ok(host_time!(self, self.host.nodes(role.as_deref(), healthy_only)))
     }
 
     async fn self_node(&mut self) -> wasmtime::Result<Node> {
@@ -232,11 +214,13 @@ impl hivemind::role::host::Host for InstanceState {
         role: String,
         request: Request,
     ) -> wasmtime::Result<Result<Response, HostError>> {
-        Ok(self.host.call(node, role, request).await)
+        let host = self.host.clone();
+        Ok(host_time!(self, host.call(node, role, request).await))
     }
 
     async fn write_file(&mut self, path: String, contents: Vec<u8>) -> wasmtime::Result<Result<(), HostError>> {
-        Ok(self.host.write_file(path, contents).await)
+        let host = self.host.clone();
+        Ok(host_time!(self, host.write_file(path, contents).await))
     }
 
     async fn exec(
@@ -245,11 +229,13 @@ impl hivemind::role::host::Host for InstanceState {
         args: Vec<String>,
         timeout_ms: u32,
     ) -> wasmtime::Result<Result<ExecOutput, HostError>> {
-        Ok(self.host.exec(program, args, timeout_ms).await)
+        let host = self.host.clone();
+        Ok(host_time!(self, host.exec(program, args, timeout_ms).await))
     }
 
     async fn check(&mut self, target: HealthCheck, timeout_ms: u32) -> wasmtime::Result<Result<u32, HostError>> {
-        Ok(self.host.check(target, timeout_ms).await)
+        let host = self.host.clone();
+        Ok(host_time!(self, host.check(target, timeout_ms).await))
     }
 
     async fn count(
@@ -258,7 +244,10 @@ impl hivemind::role::host::Host for InstanceState {
         labels: Vec<(String, String)>,
         delta: u64,
     ) -> wasmtime::Result<Result<(), HostError>> {
-        Ok(crate::host::validate_counter(&name, &labels).and_then(|()| self.host.count(&name, &labels, delta)))
+        Ok(host_time!(
+            self,
+            crate::host::validate_counter(&name, &labels).and_then(|()| self.host.count(&name, &labels, delta))
+        ))
     }
 
     async fn keep_reply(
@@ -296,26 +285,26 @@ impl hivemind::role::host::Host for InstanceState {
 
 impl hivemind::role::state::Host for InstanceState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        let host = self.host.clone();
         // A store failure here is the host's fault, not the role's: trap the
         // call with the reason rather than pretend the key is absent.
-        self.host
-            .state_get(key)
-            .await
+        host_time!(self, host.state_get(key).await)
             .map_err(|error| wasmtime::Error::msg(format!("state store: {error:?}")))
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), HostError>> {
-        Ok(self.host.state_set(key, value).await)
+        let host = self.host.clone();
+        Ok(host_time!(self, host.state_set(key, value).await))
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), HostError>> {
-        Ok(self.host.state_delete(key).await)
+        let host = self.host.clone();
+        Ok(host_time!(self, host.state_delete(key).await))
     }
 
     async fn keys(&mut self, prefix: String) -> wasmtime::Result<Vec<String>> {
-        self.host
-            .state_keys(prefix)
-            .await
+        let host = self.host.clone();
+        host_time!(self, host.state_keys(prefix).await)
             .map_err(|error| wasmtime::Error::msg(format!("state store: {error:?}")))
     }
 }

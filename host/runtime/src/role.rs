@@ -530,10 +530,6 @@ async fn instantiate(
 ) -> wasmtime::Result<Worker> {
     let mut store = Store::new(engine, InstanceState::new(host.clone(), limits.memory_bytes));
     store.limiter(|state| &mut state.memory);
-    store.call_hook(|mut context, hook| {
-        context.data_mut().clock.on_call_hook(hook);
-        Ok(())
-    });
     store.epoch_deadline_callback(|mut context| {
         let clock = &mut context.data_mut().clock;
         if clock.over_budget() {

@@ -2,7 +2,7 @@
 //!
 //! Commands: `ok`, `loop` (never returns), `hog` (allocates without bound),
 //! `trap` (executes `unreachable`), `panic`, `huge` (a 10 MB response),
-//! `sleep MS` (waits in WASI's clock, using no CPU).
+//! `sleep MS` (waits in WASI's clock).
 //! Its `[config] init` picks how `init` behaves: `ok` (default), `fail`
 //! (returns an error), `trap`, `loop`, or `slow` (sleeps `init_ms`).
 
