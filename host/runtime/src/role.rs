@@ -334,15 +334,15 @@ impl LoadedRole {
                 }
                 let permit = self.permits.acquire().await.expect("the semaphore is never closed");
                 drop(slot);
+                // The role may have failed while this call waited its turn:
+                // the calls queued behind the one that failed it are refused
+                // now, with the reason, rather than each run (and trap).
+                if let Some(error) = self.failed_error() {
+                    return Err(error);
+                }
                 permit
             }
         };
-        // The role may have failed while this call waited its turn: the
-        // calls queued behind the one that failed it are refused now, with
-        // the reason, rather than each run (and trap) in turn.
-        if let Some(error) = self.failed_error() {
-            return Err(error);
-        }
         self.calls.fetch_add(1, Ordering::Relaxed);
         let export = call.export();
         let mut worker = match self.take_worker().await {
